@@ -1,0 +1,102 @@
+"""What an append does to a stream: one pure decision that every store runs in its transaction.
+
+Stores load the stream and the producer's state, call :func:`decide_append`, and commit the
+returned plan (data, new tail, closure, producer state, ``Stream-Seq``) atomically. Keeping the
+rules here means no backend re-implements them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.errors import BadRequest, Conflict, ProtocolError, StreamClosed
+from protocol.headers import ProducerHeaders, media_type
+from protocol.model import ProducerState, StreamMeta
+from protocol.producer import Verdict, decide
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """An append as the handler parsed it.
+
+    ``data`` is what would be stored (JSON already flattened). ``data_error`` holds a body
+    validation failure, raised only after the closed and content-type checks so that the
+    spec's error precedence holds.
+    """
+
+    content_type: str | None
+    data: bytes
+    close: bool = False
+    stream_seq: str | None = None
+    producer: ProducerHeaders | None = None
+    data_error: ProtocolError | None = None
+    body_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendPlan:
+    """The outcome to commit and report.
+
+    ``write`` is False for duplicates and idempotent closes: nothing changes. Otherwise the
+    store appends ``data`` at ``meta.tail``, sets ``closed``, and stores ``producer_state``
+    (if any) and ``stream_seq`` (if any), all in one transaction.
+    """
+
+    write: bool
+    data: bytes
+    close: bool
+    stream_seq: str | None
+    producer: ProducerHeaders | None
+    producer_state: ProducerState | None
+    duplicate: bool = False
+
+
+def decide_append(
+    meta: StreamMeta, producer_state: ProducerState | None, request: AppendRequest
+) -> AppendPlan:
+    """Apply section 5.2's rules in the spec's precedence: closed, content type, sequence."""
+    producer = request.producer
+    close_only = request.close and request.body_empty
+    if meta.closed:
+        if producer is not None and meta.closed_by == producer:
+            return _nothing(request, producer_state, duplicate=True)
+        if close_only:
+            return _nothing(request, producer_state, duplicate=False)
+        raise StreamClosed(meta.tail)
+    if request.body_empty and not request.close:
+        raise BadRequest("empty_body", "an append needs a body unless it closes the stream")
+    if not request.body_empty and not request.content_type:
+        raise BadRequest("missing_content_type", "an append with a body needs a Content-Type")
+    if not request.body_empty and media_type(request.content_type) != media_type(meta.content_type):
+        raise Conflict("content_type_mismatch", "Content-Type does not match the stream")
+    if request.data_error is not None:
+        raise request.data_error
+    new_state: ProducerState | None = None
+    if producer is not None:
+        decision = decide(producer_state, producer)
+        if decision.verdict is Verdict.DUPLICATE:
+            return _nothing(request, decision.state, duplicate=True)
+        new_state = decision.state
+    seq, last = request.stream_seq, meta.stream_seq
+    if seq is not None and last is not None and seq.encode() <= last.encode():
+        raise Conflict("stream_seq_regression", "Stream-Seq must be strictly increasing")
+    return AppendPlan(
+        write=True,
+        data=request.data,
+        close=request.close,
+        stream_seq=request.stream_seq,
+        producer=producer,
+        producer_state=new_state,
+    )
+
+
+def _nothing(request: AppendRequest, state: ProducerState | None, *, duplicate: bool) -> AppendPlan:
+    return AppendPlan(
+        write=False,
+        data=b"",
+        close=False,
+        stream_seq=None,
+        producer=request.producer,
+        producer_state=state,
+        duplicate=duplicate,
+    )

@@ -1,0 +1,91 @@
+"""Domain errors carrying their context; relay/http/errors.py maps them to responses."""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """A request the protocol rejects. ``code`` is a stable machine-readable string."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class BadRequest(ProtocolError):
+    """Malformed input (400)."""
+
+
+class NotFound(ProtocolError):
+    """No such stream (404)."""
+
+    def __init__(self, message: str = "stream not found") -> None:
+        super().__init__("not_found", message)
+
+
+class Gone(ProtocolError):
+    """The stream was deleted but forks keep it (410)."""
+
+    def __init__(self, message: str = "stream is deleted") -> None:
+        super().__init__("gone", message)
+
+
+class Conflict(ProtocolError):
+    """The request conflicts with the stream's state or configuration (409)."""
+
+
+class StreamClosed(Conflict):
+    """An append to a closed stream (409 with Stream-Closed and the final offset)."""
+
+    def __init__(self, tail: int) -> None:
+        super().__init__("stream_closed", "stream is closed")
+        self.tail = tail
+
+
+class SequenceGap(Conflict):
+    """A producer skipped sequence numbers (409 with expected and received)."""
+
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__("producer_seq_gap", f"expected producer seq {expected}, got {received}")
+        self.expected = expected
+        self.received = received
+
+
+class StaleEpoch(ProtocolError):
+    """A fenced (zombie) producer epoch (403 with the current epoch)."""
+
+    def __init__(self, current_epoch: int) -> None:
+        super().__init__("producer_epoch_stale", f"producer epoch is fenced by {current_epoch}")
+        self.current_epoch = current_epoch
+
+
+class PayloadTooLarge(ProtocolError):
+    """Body over the configured limit (413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("payload_too_large", f"body exceeds {limit} bytes")
+        self.limit = limit
+
+
+class MethodNotAllowed(ProtocolError):
+    """Unsupported method on a stream URL (405 with Allow)."""
+
+    def __init__(self, method: str, allow: tuple[str, ...]) -> None:
+        super().__init__("method_not_allowed", f"method {method} is not allowed")
+        self.allow = allow
+
+
+class Unavailable(Exception):
+    """The store cannot serve right now (503 with Retry-After); not the client's fault."""
+
+    def __init__(self, message: str = "storage unavailable", retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Exception):
+    """Too many requests in flight (429 or 503 with Retry-After)."""
+
+    def __init__(self, message: str = "too many requests", retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

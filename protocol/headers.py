@@ -1,0 +1,152 @@
+"""Header names and the grammar of each protocol header's value."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from protocol.errors import BadRequest
+
+STREAM_NEXT_OFFSET = "Stream-Next-Offset"
+STREAM_CLOSED = "Stream-Closed"
+STREAM_TTL = "Stream-TTL"
+STREAM_EXPIRES_AT = "Stream-Expires-At"
+STREAM_SEQ = "Stream-Seq"
+STREAM_CURSOR = "Stream-Cursor"
+STREAM_UP_TO_DATE = "Stream-Up-To-Date"
+STREAM_FORKED_FROM = "Stream-Forked-From"
+STREAM_FORK_OFFSET = "Stream-Fork-Offset"
+STREAM_FORK_SUB_OFFSET = "Stream-Fork-Sub-Offset"
+STREAM_SSE_DATA_ENCODING = "Stream-SSE-Data-Encoding"
+PRODUCER_ID = "Producer-Id"
+PRODUCER_EPOCH = "Producer-Epoch"
+PRODUCER_SEQ = "Producer-Seq"
+PRODUCER_EXPECTED_SEQ = "Producer-Expected-Seq"
+PRODUCER_RECEIVED_SEQ = "Producer-Received-Seq"
+
+# Every protocol header a browser must be allowed to send and to read (CORS).
+REQUEST_HEADERS = (
+    "Content-Type",
+    STREAM_CLOSED,
+    STREAM_TTL,
+    STREAM_EXPIRES_AT,
+    STREAM_SEQ,
+    STREAM_FORKED_FROM,
+    STREAM_FORK_OFFSET,
+    STREAM_FORK_SUB_OFFSET,
+    PRODUCER_ID,
+    PRODUCER_EPOCH,
+    PRODUCER_SEQ,
+    "If-None-Match",
+    "Authorization",
+)
+RESPONSE_HEADERS = (
+    STREAM_NEXT_OFFSET,
+    STREAM_CLOSED,
+    STREAM_TTL,
+    STREAM_EXPIRES_AT,
+    STREAM_CURSOR,
+    STREAM_UP_TO_DATE,
+    STREAM_SSE_DATA_ENCODING,
+    PRODUCER_EPOCH,
+    PRODUCER_SEQ,
+    PRODUCER_EXPECTED_SEQ,
+    PRODUCER_RECEIVED_SEQ,
+    "ETag",
+    "Location",
+    "Content-Type",
+    "Retry-After",
+)
+
+MAX_SAFE_INTEGER = 2**53 - 1
+_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)\Z")
+_INTEGER = re.compile(r"[0-9]{1,16}\Z")
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})\Z"
+)
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def is_true(value: str | None) -> bool:
+    """``Stream-Closed``: present only when exactly ``true``, any case (section 4.1)."""
+    return value is not None and value.strip().lower() == "true"
+
+
+def parse_ttl(value: str) -> int:
+    """``Stream-TTL``: a non-negative decimal with no sign, leading zero, point or exponent."""
+    if not _DECIMAL.match(value) or len(value) > 12:
+        raise BadRequest("invalid_ttl", "Stream-TTL must be a non-negative integer of seconds")
+    return int(value)
+
+
+def parse_expires_at(value: str) -> float:
+    """``Stream-Expires-At``: an RFC 3339 timestamp, returned as Unix seconds."""
+    if not _RFC3339.match(value):
+        raise BadRequest("invalid_expires_at", "Stream-Expires-At must be an RFC 3339 timestamp")
+    text = value.upper().replace("Z", "+00:00")
+    # fromisoformat takes at most 6 fraction digits; nanoseconds are beyond our clock anyway.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise BadRequest("invalid_expires_at", f"Stream-Expires-At is not a date: {exc}") from None
+
+
+def parse_non_negative(name: str, value: str) -> int:
+    """A producer epoch, seq or fork sub-offset: decimal digits, at most 2^53-1."""
+    if not _INTEGER.match(value):
+        raise BadRequest("invalid_header", f"{name} must be a non-negative integer")
+    number = int(value)
+    if number > MAX_SAFE_INTEGER:
+        raise BadRequest("invalid_header", f"{name} must be at most 2^53-1")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerHeaders:
+    """The idempotent-producer triple of a request (section 5.2.1)."""
+
+    producer_id: str
+    epoch: int
+    seq: int
+
+
+def parse_producer(
+    producer_id: str | None, epoch: str | None, seq: str | None
+) -> ProducerHeaders | None:
+    """All three producer headers or none; a partial or malformed set is a 400."""
+    given = [v is not None for v in (producer_id, epoch, seq)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise BadRequest(
+            "invalid_producer",
+            "Producer-Id, Producer-Epoch and Producer-Seq must be sent together",
+        )
+    assert producer_id is not None and epoch is not None and seq is not None
+    if producer_id == "":
+        raise BadRequest("invalid_producer", "Producer-Id must not be empty")
+    return ProducerHeaders(
+        producer_id,
+        parse_non_negative(PRODUCER_EPOCH, epoch),
+        parse_non_negative(PRODUCER_SEQ, seq),
+    )
+
+
+def media_type(content_type: str | None) -> str:
+    """The comparable essence of a Content-Type: lower-cased, parameters dropped."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str) -> bool:
+    """JSON mode applies to ``application/json`` streams only (section 9.1)."""
+    return media_type(content_type) == "application/json"
+
+
+def is_text_like(content_type: str) -> bool:
+    """SSE carries text/* and JSON natively; everything else is base64 (section 5.8)."""
+    essence = media_type(content_type)
+    return essence.startswith("text/") or essence == "application/json"

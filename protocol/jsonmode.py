@@ -1,0 +1,78 @@
+"""JSON mode (section 9.1): validate and flatten appended bodies, render reads as arrays.
+
+Stored form: each message as compact JSON followed by ``\\n``. Compact JSON never contains a raw
+newline (strings escape it), so message boundaries are newlines, a read renders as
+``[`` + messages joined by ``,`` + ``]``, and a fork sub-offset of N messages is N newlines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+from protocol.errors import BadRequest
+
+SEPARATOR = b"\n"
+EMPTY_ARRAY = b"[]"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses integers beyond 64 bits; the standard library keeps them exactly.
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("invalid_json", "body is not valid UTF-8 JSON") from None
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def encode_messages(body: bytes, *, allow_empty: bool) -> bytes:
+    """Turn a POST or PUT body into stored messages, flattening one level of array.
+
+    ``allow_empty`` is True for PUT (``[]`` creates an empty stream) and False for POST
+    (an empty array is a 400).
+    """
+    value = _loads(body)
+    messages = value if isinstance(value, list) else [value]
+    if not messages and not allow_empty:
+        raise BadRequest("empty_json_array", "an empty JSON array appends nothing")
+    return b"".join(_dumps(m) + SEPARATOR for m in messages)
+
+
+def render(stored: bytes) -> bytes:
+    """Stored messages as the JSON array a GET returns."""
+    if not stored:
+        return EMPTY_ARRAY
+    return b"[" + stored[:-1].replace(SEPARATOR, b",") + b"]"
+
+
+def message_prefix(stored: bytes, count: int) -> int | None:
+    """Byte length of the first ``count`` messages, or None if there are fewer."""
+    end = 0
+    for _ in range(count):
+        cut = stored.find(SEPARATOR, end)
+        if cut < 0:
+            return None
+        end = cut + 1
+    return end
+
+
+def split_messages(stored: bytes) -> list[bytes]:
+    """Each stored message's JSON text (used by SSE to frame arrays line by line)."""
+    return stored.split(SEPARATOR)[:-1] if stored else []

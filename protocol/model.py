@@ -1,0 +1,69 @@
+"""What a stream is, as the protocol's rules see it: plain values, no storage concerns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.headers import ProducerHeaders
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A byte range of one stored stream that a reader of this stream sees.
+
+    A plain stream is one segment. A fork is its source's segments cut at the fork point,
+    followed by its own: reads stitch them without copying any data.
+    """
+
+    stream_id: int
+    start: int
+    end: int | None  # None: up to the owning stream's tail
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    """A stream's configuration and position, as committed."""
+
+    stream_id: int
+    path: str
+    content_type: str
+    tail: int
+    closed: bool = False
+    ttl: int | None = None
+    expires_at: float | None = None
+    last_access: float = 0.0
+    created_at: float = 0.0
+    stream_seq: str | None = None
+    closed_by: ProducerHeaders | None = None
+    forked_from: str | None = None
+    fork_offset: int = 0  # where this stream's own data starts; 0 unless a fork
+    segments: tuple[Segment, ...] = field(default=())
+    soft_deleted: bool = False
+    source_id: int | None = None  # the fork source's internal id
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerState:
+    """The last accepted (epoch, seq) of one producer on one stream."""
+
+    epoch: int
+    last_seq: int
+
+
+def fork_segments(chain: list[tuple[int, int]]) -> tuple[Segment, ...]:
+    """The segments a reader of ``chain[0]`` sees, oldest first.
+
+    ``chain`` lists (stream_id, fork_offset) from the stream itself up its sources. Each
+    stream contributes its own data from its fork offset up to where its child cut it; a
+    fork point inside a source's inherited range skips that source entirely.
+    """
+    segments: list[Segment] = []
+    limit: int | None = None
+    for stream_id, fork_offset in chain:
+        if limit is None or fork_offset < limit:
+            segments.append(Segment(stream_id, fork_offset, limit))
+        limit = fork_offset if limit is None else min(limit, fork_offset)
+        if limit == 0:
+            break
+    segments.reverse()
+    return tuple(segments)

@@ -1,0 +1,173 @@
+"""The application factory: routes, middleware and resources, built from a Config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from protocol import headers as h
+from protocol.errors import MethodNotAllowed
+from protocol.model import Segment, StreamMeta
+from relay.config import Config
+from relay.http import reads, writes
+from relay.http.context import CONTEXT, Context, Limits
+from relay.http.errors import Handler, error_middleware
+from relay.hub import Hub
+from relay.metrics import Metrics
+from relay.store.base import Store
+
+log = structlog.get_logger("relay")
+
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+_STREAM_HANDLERS: dict[str, Handler] = {
+    "GET": reads.get,
+    "HEAD": writes.head,
+    "POST": writes.append,
+    "PUT": writes.create,
+    "DELETE": writes.delete,
+}
+
+
+def make_store(config: Config) -> Store:
+    """The Postgres store when a database URL is set, else the embedded SQLite one."""
+    if config.database_url:
+        from relay.store.postgres import PostgresStore
+
+        return PostgresStore(
+            config.database_url,
+            max_batch_ops=config.max_batch_ops,
+            max_batch_bytes=config.max_batch_bytes,
+            command_timeout=config.db_timeout,
+        )
+    from relay.store.sqlite import SqliteStore
+
+    return SqliteStore(
+        config.data_dir,
+        max_batch_ops=config.max_batch_ops,
+        max_batch_bytes=config.max_batch_bytes,
+    )
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    handler = _STREAM_HANDLERS.get(request.method)
+    if handler is None:
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers={"Allow": ", ".join(ALLOWED_METHODS)})
+        raise MethodNotAllowed(request.method, ALLOWED_METHODS)
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    return web.Response(body=ctx.metrics.render(), content_type="text/plain")
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests and their latency; logs each at debug level."""
+    ctx = request.app[CONTEXT]
+    started = time.perf_counter()
+    response = await handler(request)
+    elapsed = time.perf_counter() - started
+    ctx.metrics.requests.labels(request.method, str(response.status)).inc()
+    ctx.metrics.latency.labels(request.method).observe(elapsed)
+    log.debug(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=response.status,
+        ms=round(elapsed * 1000, 2),
+    )
+    return response
+
+
+def _cors_and_security(config: Config) -> object:
+    allowed = {o.strip() for o in config.cors_origins.split(",") if o.strip()}
+    expose = ", ".join(h.RESPONSE_HEADERS)
+    allow_headers = ", ".join(h.REQUEST_HEADERS)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        out = response.headers
+        out["X-Content-Type-Options"] = "nosniff"
+        out["Cross-Origin-Resource-Policy"] = "cross-origin"
+        origin = request.headers.get("Origin")
+        if "*" in allowed:
+            out["Access-Control-Allow-Origin"] = "*"
+        elif origin in allowed:
+            out["Access-Control-Allow-Origin"] = origin
+            out["Vary"] = "Origin"
+        else:
+            return
+        out["Access-Control-Expose-Headers"] = expose
+        if request.method == "OPTIONS":
+            requested = request.headers.get("Access-Control-Request-Headers")
+            out["Access-Control-Allow-Methods"] = ", ".join(ALLOWED_METHODS)
+            out["Access-Control-Allow-Headers"] = (
+                f"{allow_headers}, {requested}" if requested else allow_headers
+            )
+            out["Access-Control-Max-Age"] = "86400"
+
+    return on_prepare
+
+
+def make_app(config: Config, store: Store | None = None) -> web.Application:
+    """Build the aiohttp application. Resources open and close in ``cleanup_ctx``."""
+    app = web.Application(
+        middlewares=[observe, error_middleware],
+        client_max_size=config.max_body_bytes + 1,
+    )
+    the_store = store if store is not None else make_store(config)
+    hub = Hub()
+    metrics_ = Metrics()
+    ctx = Context(
+        config=config,
+        store=the_store,
+        hub=hub,
+        metrics=metrics_,
+        limits=Limits(config.max_inflight_writes, config.max_live_readers),
+    )
+    app[CONTEXT] = ctx
+    app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]
+    app.router.add_route("*", "/v1/stream/{path:.*}", stream)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    ctx = app[CONTEXT]
+    await ctx.store.open()
+    ctx.metrics.watch_store(ctx.store)
+    ctx.store.set_remote_listener(ctx.hub.remote_commit, ctx.hub.watched_ids)
+
+    async def fetch(stream_id: int, start: int, end: int) -> bytes:
+        meta = StreamMeta(stream_id, "", "", end, segments=(Segment(stream_id, 0, None),))
+        return await ctx.store.read(meta, start, end)
+
+    ctx.hub.set_fetch(fetch)
+    reaper = asyncio.create_task(_reap_forever(ctx), name="reaper")
+    log.info("relay started", store=type(ctx.store).__name__)
+    yield
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    await ctx.store.close()
+
+
+async def _reap_forever(ctx: Context) -> None:
+    while True:
+        await asyncio.sleep(ctx.config.reap_interval)
+        try:
+            await ctx.store.reap(ctx.clock())
+        except Exception:
+            log.exception("reaper failed")

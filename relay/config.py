@@ -1,0 +1,213 @@
+"""Configuration: one frozen dataclass, read once from CLI flags and ``RELAY_*`` variables.
+
+Flags win over the environment, the environment over defaults. A bad value fails at start-up
+with a message naming the setting. Nothing else in Relay reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value Relay cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration knob: its flag, type, default and help text."""
+
+    name: str
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+def _log_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in ("console", "json"):
+        raise ValueError("must be console or json")
+    return fmt
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "127.0.0.1", "address to listen on"),
+    Setting("port", _port, 4437, "TCP port to listen on (0 picks a free one)"),
+    Setting("data_dir", str, "./data", "directory of the embedded SQLite store"),
+    Setting(
+        "database_url",
+        str,
+        "",
+        "Postgres URL (postgresql://...); when set, streams live in Postgres, not data-dir",
+    ),
+    Setting(
+        "long_poll_timeout",
+        _positive_float,
+        30.0,
+        "seconds a long-poll waits for data before answering 204 (decimals allowed)",
+    ),
+    Setting(
+        "sse_reconnect_interval",
+        _positive_float,
+        60.0,
+        "seconds after which an SSE connection is closed so clients reconnect (CDN collapsing)",
+    ),
+    Setting("max_body_bytes", _positive_int, 16 * 1024 * 1024, "largest accepted request body"),
+    Setting("max_chunk_bytes", _positive_int, 1024 * 1024, "most bytes one GET returns"),
+    Setting("max_path_length", _positive_int, 1024, "longest accepted stream path, in bytes"),
+    Setting(
+        "max_batch_ops",
+        _positive_int,
+        1024,
+        "most operations the store commits in one transaction (group commit)",
+    ),
+    Setting(
+        "max_batch_bytes",
+        _positive_int,
+        16 * 1024 * 1024,
+        "most appended bytes the store commits in one transaction",
+    ),
+    Setting(
+        "max_inflight_writes",
+        _positive_int,
+        10000,
+        "writes waiting for a commit before new ones get 503 with Retry-After",
+    ),
+    Setting(
+        "max_live_readers",
+        _positive_int,
+        100000,
+        "parked long-poll and SSE readers before new ones get 429 with Retry-After",
+    ),
+    Setting(
+        "reap_interval",
+        _positive_float,
+        0.5,
+        "seconds between sweeps that reclaim expired and unreferenced deleted streams",
+    ),
+    Setting(
+        "cors_origins",
+        str,
+        "*",
+        "allowed browser origins, comma-separated, or * for any",
+    ),
+    Setting("log_level", _log_level, "info", "debug, info, warning or error"),
+    Setting("log_format", _log_format, "console", "console or json"),
+    Setting(
+        "db_timeout",
+        _non_negative_float,
+        5.0,
+        "seconds a database call may take before the request is answered 503",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, resolved. See SETTINGS for meaning and defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 4437
+    data_dir: str = "./data"
+    database_url: str = ""
+    long_poll_timeout: float = 30.0
+    sse_reconnect_interval: float = 60.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_chunk_bytes: int = 1024 * 1024
+    max_path_length: int = 1024
+    max_batch_ops: int = 1024
+    max_batch_bytes: int = 16 * 1024 * 1024
+    max_inflight_writes: int = 10000
+    max_live_readers: int = 100000
+    reap_interval: float = 0.5
+    cors_origins: str = "*"
+    log_level: str = "info"
+    log_format: str = "console"
+    db_timeout: float = 5.0
+
+
+def env_name(setting: str) -> str:
+    return "RELAY_" + setting.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting; defaults stay None so the environment can apply."""
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.upper(),
+            help=f"{setting.help} (env {env_name(setting.name)}, default {setting.default!r})",
+        )
+
+
+def load(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Resolve every setting from flags, then ``RELAY_*`` variables, then defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None) if args is not None else None
+        source = "--" + setting.name.replace("_", "-")
+        if raw is None:
+            raw = env.get(env_name(setting.name))
+            source = env_name(setting.name)
+        if raw is None:
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.kind(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
+    known = {f.name for f in fields(Config)}
+    assert known == set(values), "SETTINGS and Config disagree"
+    return Config(**values)
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Parse only settings flags (used by tests and tools that embed Relay)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,123 @@
+"""One table from domain errors to HTTP responses, applied by one middleware.
+
+Lookup walks the exception's class hierarchy, so a new error subclass inherits its parent's
+status until it needs its own row. Anything unknown is logged and answered 500 without detail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from protocol import headers as h
+from protocol.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ProtocolError,
+    SequenceGap,
+    StaleEpoch,
+    StreamClosed,
+    Unavailable,
+)
+from protocol.offsets import format_offset
+
+log = structlog.get_logger("relay.http")
+
+HeaderFn = Callable[[BaseException], dict[str, str]]
+
+
+def _none(_: BaseException) -> dict[str, str]:
+    return {}
+
+
+def _closed(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, StreamClosed)
+    return {h.STREAM_CLOSED: "true", h.STREAM_NEXT_OFFSET: format_offset(exc.tail)}
+
+
+def _gap(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, SequenceGap)
+    return {h.PRODUCER_EXPECTED_SEQ: str(exc.expected), h.PRODUCER_RECEIVED_SEQ: str(exc.received)}
+
+
+def _stale(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, StaleEpoch)
+    return {h.PRODUCER_EPOCH: str(exc.current_epoch)}
+
+
+def _allow(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, MethodNotAllowed)
+    return {"Allow": ", ".join(exc.allow)}
+
+
+def _retry(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, Unavailable | Overloaded)
+    return {"Retry-After": str(exc.retry_after)}
+
+
+ERROR_TABLE: dict[type[BaseException], tuple[int, HeaderFn]] = {
+    BadRequest: (400, _none),
+    StaleEpoch: (403, _stale),
+    NotFound: (404, _none),
+    MethodNotAllowed: (405, _allow),
+    Conflict: (409, _none),
+    StreamClosed: (409, _closed),
+    SequenceGap: (409, _gap),
+    Gone: (410, _none),
+    PayloadTooLarge: (413, _none),
+    Overloaded: (429, _retry),
+    Unavailable: (503, _retry),
+}
+
+
+def lookup(exc: BaseException) -> tuple[int, dict[str, str]] | None:
+    for cls in type(exc).__mro__:
+        row = ERROR_TABLE.get(cls)
+        if row is not None:
+            status, header_fn = row
+            return status, header_fn(exc)
+    return None
+
+
+def error_response(request: web.Request, exc: BaseException) -> web.Response:
+    found = lookup(exc)
+    if found is None:
+        log.exception("unhandled error", method=request.method, path=request.path)
+        status, code, message = 500, "internal", "internal server error"
+        extra: dict[str, str] = {}
+    else:
+        status, extra = found
+        if isinstance(exc, ProtocolError):
+            code, message = exc.code, exc.message
+        else:
+            code = "unavailable" if status == 503 else "overloaded"
+            message = str(exc)
+    if request.method == "HEAD":
+        return web.Response(status=status, headers=extra)
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, headers=extra, body=body, content_type="application/json")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 404 and request.method != "HEAD":
+            return error_response(request, NotFound("no such resource"))
+        raise
+    except (ProtocolError, Unavailable, Overloaded) as exc:
+        return error_response(request, exc)
+    except Exception as exc:
+        return error_response(request, exc)

@@ -1,0 +1,253 @@
+"""GET: catch-up reads, long-poll and SSE (sections 5.6 to 5.8)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+from aiohttp import web
+
+from protocol import caching, cursor, jsonmode, sse
+from protocol import headers as h
+from protocol.errors import BadRequest, NotFound
+from protocol.lifecycle import deadline
+from protocol.model import StreamMeta
+from protocol.offsets import format_offset, parse_read_offset
+from relay.http.context import Context, context
+from relay.http.paths import stream_path
+from relay.hub import Subscription
+
+LIVE_MODES = ("long-poll", "sse")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes read from ``start`` up to ``end``, and whether they reach the known tail."""
+
+    data: bytes
+    start: int
+    end: int
+    up_to_date: bool
+    closed: bool  # the chunk ends at the final offset of a closed stream
+
+
+async def get(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    path = stream_path(request.raw_path, ctx.config.max_path_length)
+    query = request.query
+    for name in ("offset", "live", "cursor"):
+        if len(query.getall(name, [])) > 1:
+            raise BadRequest("invalid_query", f"{name} given more than once")
+    live = query.get("live")
+    if live is not None and live not in LIVE_MODES:
+        raise BadRequest("invalid_live", "live must be long-poll or sse")
+    raw_offset = query.get("offset")
+    if live is not None and raw_offset is None:
+        # Section 5.7/5.8 make the offset mandatory for live reads (the official suite checks).
+        raise BadRequest("offset_required", "live reads need an offset, e.g. offset=-1")
+    start = parse_read_offset(raw_offset)
+    meta = await ctx.store.head(path, ctx.clock(), touch=True)
+    position = meta.tail if start.position is None else start.position
+    if position > meta.tail:
+        raise BadRequest("offset_beyond_tail", "offset is past the end of the stream")
+    if live == "sse":
+        return await _sse(request, ctx, meta, position)
+    if live == "long-poll":
+        return await _long_poll(request, ctx, meta, position, is_now=start.is_now)
+    if start.is_now:
+        return _tail_response(meta, status=200, cursor_value=None)
+    chunk = await _read_chunk(ctx, meta, position)
+    return _chunk_response(request, ctx, meta, chunk, cursor_value=None)
+
+
+async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
+    """Up to ``max_chunk_bytes`` from ``start``, cut at a message boundary in JSON mode."""
+    limit = ctx.config.max_chunk_bytes
+    end = min(meta.tail, start + limit)
+    data = await ctx.store.read(meta, start, end)
+    json_mode = h.is_json(meta.content_type)
+    if json_mode and end < meta.tail:
+        cut = data.rfind(jsonmode.SEPARATOR) + 1
+        if cut == 0:  # one message larger than the limit: send it whole
+            rest = await ctx.store.read(meta, end, meta.tail)
+            data += rest[: rest.find(jsonmode.SEPARATOR) + 1]
+        else:
+            data = data[:cut]
+    return _chunk(meta, start, data)
+
+
+def _chunk(meta: StreamMeta, start: int, data: bytes) -> Chunk:
+    end = start + len(data)
+    at_tail = end >= meta.tail
+    return Chunk(data, start, end, up_to_date=at_tail, closed=meta.closed and at_tail)
+
+
+def _render(meta: StreamMeta, data: bytes) -> bytes:
+    return jsonmode.render(data) if h.is_json(meta.content_type) else data
+
+
+def _cursor(ctx: Context, request: web.Request) -> str:
+    return cursor.next_cursor(ctx.clock(), request.query.get("cursor"), ctx.rng.randint(1, 3600))
+
+
+def _chunk_response(
+    request: web.Request,
+    ctx: Context,
+    meta: StreamMeta,
+    chunk: Chunk,
+    cursor_value: str | None,
+) -> web.Response:
+    tag = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed)
+    out = {
+        "Content-Type": meta.content_type,
+        h.STREAM_NEXT_OFFSET: format_offset(chunk.end),
+        "ETag": tag,
+    }
+    if chunk.up_to_date:
+        out[h.STREAM_UP_TO_DATE] = "true"
+    if chunk.closed:
+        out[h.STREAM_CLOSED] = "true"
+    if cursor_value is not None and not chunk.closed:
+        out[h.STREAM_CURSOR] = cursor_value
+    if chunk.start == chunk.end and not chunk.closed:
+        out["Cache-Control"] = caching.NO_STORE  # an open tail changes with the next append
+    else:
+        expires = deadline(meta)
+        left = None if expires is None else expires - ctx.clock()
+        out["Cache-Control"] = caching.read_cache_control(expires is not None, left)
+    if caching.matches(request.headers.get("If-None-Match"), tag):
+        return web.Response(status=304, headers=out)
+    return web.Response(status=200, headers=out, body=_render(meta, chunk.data))
+
+
+def _tail_response(meta: StreamMeta, *, status: int, cursor_value: str | None) -> web.Response:
+    """An answer carrying no data: ``offset=now``, or a long-poll that found nothing new."""
+    out = {
+        h.STREAM_NEXT_OFFSET: format_offset(meta.tail),
+        h.STREAM_UP_TO_DATE: "true",
+        "Cache-Control": caching.NO_STORE,
+    }
+    if meta.closed:
+        out[h.STREAM_CLOSED] = "true"
+    elif cursor_value is not None:
+        out[h.STREAM_CURSOR] = cursor_value
+    if status == 204:
+        return web.Response(status=204, headers=out)
+    out["Content-Type"] = meta.content_type
+    return web.Response(status=200, headers=out, body=_render(meta, b""))
+
+
+async def _long_poll(
+    request: web.Request, ctx: Context, meta: StreamMeta, position: int, *, is_now: bool
+) -> web.Response:
+    if position < meta.tail and not is_now:
+        chunk = await _read_chunk(ctx, meta, position)
+        return _chunk_response(request, ctx, meta, chunk, _cursor(ctx, request))
+    if meta.closed:
+        return _tail_response(meta, status=204, cursor_value=None)
+    ctx.limits.enter_reader()
+    ctx.metrics.live_readers.inc()
+    try:
+        with ctx.hub.subscribe(meta.stream_id) as sub:
+            found = await _wait_for_data(ctx, sub, meta, position, ctx.config.long_poll_timeout)
+    finally:
+        ctx.limits.exit_reader()
+        ctx.metrics.live_readers.dec()
+    if found is None or found.start == found.end:
+        latest = replace(meta, tail=found.end if found else meta.tail)
+        if found is not None and found.closed:
+            latest = replace(latest, closed=True)
+        return _tail_response(latest, status=204, cursor_value=_cursor(ctx, request))
+    return _chunk_response(request, ctx, meta, found, _cursor(ctx, request))
+
+
+async def _wait_for_data(
+    ctx: Context, sub: Subscription, meta: StreamMeta, position: int, timeout: float
+) -> Chunk | None:
+    """Park until data past ``position`` commits; None on timeout.
+
+    Subscribing happens before re-reading the stream's state, so a commit landing between
+    the first read and the subscription is never missed.
+    """
+    current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+    if current.stream_id != meta.stream_id:
+        raise NotFound()
+    sub.note_tail(current.tail, current.closed)
+    if not await sub.wait_beyond(position, timeout):
+        return None
+    if sub.deleted:
+        raise NotFound("stream was deleted")
+    return await _take(ctx, sub, meta, position)
+
+
+async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int) -> Chunk:
+    """The data past ``position`` that woke a reader: from the hub's memory, else the store."""
+    tail = sub.known_tail()
+    assert tail is not None
+    closed = sub.closed
+    latest = replace(meta, tail=tail, closed=closed)
+    data = sub.take(position, ctx.config.max_chunk_bytes)
+    if data is None:
+        return await _read_chunk(ctx, latest, position)
+    return _chunk(latest, position, data)
+
+
+async def _sse(
+    request: web.Request, ctx: Context, meta: StreamMeta, position: int
+) -> web.StreamResponse:
+    """Stream events until the stream closes, is deleted, or the reconnect interval passes.
+
+    Each data event goes out in one write together with its control event, so a reader never
+    sees data without the offset that follows it.
+    """
+    json_mode = h.is_json(meta.content_type)
+    binary = not h.is_text_like(meta.content_type)
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": caching.SSE_CACHE_CONTROL,
+            **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
+        },
+    )
+    ctx.limits.enter_reader()
+    ctx.metrics.live_readers.inc()
+    try:
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + ctx.config.sse_reconnect_interval
+        with ctx.hub.subscribe(meta.stream_id) as sub:
+            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+            sub.note_tail(current.tail, current.closed)
+            announced = False  # a control event for the current position went out
+            while not sub.deleted:
+                tail = sub.known_tail() or position
+                event = b""
+                if position < tail:
+                    chunk = await _take(ctx, sub, meta, position)
+                    event = sse.data_event(chunk.data, json_mode=json_mode, binary=binary)
+                    position = chunk.end
+                    announced = False
+                    tail = sub.known_tail() or position
+                closed = sub.closed and position >= tail
+                if not announced and (event or position >= tail):
+                    event += sse.control_event(
+                        format_offset(position),
+                        cursor=None if closed else _cursor(ctx, request),
+                        up_to_date=position >= tail,
+                        closed=closed,
+                    )
+                    announced = True
+                if event:
+                    await response.write(event)
+                if closed:
+                    break
+                if position < tail:
+                    continue
+                remaining = ends_at - loop.time()
+                if remaining <= 0 or not await sub.wait_beyond(position, remaining):
+                    break
+    finally:
+        ctx.limits.exit_reader()
+        ctx.metrics.live_readers.dec()
+    return response

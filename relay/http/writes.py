@@ -1,0 +1,151 @@
+"""PUT (create, fork), POST (append, close), DELETE and HEAD: parse, call the store, render."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from protocol import headers as h
+from protocol import jsonmode
+from protocol.append import AppendRequest
+from protocol.caching import NO_STORE
+from protocol.create import CreateRequest, ForkRequest
+from protocol.errors import BadRequest
+from protocol.lifecycle import Expiry, format_rfc3339
+from protocol.model import StreamMeta
+from protocol.offsets import format_offset, parse_offset
+from relay.http.context import Context, context, read_body
+from relay.http.paths import source_path, stream_path
+from relay.store.base import AppendResult
+
+
+def meta_headers(meta: StreamMeta) -> dict[str, str]:
+    """Headers describing a stream: type, tail, closure, and its TTL or expiry."""
+    out = {"Content-Type": meta.content_type, h.STREAM_NEXT_OFFSET: format_offset(meta.tail)}
+    if meta.closed:
+        out[h.STREAM_CLOSED] = "true"
+    if meta.ttl is not None:
+        out[h.STREAM_TTL] = str(meta.ttl)
+    if meta.expires_at is not None:
+        out[h.STREAM_EXPIRES_AT] = format_rfc3339(meta.expires_at)
+    return out
+
+
+async def create(request: web.Request) -> web.Response:
+    ctx = context(request)
+    path = stream_path(request.raw_path, ctx.config.max_path_length)
+    hdrs = request.headers
+    ttl = hdrs.get(h.STREAM_TTL)
+    expires = hdrs.get(h.STREAM_EXPIRES_AT)
+    expiry = Expiry(
+        ttl=h.parse_ttl(ttl) if ttl is not None else None,
+        expires_at=h.parse_expires_at(expires) if expires is not None else None,
+    )
+    fork = _fork_request(request, ctx.config.max_path_length)
+    body = await read_body(request, ctx.config.max_body_bytes)
+    content_type = hdrs.get("Content-Type") or None
+    create_request = CreateRequest(
+        path=path,
+        content_type=content_type.strip() if content_type else None,
+        expiry=expiry,
+        closed=h.is_true(hdrs.get(h.STREAM_CLOSED)),
+        body=body,
+        fork=fork,
+    )
+    result = await ctx.store.create(create_request, ctx.clock())
+    out = meta_headers(result.meta)
+    if result.created:
+        out["Location"] = str(request.url.with_query(None))
+        ctx.metrics.appended_bytes.inc(result.meta.tail - result.meta.fork_offset)
+    return web.Response(status=201 if result.created else 200, headers=out)
+
+
+def _fork_request(request: web.Request, max_path: int) -> ForkRequest | None:
+    hdrs = request.headers
+    source = hdrs.get(h.STREAM_FORKED_FROM)
+    offset = hdrs.get(h.STREAM_FORK_OFFSET)
+    sub = hdrs.get(h.STREAM_FORK_SUB_OFFSET)
+    if source is None:
+        if offset is not None or sub is not None:
+            raise BadRequest("fork_without_source", "fork headers need Stream-Forked-From")
+        return None
+    return ForkRequest(
+        source_path=source_path(source, max_path),
+        offset=parse_offset(offset.strip()) if offset is not None else None,
+        sub_offset=h.parse_non_negative(h.STREAM_FORK_SUB_OFFSET, sub.strip()) if sub else 0,
+    )
+
+
+async def append(request: web.Request) -> web.Response:
+    ctx = context(request)
+    path = stream_path(request.raw_path, ctx.config.max_path_length)
+    hdrs = request.headers
+    producer = h.parse_producer(
+        hdrs.get(h.PRODUCER_ID), hdrs.get(h.PRODUCER_EPOCH), hdrs.get(h.PRODUCER_SEQ)
+    )
+    ctx.limits.enter_write()
+    try:
+        body = await read_body(request, ctx.config.max_body_bytes)
+        content_type = hdrs.get("Content-Type")
+        data, data_error = body, None
+        if body and h.is_json(content_type or ""):
+            try:
+                data = jsonmode.encode_messages(body, allow_empty=False)
+            except BadRequest as exc:
+                data_error = exc
+        append_request = AppendRequest(
+            content_type=content_type,
+            data=data,
+            close=h.is_true(hdrs.get(h.STREAM_CLOSED)),
+            stream_seq=hdrs.get(h.STREAM_SEQ),
+            producer=producer,
+            data_error=data_error,
+            body_empty=not body,
+        )
+        # Shielded: once queued, the append commits even if the client goes away, and then
+        # its readers must still be woken.
+        result = await asyncio.shield(_append_and_publish(ctx, path, append_request))
+    finally:
+        ctx.limits.exit_write()
+    meta, plan = result.meta, result.plan
+    out = {h.STREAM_NEXT_OFFSET: format_offset(meta.tail)}
+    if meta.closed:
+        out[h.STREAM_CLOSED] = "true"
+    status = 204
+    if producer is not None and plan.producer_state is not None:
+        out[h.PRODUCER_EPOCH] = str(plan.producer_state.epoch)
+        out[h.PRODUCER_SEQ] = str(plan.producer_state.last_seq)
+        status = 200 if plan.write and plan.data else 204
+    return web.Response(status=status, headers=out)
+
+
+async def _append_and_publish(ctx: Context, path: str, request: AppendRequest) -> AppendResult:
+    result = await ctx.store.append(path, request, ctx.clock())
+    meta, plan = result.meta, result.plan
+    if plan.write:
+        ctx.hub.publish(meta.stream_id, result.start, plan.data, meta.tail, meta.closed)
+        ctx.metrics.appended_bytes.inc(len(plan.data))
+    return result
+
+
+async def delete(request: web.Request) -> web.Response:
+    ctx = context(request)
+    path = stream_path(request.raw_path, ctx.config.max_path_length)
+    await asyncio.shield(_delete_and_publish(ctx, path))
+    return web.Response(status=204)
+
+
+async def _delete_and_publish(ctx: Context, path: str) -> StreamMeta:
+    meta = await ctx.store.delete(path, ctx.clock())
+    ctx.hub.deleted(meta.stream_id)
+    return meta
+
+
+async def head(request: web.Request) -> web.Response:
+    ctx = context(request)
+    path = stream_path(request.raw_path, ctx.config.max_path_length)
+    meta = await ctx.store.head(path, ctx.clock(), touch=False)
+    out = meta_headers(meta)
+    out["Cache-Control"] = NO_STORE
+    return web.Response(status=200, headers=out)

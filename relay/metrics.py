@@ -1,0 +1,62 @@
+"""Prometheus metrics. Each app owns a registry, so tests can run many apps in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from relay.store.base import Store
+
+
+class _StoreCollector(Collector):
+    """Reads the store's plain counters at scrape time."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        stats = self._store.stats()
+        yield CounterMetricFamily("relay_store_commits", "Transactions committed", stats.commits)
+        yield CounterMetricFamily("relay_store_appends", "Appends committed", stats.appends)
+        yield CounterMetricFamily(
+            "relay_store_rows_written", "Data rows written", stats.rows_written
+        )
+        yield CounterMetricFamily(
+            "relay_store_rows_compacted", "Data rows merged by compaction", stats.rows_compacted
+        )
+        sizes = stats.batch_sizes
+        mean = sum(sizes) / len(sizes) if sizes else 0.0
+        yield GaugeMetricFamily(
+            "relay_store_batch_size_mean", "Mean operations per commit, recent batches", mean
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "relay_http_requests",
+            "HTTP requests by method and status",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "relay_http_request_seconds",
+            "Time to first byte of the response, by method",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.appended_bytes = Counter(
+            "relay_appended_bytes", "Bytes appended", registry=self.registry
+        )
+        self.live_readers = Gauge(
+            "relay_live_readers", "Parked long-poll and SSE readers", registry=self.registry
+        )
+
+    def watch_store(self, store: Store) -> None:
+        self.registry.register(_StoreCollector(store))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Storage backends behind one interface (see :mod:`relay.store.base`)."""

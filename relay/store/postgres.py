@@ -1,0 +1,744 @@
+"""The Postgres store: asyncpg, group commit, LISTEN/NOTIFY across relays, compaction.
+
+Writes go through :class:`relay.store.batching.Committer`: every operation queued while the
+previous commit was in flight runs in one transaction. The batch locks the stream rows it
+touches (``FOR UPDATE``, in id order so relays never deadlock), runs the protocol's decisions in
+Python against that locked state, writes all appends to a stream in the batch as one row, and
+sends one ``NOTIFY`` listing the streams that moved. Each relay LISTENs on one connection and
+tells its hub, which wakes that stream's parked readers.
+
+A compactor merges small rows of closed or idle streams into rows of up to ``COMPACT_BYTES``;
+it deletes and inserts in one transaction, so a reader's single SELECT sees either the old rows
+or the merged one, never a gap or an overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import structlog
+
+from protocol.append import AppendRequest, decide_append
+from protocol.create import CreateRequest, needs_source_bytes, plan_create
+from protocol.errors import NotFound, ProtocolError, Unavailable
+from protocol.headers import ProducerHeaders
+from protocol.lifecycle import check_visible, is_expired
+from protocol.model import ProducerState, StreamMeta, fork_segments
+from relay.store.base import (
+    AppendResult,
+    CreateResult,
+    RemoteCommit,
+    StoreStartupError,
+    StoreStats,
+    WatchedIds,
+)
+from relay.store.batching import Committer, Op, Touches
+
+log = structlog.get_logger("relay.postgres")
+
+CHANNEL = "relay_commits"
+NOTIFY_LIMIT = 7900  # Postgres caps a payload at 8000 bytes
+COMPACT_BYTES = 1024 * 1024
+RETRIES = 3
+MIGRATION_LOCK = 0x52454C4159  # pg_advisory_lock key: "RELAY"
+
+_META = (
+    "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
+    "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
+    "fork_offset, soft_deleted"
+)
+_CHAIN = """
+WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
+    SELECT id, fork_offset, source_id, 0 FROM relay_streams WHERE id = $1
+    UNION ALL
+    SELECT s.id, s.fork_offset, s.source_id, c.depth + 1
+    FROM relay_streams s JOIN chain c ON s.id = c.source_id
+)
+SELECT id, fork_offset FROM chain ORDER BY depth
+"""
+
+_DISCONNECTS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+_OFFLINE: tuple[type[BaseException], ...] = (Unavailable, *_DISCONNECTS)
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("relay.store") / "sql"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(found)
+
+
+async def apply_migrations(conn: asyncpg.Connection) -> int:
+    """Bring the schema to the newest version; safe when several relays start at once."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS relay_schema_version (version INT PRIMARY KEY)"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM relay_schema_version")
+        for version, sql in _migrations():
+            if version <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO relay_schema_version VALUES ($1)", version)
+            current = version
+        return int(current)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def migrate(url: str) -> int:
+    """``relay migrate``: apply migrations and report the schema version."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class _Batch:
+    """What one transaction has staged: rows per stream and the streams that moved."""
+
+    pending: dict[int, tuple[int, bytearray]] = field(default_factory=dict)
+    moved: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
+    metas: dict[str, StreamMeta] = field(default_factory=dict)  # locked this transaction
+    producers: dict[tuple[int, str], ProducerState | None] = field(default_factory=dict)
+    producer_writes: dict[tuple[int, str], ProducerState] = field(default_factory=dict)
+    stream_updates: dict[int, StreamMeta] = field(default_factory=dict)
+    rows: int = 0
+
+
+class PostgresStore:
+    """Streams in Postgres (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch_ops: int = 1024,
+        max_batch_bytes: int = 16 * 1024 * 1024,
+        command_timeout: float = 5.0,
+        compact_idle_seconds: float = 10.0,
+        compact_interval: float = 2.0,
+        pool_size: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._url = url
+        self._timeout = command_timeout or None
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._committer = Committer(self._apply, max_ops=max_batch_ops, max_bytes=max_batch_bytes)
+        self._origin = uuid.uuid4().hex[:12]
+        self._listener: RemoteCommit | None = None
+        self._watched: WatchedIds = lambda: ()
+        self._listen_task: asyncio.Task[None] | None = None
+        self._compact_task: asyncio.Task[None] | None = None
+        self._compact_idle = compact_idle_seconds
+        self._compact_interval = compact_interval
+        self._clock = clock
+        self._stats = {"appends": 0, "rows_written": 0, "rows_compacted": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
+        except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+            raise StoreStartupError(f"cannot reach Postgres: {exc}") from None
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self._url,
+            min_size=1,
+            max_size=self._pool_size,
+            command_timeout=self._timeout,
+            timeout=self._timeout or 10,
+        )
+        self._committer.start()
+        self._listen_task = asyncio.create_task(self._listen_forever(), name="pg-listen")
+        self._compact_task = asyncio.create_task(self._compact_forever(), name="pg-compact")
+
+    async def close(self) -> None:
+        await self._committer.stop()
+        for task in (self._listen_task, self._compact_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._pool is not None:
+            await self._pool.close()
+
+    def set_remote_listener(self, listener: RemoteCommit, watched: WatchedIds) -> None:
+        self._listener = listener
+        self._watched = watched
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            commits=self._committer.commits,
+            appends=self._stats["appends"],
+            rows_written=self._stats["rows_written"],
+            rows_compacted=self._stats["rows_compacted"],
+            batch_sizes=tuple(self._committer.batch_sizes),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> Any:
+        """A pooled connection; losing the database becomes Unavailable (503)."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+        except _DISCONNECTS as exc:
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+
+    # -- the interface -----------------------------------------------------------------------
+
+    async def create(self, request: CreateRequest, now: float) -> CreateResult:
+        result: CreateResult = await self._committer.submit(
+            "create", (request, now), len(request.body)
+        )
+        return result
+
+    async def append(self, path: str, request: AppendRequest, now: float) -> AppendResult:
+        result: AppendResult = await self._committer.submit(
+            "append", (path, request, now), len(request.data)
+        )
+        return result
+
+    async def delete(self, path: str, now: float) -> StreamMeta:
+        result: StreamMeta = await self._committer.submit("delete", (path, now))
+        return result
+
+    async def reap(self, now: float) -> int:
+        result: int = await self._committer.submit("reap", (now,))
+        return result
+
+    async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
+        async with self._conn() as conn:
+            meta = await self._load(conn, path)
+        if meta is None:
+            raise NotFound()
+        pending = self._committer.touches.get(path)
+        if pending is not None and pending[0] == meta.stream_id:
+            meta = replace(meta, last_access=max(meta.last_access, pending[1]))
+        check_visible(meta, now)
+        if touch and meta.ttl is not None:
+            self._committer.touch(path, meta.stream_id, now)
+            return replace(meta, last_access=max(meta.last_access, now))
+        return meta
+
+    async def read(self, meta: StreamMeta, start: int, end: int) -> bytes:
+        if start >= end:
+            return b""
+        async with self._conn() as conn:
+            return await _read_range(conn, meta, start, end)
+
+    # -- the batch transaction ---------------------------------------------------------------
+
+    async def _apply(self, batch: list[Op], touches: Touches) -> list[Any]:
+        for attempt in range(RETRIES):
+            try:
+                async with self._conn() as conn:
+                    return await self._transaction(conn, batch, touches)
+            except _RETRYABLE:
+                if attempt == RETRIES - 1:
+                    raise Unavailable("database contention, retry") from None
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, conn: asyncpg.Connection, batch: list[Op], touches: Touches
+    ) -> list[Any]:
+        state = _Batch()
+        outcomes: list[Any] = []
+        try:
+            async with conn.transaction():
+                await self._lock(conn, state, batch)
+                for op in batch:
+                    try:
+                        outcomes.append(
+                            await getattr(self, f"_do_{op.kind}")(conn, state, *op.args)
+                        )
+                    except ProtocolError as exc:
+                        outcomes.append(exc)
+                await self._write(conn, state)
+                if touches:
+                    await conn.execute(
+                        "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
+                        "FROM unnest($1::bigint[], $2::float8[]) AS t(id, at) WHERE s.id = t.id",
+                        [v[0] for v in touches.values()],
+                        [v[1] for v in touches.values()],
+                    )
+                if state.moved:
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
+        except _DISCONNECTS as exc:
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        self._stats["rows_written"] += state.rows
+        return outcomes
+
+    async def _lock(self, conn: asyncpg.Connection, state: _Batch, batch: list[Op]) -> None:
+        """Lock every stream the batch appends to, in id order, and load their producers."""
+        paths = sorted({op.args[0] for op in batch if op.kind == "append"})
+        if not paths:
+            return
+        rows = await conn.fetch(
+            f"SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) ORDER BY id "
+            "FOR UPDATE",
+            paths,
+        )
+        for row in rows:
+            meta = await _with_segments(conn, _row_meta(row))
+            state.metas[meta.path] = meta
+        wanted = {
+            (state.metas[op.args[0]].stream_id, op.args[1].producer.producer_id)
+            for op in batch
+            if op.kind == "append" and op.args[1].producer and op.args[0] in state.metas
+        }
+        if wanted:
+            ids, names = zip(*wanted, strict=True)
+            found = await conn.fetch(
+                "SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq FROM relay_producers p "
+                "JOIN unnest($1::bigint[], $2::text[]) AS w(id, name) "
+                "ON p.stream_id = w.id AND p.producer_id = w.name",
+                list(ids),
+                list(names),
+            )
+            state.producers = dict.fromkeys(wanted)
+            for row in found:
+                state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
+
+    async def _write(self, conn: asyncpg.Connection, state: _Batch) -> None:
+        """All of the batch's appends as one statement per table."""
+        if state.pending:
+            await conn.executemany(
+                "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
+                "VALUES ($1, $2, $3, $4)",
+                [
+                    (sid, start, start + len(data), bytes(data))
+                    for sid, (start, data) in state.pending.items()
+                ],
+            )
+            state.rows += len(state.pending)
+            state.pending.clear()
+        if state.stream_updates:
+            metas = list(state.stream_updates.values())
+            await conn.execute(
+                "UPDATE relay_streams s SET tail = u.tail, closed = u.closed, "
+                "last_access = greatest(s.last_access, u.at), last_append = u.at, "
+                "stream_seq = u.seq, closed_by_id = u.cid, closed_by_epoch = u.cepoch, "
+                "closed_by_seq = u.cseq FROM unnest($1::bigint[], $2::bigint[], $3::bool[], "
+                "$4::float8[], $5::text[], $6::text[], $7::bigint[], $8::bigint[]) "
+                "AS u(id, tail, closed, at, seq, cid, cepoch, cseq) WHERE s.id = u.id",
+                [m.stream_id for m in metas],
+                [m.tail for m in metas],
+                [m.closed for m in metas],
+                [m.last_access for m in metas],
+                [m.stream_seq for m in metas],
+                [m.closed_by.producer_id if m.closed_by else None for m in metas],
+                [m.closed_by.epoch if m.closed_by else None for m in metas],
+                [m.closed_by.seq if m.closed_by else None for m in metas],
+            )
+            state.stream_updates.clear()
+        if state.producer_writes:
+            keys = list(state.producer_writes)
+            await conn.execute(
+                "INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq) "
+                "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) "
+                "ON CONFLICT (stream_id, producer_id) DO UPDATE "
+                "SET epoch = excluded.epoch, last_seq = excluded.last_seq",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [state.producer_writes[k].epoch for k in keys],
+                [state.producer_writes[k].last_seq for k in keys],
+            )
+            state.producer_writes.clear()
+
+    def _payload(self, state: _Batch) -> str:
+        entries = [f"{sid}:{tail}:{int(closed)}" for sid, (tail, closed) in state.moved.items()]
+        payload = f"{self._origin}|" + ",".join(entries)
+        return payload if len(payload) <= NOTIFY_LIMIT else f"{self._origin}|*"
+
+    # -- operations (inside the batch transaction) -------------------------------------------
+
+    async def _do_append(
+        self,
+        conn: asyncpg.Connection,
+        state: _Batch,
+        path: str,
+        request: AppendRequest,
+        now: float,
+    ) -> AppendResult:
+        meta = state.metas.get(path)
+        if meta is None:  # created earlier in this batch, or missing
+            meta = await self._load(conn, path, lock=True)
+            if meta is None:
+                raise NotFound()
+            state.metas[path] = meta
+        check_visible(meta, now)
+        key = (meta.stream_id, request.producer.producer_id) if request.producer else None
+        producer_state = state.producers.get(key) if key else None
+        plan = decide_append(meta, producer_state, request)
+        if not plan.write:
+            return AppendResult(meta, plan, meta.tail)
+        start = meta.tail
+        closed_by = plan.producer if plan.close else None
+        after = replace(
+            meta,
+            tail=start + len(plan.data),
+            closed=meta.closed or plan.close,
+            last_access=now,
+            stream_seq=plan.stream_seq or meta.stream_seq,
+            closed_by=closed_by or meta.closed_by,
+        )
+        state.metas[path] = after
+        state.stream_updates[meta.stream_id] = after
+        if key is not None and plan.producer_state is not None:
+            state.producers[key] = plan.producer_state
+            state.producer_writes[key] = plan.producer_state
+        if plan.data:
+            staged = state.pending.get(meta.stream_id)
+            if staged is not None and staged[0] + len(staged[1]) == start:
+                staged[1].extend(plan.data)
+            else:
+                if staged is not None:
+                    await self._write(conn, state)
+                state.pending[meta.stream_id] = (start, bytearray(plan.data))
+            self._stats["appends"] += 1
+        state.moved[meta.stream_id] = (after.tail, after.closed)
+        return AppendResult(after, plan, start)
+
+    async def _do_create(
+        self, conn: asyncpg.Connection, state: _Batch, request: CreateRequest, now: float
+    ) -> CreateResult:
+        await self._write(conn, state)  # a fork may read what this batch appended
+        existing = await self._load(conn, request.path, lock=True)
+        if existing is not None and not existing.soft_deleted and is_expired(existing, now):
+            await self._remove(conn, state, existing)
+            existing = None
+        source = None
+        after_anchor = b""
+        if request.fork is not None:
+            source = await self._load(conn, request.fork.source_path, lock=True)
+            if source is None or (not source.soft_deleted and is_expired(source, now)):
+                raise NotFound("fork source not found")
+            anchor = source.tail if request.fork.offset is None else request.fork.offset
+            if needs_source_bytes(request) and anchor <= source.tail:
+                after_anchor = await _read_range(conn, source, anchor, source.tail)
+        outcome = plan_create(existing, source, request, after_anchor)
+        if isinstance(outcome, StreamMeta):
+            return CreateResult(outcome, created=False)
+        row = await conn.fetchrow(
+            "INSERT INTO relay_streams (path, content_type, tail, closed, ttl, expires_at, "
+            "last_access, created_at, last_append, source_id, forked_from, fork_offset) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8, $9, $10) "
+            f"ON CONFLICT (path) DO NOTHING RETURNING {_META}",
+            request.path,
+            outcome.content_type,
+            outcome.fork_offset + len(outcome.data),
+            outcome.closed,
+            outcome.expiry.ttl,
+            outcome.expiry.expires_at,
+            now,
+            source.stream_id if source else None,
+            source.path if source else None,
+            outcome.fork_offset,
+        )
+        if row is None:  # another relay created it concurrently: judge against theirs
+            raced = await self._load(conn, request.path, lock=True)
+            if raced is None:
+                raise Unavailable("stream creation raced with a delete; retry")
+            again = plan_create(raced, source, request, after_anchor)
+            assert isinstance(again, StreamMeta)
+            return CreateResult(again, created=False)
+        meta = await _with_segments(conn, _row_meta(row))
+        state.metas[meta.path] = meta
+        if outcome.data:
+            state.pending[meta.stream_id] = (outcome.fork_offset, bytearray(outcome.data))
+            self._stats["appends"] += 1
+        return CreateResult(meta, created=True)
+
+    async def _do_delete(
+        self, conn: asyncpg.Connection, state: _Batch, path: str, now: float
+    ) -> StreamMeta:
+        await self._write(conn, state)
+        meta = await self._load(conn, path, lock=True)
+        if meta is None:
+            raise NotFound()
+        check_visible(meta, now)
+        await self._remove(conn, state, meta)
+        state.metas.pop(path, None)
+        return meta
+
+    async def _do_reap(self, conn: asyncpg.Connection, state: _Batch, now: float) -> int:
+        await self._write(conn, state)
+        rows = await conn.fetch(
+            f"SELECT {_META} FROM relay_streams WHERE NOT soft_deleted AND ("
+            "(expires_at IS NOT NULL AND expires_at <= $1) OR "
+            "(ttl IS NOT NULL AND last_access + ttl <= $1)) "
+            "ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED",
+            now,
+        )
+        for row in rows:
+            await self._remove(conn, state, _row_meta(row))
+        orphans = await conn.fetch(
+            "SELECT id FROM relay_streams s WHERE soft_deleted AND NOT EXISTS "
+            "(SELECT 1 FROM relay_streams f WHERE f.source_id = s.id) "
+            "LIMIT 1000 FOR UPDATE SKIP LOCKED"
+        )
+        for row in orphans:
+            await self._purge(conn, row[0])
+        return len(rows)
+
+    async def _remove(self, conn: asyncpg.Connection, state: _Batch, meta: StreamMeta) -> None:
+        """Soft-delete while forks reference the stream; otherwise purge and cascade."""
+        if await conn.fetchval(
+            "SELECT 1 FROM relay_streams WHERE source_id = $1 LIMIT 1", meta.stream_id
+        ):
+            await conn.execute(
+                "UPDATE relay_streams SET soft_deleted = true WHERE id = $1", meta.stream_id
+            )
+            return
+        await self._purge(conn, meta.stream_id)
+
+    async def _purge(self, conn: asyncpg.Connection, stream_id: int) -> None:
+        current: int | None = stream_id
+        while current is not None:
+            source_id = await conn.fetchval(
+                "DELETE FROM relay_streams WHERE id = $1 RETURNING source_id", current
+            )
+            await conn.execute("DELETE FROM relay_chunks WHERE stream_id = $1", current)
+            await conn.execute("DELETE FROM relay_producers WHERE stream_id = $1", current)
+            if source_id is None:
+                return
+            orphaned = await conn.fetchval(
+                "SELECT soft_deleted AND NOT EXISTS (SELECT 1 FROM relay_streams f "
+                "WHERE f.source_id = s.id) FROM relay_streams s WHERE s.id = $1",
+                source_id,
+            )
+            current = source_id if orphaned else None
+
+    async def _load(
+        self, conn: asyncpg.Connection, path: str, *, lock: bool = False
+    ) -> StreamMeta | None:
+        suffix = " FOR UPDATE" if lock else ""
+        row = await conn.fetchrow(
+            f"SELECT {_META} FROM relay_streams WHERE path = $1{suffix}", path
+        )
+        return await _with_segments(conn, _row_meta(row)) if row else None
+
+    # -- LISTEN ------------------------------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        """One LISTEN connection per process, re-established with backoff when lost."""
+        delay = 0.1
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
+            except (*_DISCONNECTS, asyncpg.PostgresError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            try:
+                conn.add_termination_listener(lambda _c, event=lost: event.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                # Whatever committed while we were not listening: let readers re-check.
+                self._wake_watched()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                    if not lost.is_set():
+                        try:
+                            await conn.execute("SELECT 1", timeout=self._timeout or 5)
+                        except (*_DISCONNECTS, asyncpg.PostgresError):
+                            lost.set()
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        origin, _, body = payload.partition("|")
+        if origin == self._origin or self._listener is None:
+            return
+        if body == "*":
+            self._wake_watched()
+            return
+        for entry in _split(body):
+            sid, tail, closed = entry
+            self._listener(sid, tail, closed)
+
+    def _wake_watched(self) -> None:
+        ids = list(self._watched())
+        if ids and self._listener is not None:
+            asyncio.get_running_loop().create_task(self._refresh(ids))
+
+    async def _refresh(self, ids: list[int]) -> None:
+        with contextlib.suppress(*_OFFLINE):
+            async with self._conn() as conn:
+                rows = await conn.fetch(
+                    "SELECT id, tail, closed FROM relay_streams WHERE id = ANY($1::bigint[])", ids
+                )
+            for row in rows:
+                if self._listener is not None:
+                    self._listener(row[0], row[1], row[2])
+
+    # -- compaction --------------------------------------------------------------------------
+
+    async def _compact_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._compact_interval)
+            try:
+                await self.compact(self._clock())
+            except _OFFLINE:
+                continue
+            except Exception:
+                log.exception("compaction failed")
+
+    async def compact(self, now: float) -> int:
+        """Merge small rows of closed or idle streams; returns rows removed."""
+        async with self._conn() as conn:
+            candidates = await conn.fetch(
+                "SELECT s.id FROM relay_streams s WHERE (s.closed OR s.last_append < $1) "
+                "AND (SELECT count(*) FROM relay_chunks c WHERE c.stream_id = s.id "
+                "AND c.end_pos - c.start_pos < $2) > 1 LIMIT 100",
+                now - self._compact_idle,
+                COMPACT_BYTES,
+            )
+            removed = 0
+            for (stream_id,) in candidates:
+                removed += await self._compact_stream(conn, stream_id)
+        self._stats["rows_compacted"] += removed
+        return removed
+
+    async def _compact_stream(self, conn: asyncpg.Connection, stream_id: int) -> int:
+        async with conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT id FROM relay_streams WHERE id = $1 FOR UPDATE SKIP LOCKED", stream_id
+            )
+            if locked is None:
+                return 0
+            rows = await conn.fetch(
+                "SELECT start_pos, end_pos, data FROM relay_chunks WHERE stream_id = $1 "
+                "ORDER BY start_pos",
+                stream_id,
+            )
+            removed = 0
+            for run in _runs(rows):
+                if len(run) < 2:
+                    continue
+                await conn.execute(
+                    "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
+                    "AND start_pos < $3",
+                    stream_id,
+                    run[0][0],
+                    run[-1][1],
+                )
+                await conn.execute(
+                    "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
+                    "VALUES ($1, $2, $3, $4)",
+                    stream_id,
+                    run[0][0],
+                    run[-1][1],
+                    b"".join(r[2] for r in run),
+                )
+                removed += len(run) - 1
+            return removed
+
+
+def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
+    """Consecutive, contiguous rows grouped up to COMPACT_BYTES each."""
+    run: list[asyncpg.Record] = []
+    size = 0
+    for row in rows:
+        length = row[1] - row[0]
+        contiguous = run and run[-1][1] == row[0]
+        if run and (not contiguous or size + length > COMPACT_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(row)
+        size += length
+    if run:
+        yield run
+
+
+def _split(body: str) -> Iterator[tuple[int, int, bool]]:
+    for entry in body.split(","):
+        parts = entry.split(":")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            yield int(parts[0]), int(parts[1]), parts[2] == "1"
+
+
+async def _read_range(conn: asyncpg.Connection, meta: StreamMeta, start: int, end: int) -> bytes:
+    out = bytearray()
+    for segment in meta.segments:
+        hi = end if segment.end is None else min(end, segment.end)
+        lo = max(start, segment.start)
+        if lo >= hi:
+            continue
+        rows = await conn.fetch(
+            "SELECT start_pos, data FROM relay_chunks WHERE stream_id = $1 AND end_pos > $2 "
+            "AND start_pos < $3 ORDER BY start_pos",
+            segment.stream_id,
+            lo,
+            hi,
+        )
+        for row_start, data in rows:
+            out += data[max(0, lo - row_start) : hi - row_start]
+    return bytes(out)
+
+
+async def _with_segments(conn: asyncpg.Connection, meta: StreamMeta) -> StreamMeta:
+    if meta.source_id is None:
+        chain = [(meta.stream_id, meta.fork_offset)]
+    else:
+        rows = await conn.fetch(_CHAIN, meta.stream_id)
+        chain = [(row[0], row[1]) for row in rows]
+    return replace(meta, segments=fork_segments(chain))
+
+
+def _row_meta(row: asyncpg.Record) -> StreamMeta:
+    closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None
+    return StreamMeta(
+        stream_id=row[0],
+        path=row[1],
+        content_type=row[2],
+        tail=row[3],
+        closed=row[4],
+        ttl=row[5],
+        expires_at=row[6],
+        last_access=row[7],
+        created_at=row[8],
+        stream_seq=row[9],
+        closed_by=closed_by,
+        forked_from=row[14],
+        fork_offset=row[15],
+        soft_deleted=row[16],
+        source_id=row[13],
+    )

@@ -1,0 +1,89 @@
+"""Admission limits answer at once with a status and Retry-After, never a hang or a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from relay.app import make_app
+from relay.config import Config
+from relay.store.sqlite import SqliteStore
+
+STREAM = "/v1/stream/limits"
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[tuple[TestClient, SqliteStore]]:
+    config = Config(
+        data_dir=str(tmp_path),
+        max_inflight_writes=2,
+        max_live_readers=1,
+        long_poll_timeout=5,
+        max_body_bytes=1000,
+    )
+    store = SqliteStore(tmp_path)
+    async with TestClient(TestServer(make_app(config, store))) as client:
+        response = await client.put(STREAM, headers={"Content-Type": "text/plain"})
+        assert response.status == 201
+        yield client, store
+
+
+async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
+    limited: tuple[TestClient, SqliteStore],
+) -> None:
+    client, store = limited
+    release = threading.Event()
+    # Test-side fault injection: occupy the store's writer thread so commits queue up.
+    blocker = store._writer.submit(release.wait)
+    try:
+        pending = [
+            asyncio.create_task(
+                client.post(STREAM, data=b"x", headers={"Content-Type": "text/plain"})
+            )
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.2)
+        rejected = await client.post(STREAM, data=b"y", headers={"Content-Type": "text/plain"})
+        assert rejected.status == 503
+        assert rejected.headers["Retry-After"] == "1"
+        assert (await rejected.json())["error"]["code"] == "unavailable"
+    finally:
+        release.set()
+    blocker.result(timeout=5)
+    for task in pending:
+        assert (await task).status == 204
+    read = await client.get(STREAM, params={"offset": "-1"})
+    assert await read.read() == b"xx"
+
+
+async def test_live_readers_beyond_the_limit_get_429(
+    limited: tuple[TestClient, SqliteStore],
+) -> None:
+    client, _ = limited
+    head = await client.head(STREAM)
+    tail = head.headers["Stream-Next-Offset"]
+    parked = asyncio.create_task(client.get(STREAM, params={"offset": tail, "live": "long-poll"}))
+    await asyncio.sleep(0.2)
+    rejected = await client.get(STREAM, params={"offset": tail, "live": "long-poll"})
+    assert rejected.status == 429
+    assert rejected.headers["Retry-After"] == "5"
+    await client.post(STREAM, data=b"wake", headers={"Content-Type": "text/plain"})
+    woken = await parked
+    assert woken.status == 200
+    assert await woken.read() == b"wake"
+
+
+async def test_body_over_the_limit_is_413_and_appends_nothing(
+    limited: tuple[TestClient, SqliteStore],
+) -> None:
+    client, _ = limited
+    response = await client.post(STREAM, data=b"z" * 1001, headers={"Content-Type": "text/plain"})
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+    read = await client.get(STREAM, params={"offset": "-1"})
+    assert await read.read() == b""
