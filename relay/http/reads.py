@@ -247,6 +247,8 @@ async def _sse(
                 remaining = ends_at - loop.time()
                 if remaining <= 0 or not await sub.wait_beyond(position, remaining):
                     break
+    except ConnectionResetError:
+        pass  # the reader went away; it resumes from the last control event's offset
     finally:
         ctx.limits.exit_reader()
         ctx.metrics.live_readers.dec()

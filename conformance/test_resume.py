@@ -1,0 +1,152 @@
+"""Resume: catching up, tailing live (long-poll and SSE), and picking up after a lost connection."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from conformance.helpers import append, catch_up, read_sse
+
+
+def _append_later(url: str, body: bytes, delay: float = 0.3) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        with httpx.Client() as other:
+            append(other, url, body)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_long_poll_at_the_tail_wakes_on_append(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"seen")
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    writer = _append_later(url, b"fresh")
+    response = client.get(url, params={"offset": tail, "live": "long-poll"})
+    writer.join()
+    assert response.status_code == 200
+    assert response.content == b"fresh"
+    assert response.headers["Stream-Next-Offset"] > tail
+    assert "Stream-Cursor" in response.headers
+
+
+def test_long_poll_timeout_is_204_with_the_same_offset(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"seen")
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    response = client.get(url, params={"offset": tail, "live": "long-poll"})
+    assert response.status_code == 204
+    assert response.headers["Stream-Next-Offset"] == tail
+    assert response.headers["Stream-Up-To-Date"].lower() == "true"
+    assert "Stream-Cursor" in response.headers
+
+
+def test_long_poll_behind_the_tail_returns_at_once(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"backlog")
+    response = client.get(url, params={"offset": "-1", "live": "long-poll"})
+    assert response.status_code == 200
+    assert response.content == b"backlog"
+
+
+def test_long_poll_at_the_tail_of_a_closed_stream_returns_at_once(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"done")
+    client.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    started = time.monotonic()
+    response = client.get(url, params={"offset": tail, "live": "long-poll"})
+    assert time.monotonic() - started < 0.9  # the configured timeout is longer than this
+    assert response.status_code in (200, 204)
+    assert response.content == b""
+    assert response.headers["Stream-Closed"].lower() == "true"
+
+
+def test_a_tailing_reader_following_offsets_sees_every_token_once(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream()
+    tokens = [f"t{i};".encode() for i in range(40)]
+
+    def produce() -> None:
+        with httpx.Client() as producer:
+            for token in tokens:
+                append(producer, url, token)
+            producer.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    received, offset = b"", "-1"
+    for _ in range(1000):
+        response = client.get(url, params={"offset": offset, "live": "long-poll"})
+        received += response.content
+        offset = response.headers["Stream-Next-Offset"]
+        if response.headers.get("Stream-Closed", "").lower() == "true":
+            break
+    writer.join()
+    assert received == b"".join(tokens)
+
+
+def test_a_reader_that_drops_and_reconnects_loses_and_repeats_nothing(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream()
+    for i in range(10):
+        append(client, url, f"a{i};".encode())
+    # The first connection reads part of the history, then "crashes".
+    first = client.get(url, params={"offset": "-1"})
+    kept_offset = first.headers["Stream-Next-Offset"]
+    kept = first.content
+    for i in range(10):
+        append(client, url, f"b{i};".encode())
+    rest, _, _ = catch_up(client, url, kept_offset)
+    expected = b"".join(f"a{i};".encode() for i in range(10))
+    expected += b"".join(f"b{i};".encode() for i in range(10))
+    assert kept + rest == expected
+
+
+def test_sse_delivers_history_then_live_data_with_resumable_offsets(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"history")
+    first = read_sse(client, url, "-1")
+    assert "".join(first.data) == "history"
+    assert first.controls[-1]["upToDate"] is True
+    assert first.last_offset == client.head(url).headers["Stream-Next-Offset"]
+
+    writer = _append_later(url, b"live")
+    second = read_sse(client, url, first.last_offset, min_data=1)
+    writer.join()
+    assert "".join(second.data) == "live"
+    assert second.last_offset == client.head(url).headers["Stream-Next-Offset"]
+
+
+def test_sse_on_a_closed_stream_ends_with_a_closed_control_event(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"final answer")
+    client.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+    read = read_sse(client, url, "-1", stop_when_up_to_date=False)
+    assert "".join(read.data) == "final answer"
+    assert read.controls[-1].get("streamClosed") is True
+
+
+def test_sse_json_mode_resumes_on_message_boundaries(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream("application/json", body=b'[{"n": 1}, {"n": 2}]')
+    first = read_sse(client, url, "-1")
+    append(client, url, b'{"n": 3}', "application/json")
+    second = read_sse(client, url, first.last_offset, min_data=1)
+    assert [m for d in first.data for m in json.loads(d)] == [{"n": 1}, {"n": 2}]
+    assert [m for d in second.data for m in json.loads(d)] == [{"n": 3}]
