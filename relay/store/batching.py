@@ -47,6 +47,7 @@ class Committer:
         self._max_bytes = max_bytes
         self._queue: list[Op] = []
         self.touches: Touches = {}
+        self._inflight: Touches = {}  # touches in the transaction now being committed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -79,6 +80,15 @@ class Committer:
         self.touches[path] = (stream_id, when)
         self._wake.set()
 
+    def pending_touch(self, path: str, stream_id: int) -> float | None:
+        """The latest access not yet committed (queued or in flight), so reads never miss it."""
+        times = [
+            entry[1]
+            for entry in (self.touches.get(path), self._inflight.get(path))
+            if entry is not None and entry[0] == stream_id
+        ]
+        return max(times) if times else None
+
     async def _run(self) -> None:
         while True:
             if not self._queue:
@@ -94,9 +104,12 @@ class Committer:
             touches, self.touches = self.touches, {}
             if not batch and not touches:
                 continue
+            self._inflight = touches
             try:
                 outcomes = await self._apply(batch, touches)
             except Exception as exc:  # the transaction failed as a whole
+                for path, entry in touches.items():  # keep them for the next commit
+                    self.touches.setdefault(path, entry)
                 error = (
                     exc if isinstance(exc, Unavailable) else Unavailable(f"commit failed: {exc}")
                 )
@@ -104,6 +117,8 @@ class Committer:
                     if not op.future.done():
                         op.future.set_exception(error)
                 continue
+            finally:
+                self._inflight = {}
             self.commits += 1
             self.batch_sizes.append(len(batch))
             del self.batch_sizes[:-1000]

@@ -244,9 +244,9 @@ class PostgresStore:
             meta = await self._load(conn, path)
         if meta is None:
             raise NotFound()
-        pending = self._committer.touches.get(path)
-        if pending is not None and pending[0] == meta.stream_id:
-            meta = replace(meta, last_access=max(meta.last_access, pending[1]))
+        pending = self._committer.pending_touch(path, meta.stream_id)
+        if pending is not None:
+            meta = replace(meta, last_access=max(meta.last_access, pending))
         check_visible(meta, now)
         if touch and meta.ttl is not None:
             self._committer.touch(path, meta.stream_id, now)

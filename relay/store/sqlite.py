@@ -201,9 +201,9 @@ class SqliteStore:
             meta = await loop.run_in_executor(self._writer, self._load_into_cache, path)
         if meta is None:
             raise NotFound()
-        pending = self._committer.touches.get(path)
-        if pending is not None and pending[0] == meta.stream_id:
-            meta = _with_access(meta, pending[1])
+        pending = self._committer.pending_touch(path, meta.stream_id)
+        if pending is not None:
+            meta = _with_access(meta, pending)
         check_visible(meta, now)
         if touch and meta.ttl is not None:
             self._committer.touch(path, meta.stream_id, now)

@@ -1,0 +1,48 @@
+"""Open each storage backend the same way, for tests that must hold for every backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.store.base import Store
+from relay.store.sqlite import SqliteStore
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a backend keeps its data: a directory for sqlite, a database URL for Postgres."""
+
+    name: str
+    data_dir: Path
+    url: str | None = None
+
+    @asynccontextmanager
+    async def open(self, **options: Any) -> AsyncIterator[Store]:
+        store: Store
+        if self.url is None:
+            store = SqliteStore(self.data_dir, **options)
+        else:
+            from relay.store.postgres import PostgresStore
+
+            store = PostgresStore(self.url, **options)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each backend in turn; a sync fixture, so the Postgres database is made outside the loop."""
+    if request.param == "sqlite":
+        return Backend("sqlite", tmp_path / "data")
+    return Backend("postgres", tmp_path / "data", request.getfixturevalue("pg_url"))
