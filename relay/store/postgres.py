@@ -192,7 +192,10 @@ class PostgresStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), self._timeout or 10)
+            except (*_DISCONNECTS, asyncpg.PostgresError):
+                self._pool.terminate()  # connections already lost: nothing left to flush
 
     def set_remote_listener(self, listener: RemoteCommit, watched: WatchedIds) -> None:
         self._listener = listener
@@ -579,6 +582,8 @@ class PostgresStore:
                             await conn.execute("SELECT 1", timeout=self._timeout or 5)
                         except (*_DISCONNECTS, asyncpg.PostgresError):
                             lost.set()
+            except (*_DISCONNECTS, asyncpg.PostgresError):
+                await asyncio.sleep(delay)  # lost while subscribing: connect again
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)

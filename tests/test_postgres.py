@@ -1,0 +1,258 @@
+"""What only the Postgres store does: migrations, group commit rows, NOTIFY across relays,
+compaction, and behaviour while the database is unreachable (through a TCP proxy we cut)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from protocol.append import AppendRequest
+from protocol.create import CreateRequest
+from protocol.errors import Unavailable
+from protocol.lifecycle import Expiry
+from relay.app import make_app
+from relay.config import Config
+from relay.store.postgres import PostgresStore, apply_migrations, migrate
+from tests.pg import fresh_database
+from tests.tcp_proxy import TcpProxy
+
+NOW = 1_800_000_000.0
+
+
+def text(body: bytes, close: bool = False) -> AppendRequest:
+    return AppendRequest("text/plain", body, close=close, body_empty=not body)
+
+
+def plain(path: str) -> CreateRequest:
+    return CreateRequest(path, "text/plain", Expiry(), False, b"")
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
+    opened = PostgresStore(pg_url, compact_idle_seconds=0, compact_interval=3600)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _schema(url: str) -> list[tuple[str, ...]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name, column_name, data_type, is_nullable, coalesce(column_default, '')"
+            " FROM information_schema.columns WHERE table_schema = 'public'"
+            " ORDER BY table_name, column_name"
+        )
+        indexes = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+            " ORDER BY indexname"
+        )
+        return [tuple(row) for row in rows] + [tuple(row) for row in indexes]
+    finally:
+        await conn.close()
+
+
+async def test_migrating_again_and_concurrently_changes_nothing(pg_url: str) -> None:
+    before = await _schema(pg_url)  # pg_url is cloned from a migrated template
+    versions = await asyncio.gather(*(migrate(pg_url) for _ in range(4)))
+    assert len(set(versions)) == 1 and versions[0] >= 1
+    assert await _schema(pg_url) == before
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    with fresh_database(pg_admin_url) as url:
+        yield url
+
+
+async def test_concurrent_first_migrations_agree(empty_db_url: str) -> None:
+    """Several relays starting at once on an empty database: one migrates, all agree."""
+    conns = [await asyncpg.connect(empty_db_url) for _ in range(3)]
+    try:
+        versions = await asyncio.gather(*(apply_migrations(conn) for conn in conns))
+        applied = await conns[0].fetchval("SELECT count(*) FROM relay_schema_version")
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert len(set(versions)) == 1
+    assert applied == versions[0]
+
+
+async def test_group_commit_writes_one_row_per_stream_per_batch(
+    store: PostgresStore, pg_url: str
+) -> None:
+    await store.create(plain("g"), NOW)
+    appends = 200
+    await asyncio.gather(*(store.append("g", text(b"t"), NOW) for _ in range(appends)))
+    stats = store.stats()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM relay_chunks c JOIN relay_streams s ON s.id = c.stream_id"
+            " WHERE s.path = 'g'"
+        )
+        tail = await conn.fetchval("SELECT tail FROM relay_streams WHERE path = 'g'")
+    finally:
+        await conn.close()
+    assert tail == appends
+    assert stats.commits < appends
+    assert rows < appends
+    assert rows <= stats.commits  # never more than one row per batch for one stream
+
+
+async def test_a_commit_on_one_relay_reaches_another_relays_listener(pg_url: str) -> None:
+    writer = PostgresStore(pg_url)
+    watcher = PostgresStore(pg_url)
+    await writer.open()
+    await watcher.open()
+    heard: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()
+    watcher.set_remote_listener(lambda *event: heard.put_nowait(event), lambda: ())
+    try:
+        created = await writer.create(plain("shared"), NOW)
+        await asyncio.sleep(0.3)  # the watcher's LISTEN connection is up
+        await writer.append("shared", text(b"hello"), NOW)
+        stream_id, tail, closed = await asyncio.wait_for(heard.get(), 5)
+        assert (stream_id, tail, closed) == (created.meta.stream_id, 5, False)
+        await writer.append("shared", text(b"", close=True), NOW)
+        while (event := await asyncio.wait_for(heard.get(), 5))[2] is False:
+            pass
+        assert event == (created.meta.stream_id, 5, True)
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+async def test_compaction_merges_rows_and_readers_see_the_same_bytes(
+    store: PostgresStore, pg_url: str
+) -> None:
+    await store.create(plain("c"), NOW)
+    expected = b""
+    for i in range(60):
+        piece = f"<{i}>".encode()
+        await store.append("c", text(piece), NOW)
+        expected += piece
+    meta = await store.head("c", NOW, touch=False)
+
+    async def read_repeatedly() -> int:
+        reads = 0
+        while not compacted.done():
+            for start in (0, 7, len(expected) // 2):
+                assert await store.read(meta, start, meta.tail) == expected[start:]
+            reads += 1
+            await asyncio.sleep(0)
+        return reads
+
+    compacted = asyncio.ensure_future(store.compact(NOW + 1))
+    readers = [asyncio.create_task(read_repeatedly()) for _ in range(4)]
+    removed = await compacted
+    assert all(count >= 0 for count in await asyncio.gather(*readers))
+    assert removed == 59
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM relay_chunks")
+    finally:
+        await conn.close()
+    assert rows == 1
+    assert await store.read(meta, 0, meta.tail) == expected
+    await store.append("c", text(b"more"), NOW)
+    after = await store.head("c", NOW, touch=False)
+    assert await store.read(after, 0, after.tail) == expected + b"more"
+
+
+async def test_losing_the_database_answers_unavailable_then_recovers(pg_url: str) -> None:
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    store = PostgresStore(proxied, command_timeout=2)
+    await store.open()
+    try:
+        await store.create(plain("f"), NOW)
+        await store.append("f", text(b"before "), NOW)
+        await proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await store.append("f", text(b"lost?"), NOW)
+        with pytest.raises(Unavailable):
+            await store.head("f", NOW, touch=False)
+        assert time.monotonic() - started < 10  # bounded by the command timeout, not a hang
+        await proxy.restore()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await store.append("f", text(b"after"), NOW)
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "store did not recover"
+                await asyncio.sleep(0.2)
+        meta = await store.head("f", NOW, touch=False)
+        stored = await store.read(meta, 0, meta.tail)
+        # The append during the outage was refused, so it must not be there.
+        assert stored == b"before after"
+    finally:
+        await store.close()
+        await proxy.cut()
+
+
+async def test_listen_reconnects_and_readers_catch_up_after_an_outage(pg_url: str) -> None:
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    writer = PostgresStore(pg_url)
+    watcher = PostgresStore(proxied, command_timeout=2)
+    await writer.open()
+    await watcher.open()
+    heard: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()
+    created = await writer.create(plain("w"), NOW)
+    watcher.set_remote_listener(
+        lambda *event: heard.put_nowait(event), lambda: [created.meta.stream_id]
+    )
+    try:
+        await proxy.cut()
+        await writer.append("w", text(b"missed while cut"), NOW)
+        await proxy.restore()
+        # On reconnect the watcher re-reads the tails of watched streams.
+        event = await asyncio.wait_for(heard.get(), 15)
+        while event[1] != 16:
+            event = await asyncio.wait_for(heard.get(), 15)
+        assert event == (created.meta.stream_id, 16, False)
+    finally:
+        await writer.close()
+        await watcher.close()
+        await proxy.cut()
+
+
+async def test_http_answers_503_with_retry_after_while_the_database_is_down(
+    pg_url: str, tmp_path: Path
+) -> None:
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
+    store = PostgresStore(proxied, command_timeout=2)
+    try:
+        async with TestClient(TestServer(make_app(config, store))) as client:
+            url = "/v1/stream/outage"
+            assert (await client.put(url, headers={"Content-Type": "text/plain"})).status == 201
+            await proxy.cut()
+            response = await client.post(url, data=b"x", headers={"Content-Type": "text/plain"})
+            assert response.status == 503
+            assert response.headers["Retry-After"].isdigit()
+            assert (await response.json())["error"]["code"] == "unavailable"
+            await proxy.restore()
+            for _ in range(50):
+                response = await client.post(
+                    url, data=b"y", headers={"Content-Type": "text/plain"}
+                )
+                if response.status != 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert response.status == 204
+            read = await client.get(url, params={"offset": "-1"})
+            assert await read.read() == b"y"
+    finally:
+        await proxy.cut()
