@@ -137,7 +137,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     )
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]
-    app.router.add_route("*", "/v1/stream/{path:.*}", stream)
+    app.router.add_route("*", r"/v1/stream/{path:[\s\S]*}", stream)  # any char, even newline
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(_lifecycle)
