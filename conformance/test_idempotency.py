@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -149,3 +152,25 @@ def test_stream_seq_must_increase(client: httpx.Client, new_stream: Callable[...
     assert append(client, url, b"c", Stream_Seq="0002").status_code == 409
     assert append(client, url, b"d", Stream_Seq="0003").status_code in (200, 204)
     assert catch_up(client, url)[0] == b"ad"
+
+
+def test_a_retry_after_the_response_was_lost_stores_the_append_once(
+    base_url: str, client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream()
+    target = urlsplit(url)
+    body = b"token-after-lost-response"
+    request = (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nContent-Type: text/plain\r\n"
+        f"Producer-Id: lossy\r\nProducer-Epoch: 0\r\nProducer-Seq: 0\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((target.hostname, target.port or 80)) as sock:
+        sock.sendall(request)  # and hang up without reading the acknowledgement
+    time.sleep(0.2)
+    retry = produce(client, url, body, "lossy", 0, 0)
+    assert retry.status_code in (200, 204)
+    assert catch_up(client, url)[0] == body
+    next_one = produce(client, url, b"+next", "lossy", 0, 1)
+    assert next_one.status_code == 200
+    assert catch_up(client, url)[0] == body + b"+next"

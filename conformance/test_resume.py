@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from conformance.helpers import append, catch_up, read_sse
 
@@ -150,3 +152,88 @@ def test_sse_json_mode_resumes_on_message_boundaries(
     second = read_sse(client, url, first.last_offset, min_data=1)
     assert [m for d in first.data for m in json.loads(d)] == [{"n": 1}, {"n": 2}]
     assert [m for d in second.data for m in json.loads(d)] == [{"n": 3}]
+
+
+def _produce_then_close(url: str, tokens: list[bytes], pause: float) -> threading.Thread:
+    def run() -> None:
+        with httpx.Client() as producer:
+            for token in tokens:
+                assert append(producer, url, token).status_code in (200, 204)
+                time.sleep(pause)
+            producer.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_poll_readers_dropping_at_random_points_end_with_exactly_what_was_written(
+    base_url: str, new_stream: Callable[..., str], seed: int
+) -> None:
+    rng = random.Random(seed)
+    url = new_stream()
+    tokens = [f"<{seed}:{i}>".encode() for i in range(50)]
+    writer = _produce_then_close(url, tokens, 0.03)
+    received, offset, drops = b"", "-1", 0
+    for _ in range(5000):
+        # Each request either completes or is abandoned mid-flight by a short client timeout.
+        timeout = rng.choice([0.005, 0.015, 30.0])
+        try:
+            with httpx.Client(timeout=timeout) as reader:
+                response = reader.get(url, params={"offset": offset, "live": "long-poll"})
+        except httpx.TimeoutException:
+            drops += 1
+            continue
+        assert response.status_code in (200, 204)
+        received += response.content
+        offset = response.headers["Stream-Next-Offset"]
+        if response.headers.get("Stream-Closed", "").lower() == "true":
+            break
+    writer.join()
+    assert received == b"".join(tokens)
+    assert drops > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sse_readers_dropping_at_random_points_end_with_exactly_what_was_written(
+    client: httpx.Client, new_stream: Callable[..., str], seed: int
+) -> None:
+    """Data counts once its control event arrives; a reader resumes from the last control offset,
+    so data seen without its control event before a drop is read again, never lost or doubled."""
+    rng = random.Random(seed)
+    url = new_stream()
+    tokens = [f"[{seed}:{i}]".encode() for i in range(50)]
+    writer = _produce_then_close(url, tokens, 0.01)
+    received, offset, closed, connections = "", "-1", False, 0
+    while not closed:
+        connections += 1
+        assert connections < 500
+        budget = rng.randint(1, 4)  # events to read before dropping the connection
+        pending: list[str] = []
+        with client.stream("GET", url, params={"offset": offset, "live": "sse"}) as response:
+            assert response.status_code == 200
+            event, lines = "message", []
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    value = line[5:]
+                    lines.append(value[1:] if value.startswith(" ") else value)
+                elif line == "" and lines:
+                    payload = "\n".join(lines)
+                    if event == "control":
+                        control = json.loads(payload)
+                        received += "".join(pending)
+                        pending = []
+                        offset = control["streamNextOffset"]
+                        closed = bool(control.get("streamClosed"))
+                    else:
+                        pending.append(payload)
+                    event, lines = "message", []
+                    budget -= 1
+                if closed or budget <= 0:
+                    break
+    writer.join()
+    assert received == b"".join(tokens).decode()
+    assert connections > 1
