@@ -237,3 +237,32 @@ def test_sse_readers_dropping_at_random_points_end_with_exactly_what_was_written
     writer.join()
     assert received == b"".join(tokens).decode()
     assert connections > 1
+
+
+def _close_later(url: str) -> threading.Timer:
+    headers = {"Content-Type": "text/plain", "Stream-Closed": "true"}
+    closer = threading.Timer(0.3, lambda: httpx.post(url, headers=headers))
+    closer.start()
+    return closer
+
+
+def test_parked_readers_observe_a_close_without_data(
+    client: httpx.Client, new_stream: Callable[..., str]
+) -> None:
+    url = new_stream(body=b"answer")
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    closer = _close_later(url)
+    response = client.get(url, params={"offset": tail, "live": "long-poll"})
+    closer.join()
+    assert response.status_code in (200, 204)
+    assert response.content == b""
+    assert response.headers["Stream-Closed"].lower() == "true"
+
+    url = new_stream(body=b"answer")
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    closer = _close_later(url)
+    read = read_sse(client, url, tail, stop_when_up_to_date=False)
+    closer.join()
+    assert read.data == []
+    assert read.controls[-1].get("streamClosed") is True
+    assert read.last_offset == tail

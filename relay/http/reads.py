@@ -230,6 +230,8 @@ async def _sse(
                     announced = False
                     tail = sub.known_tail() or position
                 closed = sub.closed and position >= tail
+                if closed:
+                    announced = False  # the final control event must say streamClosed
                 if not announced and (event or position >= tail):
                     event += sse.control_event(
                         format_offset(position),
