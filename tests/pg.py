@@ -91,9 +91,19 @@ class ThrowawayCluster:
         self._run(
             f"{self.bin_dir}/initdb", "-D", self.data, "-A", "trust", "-U", "relay", "--no-sync"
         )
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(f"{self.bin_dir}/pg_ctl", "-D", self.data, "-o", options, "-w", "start")
+        self.resume()
         return f"postgresql://relay@127.0.0.1:{self.port}/postgres"
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (a database outage)."""
+        self._run(f"{self.bin_dir}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = os.path.join(self.root, "server.log")  # not our pipe: the server outlives pg_ctl
+        self._run(
+            f"{self.bin_dir}/pg_ctl", "-D", self.data, "-o", options, "-l", log, "-w", "start"
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

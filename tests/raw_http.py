@@ -20,8 +20,13 @@ class RawResponse:
 
 
 async def raw_request(
-    port: int, method: str, target: str, headers: dict[str, str] | None = None,
-    body: bytes = b"", *, declared_length: int | None = None,
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    *,
+    declared_length: int | None = None,
 ) -> RawResponse:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     lines = [f"{method} {target} HTTP/1.1", "Host: test", "Connection: close"]

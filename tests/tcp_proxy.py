@@ -28,8 +28,10 @@ class TcpProxy:
         """A proxy to the database at ``url``, and the URL that goes through it."""
         parts = urlsplit(url)
         proxy = cls(parts.hostname or "127.0.0.1", parts.port or 5432)
-        netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else (
-            f"127.0.0.1:{proxy.port}"
+        netloc = (
+            f"{parts.username}@127.0.0.1:{proxy.port}"
+            if parts.username
+            else (f"127.0.0.1:{proxy.port}")
         )
         return proxy, urlunsplit(parts._replace(netloc=netloc))
 

@@ -28,8 +28,9 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 async def port(tmp_path: Path) -> AsyncIterator[int]:
-    config = Config(data_dir=str(tmp_path), max_body_bytes=1000, max_path_length=64,
-                    long_poll_timeout=0.2)
+    config = Config(
+        data_dir=str(tmp_path), max_body_bytes=1000, max_path_length=64, long_poll_timeout=0.2
+    )
     server = TestServer(make_app(config, SqliteStore(tmp_path)))
     await server.start_server()
     assert server.port is not None
@@ -67,23 +68,55 @@ REJECTIONS = [
     ("ttl-decimal", "PUT", "/v1/stream/t2", {**TEXT, "Stream-TTL": "1.5"}, b"", 400, None),
     ("ttl-leading-zero", "PUT", "/v1/stream/t3", {**TEXT, "Stream-TTL": "01"}, b"", 400, None),
     ("ttl-word", "PUT", "/v1/stream/t4", {**TEXT, "Stream-TTL": "soon"}, b"", 400, None),
-    ("expires-not-rfc3339", "PUT", "/v1/stream/t5",
-     {**TEXT, "Stream-Expires-At": "tomorrow"}, b"", 400, None),
-    ("ttl-and-expires", "PUT", "/v1/stream/t6",
-     {**TEXT, "Stream-TTL": "60", "Stream-Expires-At": "2030-01-01T00:00:00Z"}, b"", 400, None),
+    (
+        "expires-not-rfc3339",
+        "PUT",
+        "/v1/stream/t5",
+        {**TEXT, "Stream-Expires-At": "tomorrow"},
+        b"",
+        400,
+        None,
+    ),
+    (
+        "ttl-and-expires",
+        "PUT",
+        "/v1/stream/t6",
+        {**TEXT, "Stream-TTL": "60", "Stream-Expires-At": "2030-01-01T00:00:00Z"},
+        b"",
+        400,
+        None,
+    ),
     ("offset-garbage", "GET", "/v1/stream/text?offset=zzz", {}, b"", 400, None),
     ("live-without-offset", "GET", "/v1/stream/text?live=long-poll", {}, b"", 400, None),
     ("live-unknown", "GET", "/v1/stream/text?offset=-1&live=websocket", {}, b"", 400, None),
-    ("producer-partial", "POST", "/v1/stream/text", {**TEXT, "Producer-Id": "p"}, b"x", 400,
-     None),
-    ("producer-epoch-huge", "POST", "/v1/stream/text",
-     {**TEXT, "Producer-Id": "p", "Producer-Epoch": "9" * 30, "Producer-Seq": "0"}, b"x", 400,
-     None),
-    ("fork-missing-source", "PUT", "/v1/stream/f1",
-     {**TEXT, "Stream-Forked-From": "/v1/stream/nope"}, b"", 404, None),
-    ("fork-offset-garbage", "PUT", "/v1/stream/f2",
-     {**TEXT, "Stream-Forked-From": "/v1/stream/text", "Stream-Fork-Offset": "x"}, b"", 400,
-     None),
+    ("producer-partial", "POST", "/v1/stream/text", {**TEXT, "Producer-Id": "p"}, b"x", 400, None),
+    (
+        "producer-epoch-huge",
+        "POST",
+        "/v1/stream/text",
+        {**TEXT, "Producer-Id": "p", "Producer-Epoch": "9" * 30, "Producer-Seq": "0"},
+        b"x",
+        400,
+        None,
+    ),
+    (
+        "fork-missing-source",
+        "PUT",
+        "/v1/stream/f1",
+        {**TEXT, "Stream-Forked-From": "/v1/stream/nope"},
+        b"",
+        404,
+        None,
+    ),
+    (
+        "fork-offset-garbage",
+        "PUT",
+        "/v1/stream/f2",
+        {**TEXT, "Stream-Forked-From": "/v1/stream/text", "Stream-Fork-Offset": "x"},
+        b"",
+        400,
+        None,
+    ),
     ("unknown-method", "PATCH", "/v1/stream/text", TEXT, b"x", 405, None),
 ]
 
@@ -93,7 +126,12 @@ REJECTIONS = [
     [pytest.param(*row[1:], id=row[0]) for row in REJECTIONS],
 )
 async def test_bad_requests_get_the_spec_status_and_a_json_error(
-    port: int, method: str, target: str, headers: dict[str, str], body: bytes, status: int,
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
     code: str | None,
 ) -> None:
     response = await raw_request(port, method, target, headers, body)
@@ -137,8 +175,13 @@ async def test_head_errors_carry_no_body(port: int) -> None:
 def relay_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A relay process: the hypothesis test is synchronous, so the server needs its own loop."""
     relay = RelayProcess(
-        tmp_path_factory.mktemp("fuzz"), "--long-poll-timeout", "0.2",
-        "--sse-reconnect-interval", "0.2", "--max-body-bytes", "1000",
+        tmp_path_factory.mktemp("fuzz"),
+        "--long-poll-timeout",
+        "0.2",
+        "--sse-reconnect-interval",
+        "0.2",
+        "--max-body-bytes",
+        "1000",
     )
     relay.start()
     try:
@@ -150,17 +193,33 @@ def relay_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 
 HEADER_NAMES = [
-    "Stream-TTL", "Stream-Expires-At", "Stream-Seq", "Stream-Closed", "Producer-Id",
-    "Producer-Epoch", "Producer-Seq", "Stream-Forked-From", "Stream-Fork-Offset",
-    "Stream-Fork-Sub-Offset", "If-None-Match", "Content-Type",
+    "Stream-TTL",
+    "Stream-Expires-At",
+    "Stream-Seq",
+    "Stream-Closed",
+    "Producer-Id",
+    "Producer-Epoch",
+    "Producer-Seq",
+    "Stream-Forked-From",
+    "Stream-Fork-Offset",
+    "Stream-Fork-Sub-Offset",
+    "If-None-Match",
+    "Content-Type",
 ]
 printable = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
-QUERIES = ["", "?offset=-1", "?offset=now&live=sse", "?offset={v}", "?offset=-1&cursor={v}",
-           "?offset=now&live=long-poll&cursor={v}"]
+QUERIES = [
+    "",
+    "?offset=-1",
+    "?offset=now&live=sse",
+    "?offset={v}",
+    "?offset=-1&cursor={v}",
+    "?offset=now&live=long-poll&cursor={v}",
+]
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE"]),
     name=st.sampled_from(["text", "json", "fresh", "fresh/child"]),

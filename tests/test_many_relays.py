@@ -78,7 +78,8 @@ async def test_sse_at_one_relay_streams_appends_and_the_close_made_through_anoth
         await http.post(f"{a.url}/v1/stream/sse", headers={**TEXT, "Stream-Closed": "true"})
         events = await asyncio.wait_for(reader, 15)
         data = b"".join(
-            line[5:].strip() + b" " for line in events.splitlines()
+            line[5:].strip() + b" "
+            for line in events.splitlines()
             if line.startswith(b"data:") and not line.startswith(b"data:{")
         )
         assert data.split() == [b"one", b"two", b"three"]
@@ -116,8 +117,12 @@ async def test_producer_fencing_holds_across_relays(
     a, b = relays
 
     def producer(epoch: int, seq: int) -> dict[str, str]:
-        return {**TEXT, "Producer-Id": "llm", "Producer-Epoch": str(epoch),
-                "Producer-Seq": str(seq)}
+        return {
+            **TEXT,
+            "Producer-Id": "llm",
+            "Producer-Epoch": str(epoch),
+            "Producer-Seq": str(seq),
+        }
 
     async with aiohttp.ClientSession() as http:
         url = "/v1/stream/fenced"

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest
 from protocol.errors import Unavailable
+from protocol.headers import ProducerHeaders
 from protocol.lifecycle import Expiry
 from relay.app import make_app
 from relay.config import Config
@@ -245,9 +246,7 @@ async def test_http_answers_503_with_retry_after_while_the_database_is_down(
             assert (await response.json())["error"]["code"] == "unavailable"
             await proxy.restore()
             for _ in range(50):
-                response = await client.post(
-                    url, data=b"y", headers={"Content-Type": "text/plain"}
-                )
+                response = await client.post(url, data=b"y", headers={"Content-Type": "text/plain"})
                 if response.status != 503:
                     break
                 await asyncio.sleep(0.2)
@@ -256,3 +255,27 @@ async def test_http_answers_503_with_retry_after_while_the_database_is_down(
             assert await read.read() == b"y"
     finally:
         await proxy.cut()
+
+
+async def test_the_reaper_reclaims_every_row_of_expired_streams(
+    store: PostgresStore, pg_url: str
+) -> None:
+    short = CreateRequest("short", "text/plain", Expiry(ttl=10), False, b"")
+    await store.create(short, NOW)
+    await store.create(plain("keep"), NOW)
+    for path in ("short", "keep"):
+        await store.append(
+            path, AppendRequest("text/plain", b"data", producer=ProducerHeaders("w", 0, 0)), NOW
+        )
+    assert await store.reap(NOW + 5) == 0
+    assert await store.reap(NOW + 11) == 1
+    conn = await asyncpg.connect(pg_url)
+    try:
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM relay_streams) AS streams,"
+            " (SELECT count(*) FROM relay_chunks) AS chunks,"
+            " (SELECT count(*) FROM relay_producers) AS producers"
+        )
+    finally:
+        await conn.close()
+    assert dict(counts) == {"streams": 1, "chunks": 1, "producers": 1}

@@ -40,9 +40,15 @@ async def store(backend: Backend) -> AsyncIterator[Store]:
         yield opened
 
 
-def create(path: str, *, content_type: str | None = TEXT, body: bytes = b"",
-           closed: bool = False, expiry: Expiry | None = None,
-           fork: ForkRequest | None = None) -> CreateRequest:
+def create(
+    path: str,
+    *,
+    content_type: str | None = TEXT,
+    body: bytes = b"",
+    closed: bool = False,
+    expiry: Expiry | None = None,
+    fork: ForkRequest | None = None,
+) -> CreateRequest:
     return CreateRequest(path, content_type, expiry or Expiry(), closed, body, fork)
 
 
