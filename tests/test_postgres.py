@@ -279,3 +279,37 @@ async def test_the_reaper_reclaims_every_row_of_expired_streams(
     finally:
         await conn.close()
     assert dict(counts) == {"streams": 1, "chunks": 1, "producers": 1}
+
+
+async def test_readers_share_stream_lookups_but_always_see_acknowledged_writes(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create(plain("hot"), NOW)
+    queries = 0
+    load = store._load_pooled
+
+    async def counted(path: str) -> object:
+        nonlocal queries
+        queries += 1
+        return await load(path)
+
+    monkeypatch.setattr(store, "_load_pooled", counted)
+    metas = await asyncio.gather(*(store.head("hot", NOW, touch=False) for _ in range(200)))
+    assert {meta.tail for meta in metas} == {0}
+    assert queries < 20  # one shared query per wave, not one per reader
+
+    stop = asyncio.Event()
+
+    async def background_reader() -> None:
+        while not stop.is_set():
+            await store.head("hot", NOW, touch=False)
+
+    readers = [asyncio.create_task(background_reader()) for _ in range(20)]
+    try:
+        for i in range(100):
+            acked = await store.append("hot", text(b"x"), NOW)
+            seen = await store.head("hot", NOW, touch=False)
+            assert seen.tail >= acked.meta.tail == i + 1  # read-your-writes holds
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -119,6 +120,9 @@ async def migrate(url: str) -> int:
         await conn.close()
 
 
+_Flight = tuple[int, "asyncio.Task[StreamMeta | None]"]  # (generation, the shared query)
+
+
 @dataclass
 class _Batch:
     """What one transaction has staged: rows per stream and the streams that moved."""
@@ -161,6 +165,8 @@ class PostgresStore:
         self._compact_interval = compact_interval
         self._clock = clock
         self._stats = {"appends": 0, "rows_written": 0, "rows_compacted": 0}
+        self._generation = 0  # bumped by every commit; see _shared_load
+        self._flights: dict[str, _Flight] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -243,8 +249,7 @@ class PostgresStore:
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
-        async with self._conn() as conn:
-            meta = await self._load(conn, path)
+        meta = await self._shared_load(path)
         if meta is None:
             raise NotFound()
         pending = self._committer.pending_touch(path, meta.stream_id)
@@ -255,6 +260,29 @@ class PostgresStore:
             self._committer.touch(path, meta.stream_id, now)
             return replace(meta, last_access=max(meta.last_access, now))
         return meta
+
+    async def _shared_load(self, path: str) -> StreamMeta | None:
+        """Load a stream's row, sharing one query among concurrent callers.
+
+        When a commit wakes hundreds of parked readers they all ask for the same row at once;
+        one query answers them. A caller joins a query only if no local commit finished since
+        it started, so a client that was acknowledged still reads its own write.
+        """
+        flight = self._flights.get(path)
+        if flight is None or flight[0] != self._generation:
+            task = asyncio.ensure_future(self._load_pooled(path))
+            task.add_done_callback(_consume)
+            flight = self._flights[path] = (self._generation, task)
+            task.add_done_callback(functools.partial(self._land, path, flight))
+        return await asyncio.shield(flight[1])
+
+    def _land(self, path: str, flight: _Flight, _task: object) -> None:
+        if self._flights.get(path) is flight:
+            del self._flights[path]
+
+    async def _load_pooled(self, path: str) -> StreamMeta | None:
+        async with self._conn() as conn:
+            return await self._load(conn, path)
 
     async def read(self, meta: StreamMeta, start: int, end: int) -> bytes:
         if start >= end:
@@ -302,6 +330,8 @@ class PostgresStore:
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
         except _DISCONNECTS as exc:
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        finally:
+            self._generation += 1  # committed (or unknown): later loads must not join older ones
         self._stats["rows_written"] += state.rows
         return outcomes
 
@@ -675,6 +705,12 @@ class PostgresStore:
                 )
                 removed += len(run) - 1
             return removed
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Mark a shared query's failure as seen even if every caller went away."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
