@@ -8,6 +8,8 @@ newline (strings escape it), so message boundaries are newlines, a read renders 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +17,7 @@ import orjson
 from protocol.errors import BadRequest
 
 SEPARATOR = b"\n"
+_BIG_NUMBER = re.compile(rb"[0-9]{19}|[eE][+-]?[0-9]{3}")  # see _loads
 EMPTY_ARRAY = b"[]"
 
 
@@ -22,15 +25,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _loads(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers beyond 64 bits; the standard library keeps them exactly.
+    # orjson turns integers beyond 64 bits into floats (losing digits) and overflowing floats
+    # into infinity (later written as null). Bodies that may hold such a number go to the
+    # standard library, which keeps integers exact and lets us refuse what overflows.
+    if not _BIG_NUMBER.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("invalid_json", "body is not valid UTF-8 JSON") from None
 

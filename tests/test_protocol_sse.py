@@ -1,0 +1,88 @@
+"""SSE framing (section 5.8): data events survive the line grammar; control events carry the
+offset, cursor and flags; binary streams are base64."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import sse
+
+
+def parse(block: bytes) -> tuple[str, str]:
+    """Decode one event block the way an EventSource does."""
+    event, data = "message", []
+    for line in block.decode().split("\n"):
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+    return event, "\n".join(data)
+
+
+@pytest.mark.parametrize(
+    ("payload", "json_mode", "binary", "expected"),
+    [
+        pytest.param(b"hello", False, False, "hello", id="text"),
+        pytest.param(b"a\nb", False, False, "a\nb", id="multi-line"),
+        pytest.param(b"a\r\nb\rc", False, False, "a\nb\nc", id="crlf-normalized"),
+        pytest.param(b" leading", False, False, " leading", id="leading-space-kept"),
+        pytest.param(b"", False, False, "", id="empty"),
+        pytest.param(b'1\n{"a":2}\n', True, False, '[\n1,\n{"a":2}\n]', id="json-array"),
+        pytest.param(
+            b"\x00\xff", False, True, base64.b64encode(b"\x00\xff").decode(), id="binary-base64"
+        ),
+    ],
+)
+def test_data_events(payload: bytes, json_mode: bool, binary: bool, expected: str) -> None:
+    block = sse.data_event(payload, json_mode=json_mode, binary=binary)
+    assert block.endswith(b"\n\n")
+    assert parse(block) == ("data", expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "body"),
+    [
+        pytest.param(
+            {"cursor": "7", "up_to_date": False, "closed": False},
+            {"streamNextOffset": "o", "streamCursor": "7"},
+            id="catching-up",
+        ),
+        pytest.param(
+            {"cursor": "7", "up_to_date": True, "closed": False},
+            {"streamNextOffset": "o", "streamCursor": "7", "upToDate": True},
+            id="up-to-date",
+        ),
+        pytest.param(
+            {"cursor": "7", "up_to_date": True, "closed": True},
+            {"streamNextOffset": "o", "upToDate": True, "streamClosed": True},
+            id="closed-has-no-cursor",
+        ),
+        pytest.param(
+            {"cursor": None, "up_to_date": False, "closed": True},
+            {"streamNextOffset": "o", "upToDate": True, "streamClosed": True},
+            id="closed-implies-up-to-date",
+        ),
+    ],
+)
+def test_control_events(kwargs: dict[str, object], body: dict[str, object]) -> None:
+    event, data = parse(sse.control_event("o", **kwargs))  # type: ignore[arg-type]
+    assert event == "control"
+    assert json.loads(data) == body
+
+
+@given(st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r")))
+def test_any_text_round_trips(text: str) -> None:
+    block = sse.data_event(text.encode(), json_mode=False, binary=False)
+    assert parse(block) == ("data", text)
+
+
+@given(st.binary())
+def test_any_bytes_round_trip_as_base64(payload: bytes) -> None:
+    _, data = parse(sse.data_event(payload, json_mode=False, binary=True))
+    assert base64.b64decode(data) == payload
