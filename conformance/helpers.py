@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,20 @@ class SseRead:
         return str(self.controls[-1]["streamNextOffset"])
 
 
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from an open SSE response, parsed as an EventSource would."""
+    event, lines = "message", []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(" ") else value)
+        elif line == "" and lines:
+            yield event, "\n".join(lines)
+            event, lines = "message", []
+
+
 def read_sse(
     client: httpx.Client,
     url: str,
@@ -56,27 +71,14 @@ def read_sse(
     with client.stream("GET", url, params={"offset": offset, "live": "sse"}) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        event, lines = "message", []
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                value = line[5:]
-                lines.append(value[1:] if value.startswith(" ") else value)
-            elif line == "" and lines:
-                payload = "\n".join(lines)
-                if event == "control":
-                    control = json.loads(payload)
-                    read.controls.append(control)
-                    if control.get("streamClosed"):
-                        break
-                    if (
-                        stop_when_up_to_date
-                        and control.get("upToDate")
-                        and len(read.data) >= min_data
-                    ):
-                        break
-                else:
-                    read.data.append(payload)
-                event, lines = "message", []
+        for event, payload in sse_events(response):
+            if event != "control":
+                read.data.append(payload)
+                continue
+            control = json.loads(payload)
+            read.controls.append(control)
+            if control.get("streamClosed"):
+                break
+            if stop_when_up_to_date and control.get("upToDate") and len(read.data) >= min_data:
+                break
     return read

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from conformance.helpers import append, catch_up, read_sse
+from conformance.helpers import append, catch_up, read_sse, sse_events
 
 
 def _append_later(url: str, body: bytes, delay: float = 0.3) -> threading.Thread:
@@ -213,25 +213,16 @@ def test_sse_readers_dropping_at_random_points_end_with_exactly_what_was_written
         pending: list[str] = []
         with client.stream("GET", url, params={"offset": offset, "live": "sse"}) as response:
             assert response.status_code == 200
-            event, lines = "message", []
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    value = line[5:]
-                    lines.append(value[1:] if value.startswith(" ") else value)
-                elif line == "" and lines:
-                    payload = "\n".join(lines)
-                    if event == "control":
-                        control = json.loads(payload)
-                        received += "".join(pending)
-                        pending = []
-                        offset = control["streamNextOffset"]
-                        closed = bool(control.get("streamClosed"))
-                    else:
-                        pending.append(payload)
-                    event, lines = "message", []
-                    budget -= 1
+            for event, payload in sse_events(response):
+                if event == "control":
+                    control = json.loads(payload)
+                    received += "".join(pending)
+                    pending = []
+                    offset = control["streamNextOffset"]
+                    closed = bool(control.get("streamClosed"))
+                else:
+                    pending.append(payload)
+                budget -= 1
                 if closed or budget <= 0:
                     break
     writer.join()
