@@ -27,6 +27,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="base URL of the server under test; default: start a local relay",
     )
     parser.addoption(
+        "--database-url",
+        default=None,
+        help="when starting a local relay, keep its streams in this Postgres database",
+    )
+    parser.addoption(
         "--long-poll-timeout",
         type=float,
         default=1.0,
@@ -52,6 +57,9 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
         timeout = str(request.config.getoption("--long-poll-timeout"))
         command = [sys.executable, "-m", "relay", "serve", "--port", str(port)]
         command += ["--data-dir", data, "--long-poll-timeout", timeout, "--log-level", "warning"]
+        database_url = request.config.getoption("--database-url")
+        if database_url:
+            command += ["--database-url", str(database_url)]
         proc = subprocess.Popen(command, env=dict(os.environ))
         url = f"http://127.0.0.1:{port}"
         try:
