@@ -1,0 +1,79 @@
+"""What operators and browsers see: health, Prometheus metrics, CORS and security headers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from relay.app import make_app
+from relay.config import Config
+from relay.store.sqlite import SqliteStore
+
+TEXT = {"Content-Type": "text/plain"}
+
+
+async def _client(tmp_path: Path, **settings: object) -> TestClient:
+    config = Config(data_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
+    return TestClient(TestServer(make_app(config, SqliteStore(tmp_path))))
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
+    async with await _client(tmp_path) as opened:
+        yield opened
+
+
+async def test_health(client: TestClient) -> None:
+    response = await client.get("/health")
+    assert response.status == 200
+    assert (await response.json())["status"] == "ok"
+
+
+async def test_metrics_count_requests_and_commits(client: TestClient) -> None:
+    await client.put("/v1/stream/m", headers=TEXT)
+    for _ in range(3):
+        await client.post("/v1/stream/m", data=b"x", headers=TEXT)
+    text = await (await client.get("/metrics")).text()
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples["relay_store_appends_total"] == 3
+    assert 1 <= samples["relay_store_commits_total"] <= 4
+    assert any(name.startswith("relay_http_requests_total") for name in samples)
+
+
+async def test_any_origin_may_read_every_stream_header(client: TestClient) -> None:
+    created = await client.put("/v1/stream/c", headers={**TEXT, "Origin": "https://app.example"})
+    assert created.headers["Access-Control-Allow-Origin"] == "*"
+    exposed = {v.strip() for v in created.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"Stream-Next-Offset", "Stream-Cursor", "Stream-Closed", "ETag"} <= exposed
+    assert created.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_preflight_allows_protocol_methods_and_headers(client: TestClient) -> None:
+    response = await client.options(
+        "/v1/stream/c",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "producer-id, x-custom",
+        },
+    )
+    assert response.status == 204
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    allowed = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "producer-epoch" in allowed and "x-custom" in allowed
+
+
+async def test_a_configured_origin_list_is_enforced(tmp_path: Path) -> None:
+    async with await _client(tmp_path, cors_origins="https://ok.example") as client:
+        ok = await client.get("/health", headers={"Origin": "https://ok.example"})
+        assert ok.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+        assert ok.headers["Vary"] == "Origin"
+        other = await client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
