@@ -76,15 +76,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with _relay(args) as base:
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(_relay(args))
         connector = aiohttp.TCPConnector(limit=max(args.producers, args.readers) + 16)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            rows = [
-                await _appends(session, base, args, shared=False),
-                await _appends(session, base, args, shared=True),
-                await _fanout(session, base, args),
-                await _catchup(session, base, args),
-            ]
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        rows = [
+            await _appends(session, base, args, shared=False),
+            await _appends(session, base, args, shared=True),
+            await _fanout(session, base, base, args),
+        ]
+        if args.database_url and not args.url:
+            # A second relay on the same database: readers there are woken by NOTIFY.
+            other = await stack.enter_async_context(_relay(args))
+            rows.append(await _fanout(session, other, base, args, across=True))
+        rows.append(await _catchup(session, base, args))
     _print_table(rows, args)
     return 0
 
@@ -194,9 +199,19 @@ async def _verify_length(
         raise RuntimeError(f"read back {seen} bytes, appended {total}")
 
 
-async def _fanout(session: aiohttp.ClientSession, base: str, args: argparse.Namespace) -> Row:
-    url = f"{base}/v1/stream/bench-fanout-{uuid.uuid4().hex[:8]}"
-    await _create(session, url, "text/plain")
+async def _fanout(
+    session: aiohttp.ClientSession,
+    read_base: str,
+    write_base: str,
+    args: argparse.Namespace,
+    *,
+    across: bool = False,
+) -> Row:
+    """Parked long-poll readers at ``read_base``; a producer appends through ``write_base``."""
+    name = f"bench-fanout-{uuid.uuid4().hex[:8]}"
+    write_url = f"{write_base}/v1/stream/{name}"
+    url = f"{read_base}/v1/stream/{name}"
+    await _create(session, write_url, "text/plain")
     async with session.head(url) as response:
         tail = response.headers[h.STREAM_NEXT_OFFSET]
     sent_at: dict[str, float] = {}
@@ -222,14 +237,15 @@ async def _fanout(session: aiohttp.ClientSession, base: str, args: argparse.Name
     for i in range(args.fanout_appends):
         token = f"{i:016d}"
         sent_at[token] = time.perf_counter()
-        async with session.post(url, data=token.encode(), headers={"Content-Type": "text/plain"}):
+        post = session.post(write_url, data=token.encode(), headers={"Content-Type": "text/plain"})
+        async with post:
             pass
         await asyncio.sleep(0.02)
     await asyncio.wait_for(asyncio.gather(*readers), 60)
     elapsed = time.perf_counter() - started
     deliveries = len(latencies)
     return Row(
-        "live fan-out (long-poll)",
+        "live fan-out, other relay" if across else "live fan-out (long-poll)",
         deliveries,
         elapsed,
         latencies,
