@@ -313,3 +313,27 @@ async def test_readers_share_stream_lookups_but_always_see_acknowledged_writes(
     finally:
         stop.set()
         await asyncio.gather(*readers)
+
+
+async def test_at_most_one_notify_per_committed_batch(store: PostgresStore, pg_url: str) -> None:
+    payloads: list[str] = []
+    listener = await asyncpg.connect(pg_url)
+    await listener.add_listener("relay_commits", lambda *args: payloads.append(args[3]))
+    try:
+        for i in range(10):
+            await store.create(plain(f"n{i}"), NOW)
+        await asyncio.sleep(0.2)
+        payloads.clear()
+        before = store.stats().commits
+        await asyncio.gather(*(store.append(f"n{i % 10}", text(b"t"), NOW) for i in range(300)))
+        commits = store.stats().commits - before
+        await asyncio.sleep(0.5)
+    finally:
+        await listener.close()
+    assert 0 < len(payloads) <= commits < 300
+    moved: dict[str, int] = {}
+    for payload in payloads:
+        for entry in payload.partition("|")[2].split(","):
+            stream_id, tail, _closed = entry.split(":")
+            moved[stream_id] = max(moved.get(stream_id, 0), int(tail))
+    assert sorted(moved.values()) == [30] * 10  # every stream's final tail was announced
