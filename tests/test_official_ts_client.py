@@ -1,0 +1,46 @@
+"""The official TypeScript client (npm ``@durable-streams/client``) against a real relay, on each
+store: an IdempotentProducer streams a reply and closes it while a live subscriber reads along
+(see conformance/official/ts-client-check.mjs)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.relay_process import RelayProcess
+
+OFFICIAL = Path(__file__).resolve().parent.parent / "conformance" / "official"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None or not (OFFICIAL / "node_modules").is_dir(),
+    reason="needs node and `npm ci` in conformance/official (scripts/test does both)",
+)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProcess]:
+    extra: tuple[str, ...] = ("--long-poll-timeout", "2")
+    if request.param == "postgres":
+        extra += ("--database-url", request.getfixturevalue("pg_url"))
+    process = RelayProcess(tmp_path / "data", *extra)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_typescript_producer_and_live_reader(relay: RelayProcess) -> None:
+    result = subprocess.run(
+        ["node", "ts-client-check.mjs", relay.url],
+        cwd=OFFICIAL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: 301 items" in result.stdout
