@@ -74,6 +74,32 @@ def empty_db_url(pg_admin_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def second_empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    with fresh_database(pg_admin_url) as url:
+        yield url
+
+
+async def test_the_fresh_schema_equals_the_migrated_one(
+    empty_db_url: str, second_empty_db_url: str
+) -> None:
+    fresh = await asyncpg.connect(empty_db_url)
+    stepwise = await asyncpg.connect(second_empty_db_url)
+    try:
+        assert await apply_migrations(fresh) == await apply_migrations(
+            stepwise, fresh_from_schema=False
+        )
+        versions = [
+            await conn.fetch("SELECT version FROM relay_schema_version ORDER BY version")
+            for conn in (fresh, stepwise)
+        ]
+    finally:
+        await fresh.close()
+        await stepwise.close()
+    assert versions[0] == versions[1]
+    assert await _schema(empty_db_url) == await _schema(second_empty_db_url)
+
+
 async def test_concurrent_first_migrations_agree(empty_db_url: str) -> None:
     """Several relays starting at once on an empty database: one migrates, all agree."""
     conns = [await asyncpg.connect(empty_db_url) for _ in range(3)]

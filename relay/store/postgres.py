@@ -83,23 +83,42 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 
 
 def _migrations() -> list[tuple[int, str]]:
+    """``sql/NNN_name.sql``, in order: how an existing database reaches the newest schema."""
     folder = resources.files("relay.store") / "sql"
     found = []
     for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
+        if entry.name.endswith(".sql") and entry.name[:1].isdigit():
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(found)
 
 
-async def apply_migrations(conn: asyncpg.Connection) -> int:
-    """Bring the schema to the newest version; safe when several relays start at once."""
+def _schema() -> str:
+    """``sql/schema.sql``: the newest schema in one piece, for empty databases."""
+    return (resources.files("relay.store") / "sql" / "schema.sql").read_text()
+
+
+async def apply_migrations(conn: asyncpg.Connection, *, fresh_from_schema: bool = True) -> int:
+    """Bring the schema to the newest version; safe when several relays start at once.
+
+    An empty database gets ``schema.sql`` in one step (and every migration recorded as
+    applied); an older one runs the migrations it lacks. A test proves both paths end in the
+    same schema. ``fresh_from_schema=False`` forces the step-by-step path (for that test).
+    """
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS relay_schema_version (version INT PRIMARY KEY)"
         )
         current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM relay_schema_version")
-        for version, sql in _migrations():
+        migrations = _migrations()
+        if current == 0 and fresh_from_schema:
+            async with conn.transaction():
+                await conn.execute(_schema())
+                await conn.executemany(
+                    "INSERT INTO relay_schema_version VALUES ($1)", [(v,) for v, _ in migrations]
+                )
+            return migrations[-1][0]
+        for version, sql in migrations:
             if version <= current:
                 continue
             async with conn.transaction():
