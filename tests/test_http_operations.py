@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -77,3 +79,19 @@ async def test_a_configured_origin_list_is_enforced(tmp_path: Path) -> None:
         assert ok.headers["Vary"] == "Origin"
         other = await client.get("/health", headers={"Origin": "https://evil.example"})
         assert "Access-Control-Allow-Origin" not in other.headers
+
+
+async def test_sse_connections_end_after_the_reconnect_interval(tmp_path: Path) -> None:
+    """So CDNs can collapse SSE requests: the server ends each connection on a schedule, after
+    a control event the client resumes from."""
+    async with await _client(tmp_path, sse_reconnect_interval=0.3) as client:
+        await client.put("/v1/stream/s", headers=TEXT, data=b"hi")
+        response = await client.get("/v1/stream/s", params={"offset": "-1", "live": "sse"})
+        body = await asyncio.wait_for(response.read(), 5)  # EOF: the server ended it
+        last = body.decode().rstrip("\n").split("\n")[-1]
+        assert last.startswith("data:")
+        control = json.loads(last[5:])
+        tail = (await client.head("/v1/stream/s")).headers["Stream-Next-Offset"]
+        assert control["streamNextOffset"] == tail
+        assert "streamClosed" not in control
+        assert b"data:hi" in body
