@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -139,9 +138,6 @@ async def migrate(url: str) -> int:
         await conn.close()
 
 
-_Flight = tuple[int, "asyncio.Task[StreamMeta | None]"]  # (generation, the shared query)
-
-
 @dataclass
 class _Batch:
     """What one transaction has staged: rows per stream and the streams that moved."""
@@ -184,8 +180,9 @@ class PostgresStore:
         self._compact_interval = compact_interval
         self._clock = clock
         self._stats = {"appends": 0, "rows_written": 0, "rows_compacted": 0}
-        self._generation = 0  # bumped by every commit; see _shared_load
-        self._flights: dict[str, _Flight] = {}
+        # Callers waiting for the next lookup of a path; see _shared_load.
+        self._lookups: dict[str, list[asyncio.Future[StreamMeta | None]]] = {}
+        self._lookup_tasks: set[asyncio.Task[None]] = set()  # held so they are not collected
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -281,23 +278,40 @@ class PostgresStore:
         return meta
 
     async def _shared_load(self, path: str) -> StreamMeta | None:
-        """Load a stream's row, sharing one query among concurrent callers.
+        """Load a stream's row, one query serving every caller that asked before it began.
 
-        When a commit wakes hundreds of parked readers they all ask for the same row at once;
-        one query answers them. A caller joins a query only if no local commit finished since
-        it started, so a client that was acknowledged still reads its own write.
+        When a commit wakes hundreds of parked readers they all ask for the same row at once.
+        Callers queue per path; a loader runs one query for everyone queued, then another for
+        whoever arrived meanwhile. Each query starts after its callers arrived, so a read
+        never misses a write acknowledged before it (on this relay or any other).
         """
-        flight = self._flights.get(path)
-        if flight is None or flight[0] != self._generation:
-            task = asyncio.ensure_future(self._load_pooled(path))
-            task.add_done_callback(_consume)
-            flight = self._flights[path] = (self._generation, task)
-            task.add_done_callback(functools.partial(self._land, path, flight))
-        return await asyncio.shield(flight[1])
+        waiter: asyncio.Future[StreamMeta | None] = asyncio.get_running_loop().create_future()
+        queued = self._lookups.get(path)
+        if queued is None:
+            self._lookups[path] = [waiter]
+            task = asyncio.get_running_loop().create_task(self._run_lookups(path))
+            self._lookup_tasks.add(task)
+            task.add_done_callback(self._lookup_tasks.discard)
+        else:
+            queued.append(waiter)
+        return await waiter
 
-    def _land(self, path: str, flight: _Flight, _task: object) -> None:
-        if self._flights.get(path) is flight:
-            del self._flights[path]
+    async def _run_lookups(self, path: str) -> None:
+        try:
+            while batch := self._lookups[path]:
+                self._lookups[path] = []
+                try:
+                    meta = await self._load_pooled(path)
+                except Exception as exc:
+                    for waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in batch:
+                        if not waiter.done():
+                            waiter.set_result(meta)
+        finally:
+            del self._lookups[path]
 
     async def _load_pooled(self, path: str) -> StreamMeta | None:
         async with self._conn() as conn:
@@ -349,8 +363,6 @@ class PostgresStore:
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
         except _DISCONNECTS as exc:
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
-        finally:
-            self._generation += 1  # committed (or unknown): later loads must not join older ones
         self._stats["rows_written"] += state.rows
         return outcomes
 
@@ -724,12 +736,6 @@ class PostgresStore:
                 )
                 removed += len(run) - 1
             return removed
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    """Mark a shared query's failure as seen even if every caller went away."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
