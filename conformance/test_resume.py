@@ -13,26 +13,33 @@ import pytest
 
 from conformance.helpers import append, catch_up, read_sse, sse_events
 
+TEXT = {"Content-Type": "text/plain"}
+CLOSE = {**TEXT, "Stream-Closed": "true"}
 
-def _append_later(url: str, body: bytes, delay: float = 0.3) -> threading.Thread:
-    def run() -> None:
-        time.sleep(delay)
-        with httpx.Client() as other:
-            append(other, url, body)
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+def _later(url: str, body: bytes, headers: dict[str, str]) -> threading.Timer:
+    """POST from another connection in 0.3 s, while this test's reader is parked."""
+    timer = threading.Timer(0.3, lambda: httpx.post(url, content=body, headers=headers))
+    timer.start()
+    return timer
+
+
+def _long_poll_at_tail(
+    client: httpx.Client, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[str, httpx.Response]:
+    """Park a long-poll at the tail while ``body`` is posted; return the tail and the answer."""
+    tail = client.head(url).headers["Stream-Next-Offset"]
+    timer = _later(url, body, headers)
+    response = client.get(url, params={"offset": tail, "live": "long-poll"})
+    timer.join()
+    return tail, response
 
 
 def test_long_poll_at_the_tail_wakes_on_append(
     client: httpx.Client, new_stream: Callable[..., str]
 ) -> None:
     url = new_stream(body=b"seen")
-    tail = client.head(url).headers["Stream-Next-Offset"]
-    writer = _append_later(url, b"fresh")
-    response = client.get(url, params={"offset": tail, "live": "long-poll"})
-    writer.join()
+    tail, response = _long_poll_at_tail(client, url, b"fresh", TEXT)
     assert response.status_code == 200
     assert response.content == b"fresh"
     assert response.headers["Stream-Next-Offset"] > tail
@@ -64,7 +71,7 @@ def test_long_poll_at_the_tail_of_a_closed_stream_returns_at_once(
     client: httpx.Client, new_stream: Callable[..., str]
 ) -> None:
     url = new_stream(body=b"done")
-    client.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+    client.post(url, headers=CLOSE)
     tail = client.head(url).headers["Stream-Next-Offset"]
     started = time.monotonic()
     response = client.get(url, params={"offset": tail, "live": "long-poll"})
@@ -84,7 +91,7 @@ def test_a_tailing_reader_following_offsets_sees_every_token_once(
         with httpx.Client() as producer:
             for token in tokens:
                 append(producer, url, token)
-            producer.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+            producer.post(url, headers=CLOSE)
 
     writer = threading.Thread(target=produce)
     writer.start()
@@ -126,7 +133,7 @@ def test_sse_delivers_history_then_live_data_with_resumable_offsets(
     assert first.controls[-1]["upToDate"] is True
     assert first.last_offset == client.head(url).headers["Stream-Next-Offset"]
 
-    writer = _append_later(url, b"live")
+    writer = _later(url, b"live", TEXT)
     second = read_sse(client, url, first.last_offset, min_data=1)
     writer.join()
     assert "".join(second.data) == "live"
@@ -137,7 +144,7 @@ def test_sse_on_a_closed_stream_ends_with_a_closed_control_event(
     client: httpx.Client, new_stream: Callable[..., str]
 ) -> None:
     url = new_stream(body=b"final answer")
-    client.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+    client.post(url, headers=CLOSE)
     read = read_sse(client, url, "-1", stop_when_up_to_date=False)
     assert "".join(read.data) == "final answer"
     assert read.controls[-1].get("streamClosed") is True
@@ -160,7 +167,7 @@ def _produce_then_close(url: str, tokens: list[bytes], pause: float) -> threadin
             for token in tokens:
                 assert append(producer, url, token).status_code in (200, 204)
                 time.sleep(pause)
-            producer.post(url, headers={"Content-Type": "text/plain", "Stream-Closed": "true"})
+            producer.post(url, headers=CLOSE)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -230,28 +237,18 @@ def test_sse_readers_dropping_at_random_points_end_with_exactly_what_was_written
     assert connections > 1
 
 
-def _close_later(url: str) -> threading.Timer:
-    headers = {"Content-Type": "text/plain", "Stream-Closed": "true"}
-    closer = threading.Timer(0.3, lambda: httpx.post(url, headers=headers))
-    closer.start()
-    return closer
-
-
 def test_parked_readers_observe_a_close_without_data(
     client: httpx.Client, new_stream: Callable[..., str]
 ) -> None:
     url = new_stream(body=b"answer")
-    tail = client.head(url).headers["Stream-Next-Offset"]
-    closer = _close_later(url)
-    response = client.get(url, params={"offset": tail, "live": "long-poll"})
-    closer.join()
+    _, response = _long_poll_at_tail(client, url, b"", CLOSE)
     assert response.status_code in (200, 204)
     assert response.content == b""
     assert response.headers["Stream-Closed"].lower() == "true"
 
     url = new_stream(body=b"answer")
     tail = client.head(url).headers["Stream-Next-Offset"]
-    closer = _close_later(url)
+    closer = _later(url, b"", CLOSE)
     read = read_sse(client, url, tail, stop_when_up_to_date=False)
     closer.join()
     assert read.data == []
