@@ -81,20 +81,25 @@ def test_long_poll_at_the_tail_of_a_closed_stream_returns_at_once(
     assert response.headers["Stream-Closed"].lower() == "true"
 
 
+def _produce_then_close(url: str, tokens: list[bytes], pause: float) -> threading.Thread:
+    def run() -> None:
+        with httpx.Client() as producer:
+            for token in tokens:
+                assert append(producer, url, token).status_code in (200, 204)
+                time.sleep(pause)
+            producer.post(url, headers=CLOSE)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_a_tailing_reader_following_offsets_sees_every_token_once(
     client: httpx.Client, new_stream: Callable[..., str]
 ) -> None:
     url = new_stream()
     tokens = [f"t{i};".encode() for i in range(40)]
-
-    def produce() -> None:
-        with httpx.Client() as producer:
-            for token in tokens:
-                append(producer, url, token)
-            producer.post(url, headers=CLOSE)
-
-    writer = threading.Thread(target=produce)
-    writer.start()
+    writer = _produce_then_close(url, tokens, 0)
     received, offset = b"", "-1"
     for _ in range(1000):
         response = client.get(url, params={"offset": offset, "live": "long-poll"})
@@ -159,19 +164,6 @@ def test_sse_json_mode_resumes_on_message_boundaries(
     second = read_sse(client, url, first.last_offset, min_data=1)
     assert [m for d in first.data for m in json.loads(d)] == [{"n": 1}, {"n": 2}]
     assert [m for d in second.data for m in json.loads(d)] == [{"n": 3}]
-
-
-def _produce_then_close(url: str, tokens: list[bytes], pause: float) -> threading.Thread:
-    def run() -> None:
-        with httpx.Client() as producer:
-            for token in tokens:
-                assert append(producer, url, token).status_code in (200, 204)
-                time.sleep(pause)
-            producer.post(url, headers=CLOSE)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
 @pytest.mark.parametrize("seed", range(3))
