@@ -363,3 +363,19 @@ async def test_at_most_one_notify_per_committed_batch(store: PostgresStore, pg_u
             stream_id, tail, _closed = entry.split(":")
             moved[stream_id] = max(moved.get(stream_id, 0), int(tail))
     assert sorted(moved.values()) == [30] * 10  # every stream's final tail was announced
+
+
+async def test_closing_while_the_database_is_down_does_not_hang_on_pending_touches(
+    pg_url: str,
+) -> None:
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    store = PostgresStore(proxied, command_timeout=1)
+    await store.open()
+    try:
+        await store.create(CreateRequest("t", "text/plain", Expiry(ttl=60), False, b""), NOW)
+        await store.head("t", NOW + 1, touch=True)  # a TTL touch waits for the next commit
+        await proxy.cut()
+        await asyncio.wait_for(store.close(), 15)
+    finally:
+        await proxy.cut()

@@ -108,8 +108,9 @@ class Committer:
             try:
                 outcomes = await self._apply(batch, touches)
             except Exception as exc:  # the transaction failed as a whole
-                for path, entry in touches.items():  # keep them for the next commit
-                    self.touches.setdefault(path, entry)
+                if not self._closing:  # keep them for the next commit; on shutdown, let go
+                    for path, entry in touches.items():
+                        self.touches.setdefault(path, entry)
                 error = (
                     exc if isinstance(exc, Unavailable) else Unavailable(f"commit failed: {exc}")
                 )
