@@ -18,6 +18,7 @@ class ForkRequest:
     source_path: str
     offset: int | None
     sub_offset: int = 0
+    source_id: int | None = None  # set once a sub-offset was resolved against this stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ def plan_create(
         assert source is not None
         if source.soft_deleted:
             raise Conflict("fork_source_deleted", "the fork source is deleted")
+        if fork.source_id is not None and fork.source_id != source.stream_id:
+            raise Conflict("fork_source_replaced", "the fork source was replaced; retry")
         if content_type is not None and media_type(content_type) != media_type(source.content_type):
             raise Conflict("content_type_mismatch", "a fork must keep its source's type")
         content_type = content_type or source.content_type

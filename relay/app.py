@@ -148,7 +148,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
     await ctx.store.open()
     ctx.metrics.watch_store(ctx.store)
-    ctx.store.set_remote_listener(ctx.hub.remote_commit, ctx.hub.watched_ids)
+    ctx.store.set_listener(ctx.hub)
 
     async def fetch(stream_id: int, start: int, end: int) -> bytes:
         meta = StreamMeta(stream_id, "", "", end, segments=(Segment(stream_id, 0, None),))

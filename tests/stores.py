@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,3 +47,24 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", tmp_path / "data")
     return Backend("postgres", tmp_path / "data", request.getfixturevalue("pg_url"))
+
+
+class Recorder:
+    """A store listener that queues what it hears: (stream_id, tail, closed) for remote
+    commits and (stream_id, "deleted") for removals."""
+
+    def __init__(self, watched: list[int] | None = None) -> None:
+        self.heard: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.watched = watched or []
+
+    def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
+        self.heard.put_nowait((stream_id, tail, closed))
+
+    def deleted(self, stream_id: int) -> None:
+        self.heard.put_nowait((stream_id, "deleted"))
+
+    def watched_ids(self) -> list[int]:
+        return self.watched
+
+    async def next(self, timeout: float = 5) -> tuple[Any, ...]:
+        return await asyncio.wait_for(self.heard.get(), timeout)

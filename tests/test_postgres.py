@@ -21,6 +21,7 @@ from relay.app import make_app
 from relay.config import Config
 from relay.store.postgres import PostgresStore, apply_migrations, migrate
 from tests.pg import fresh_database
+from tests.stores import Recorder
 from tests.tcp_proxy import TcpProxy
 
 NOW = 1_800_000_000.0
@@ -140,18 +141,19 @@ async def test_a_commit_on_one_relay_reaches_another_relays_listener(pg_url: str
     watcher = PostgresStore(pg_url)
     await writer.open()
     await watcher.open()
-    heard: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()
-    watcher.set_remote_listener(lambda *event: heard.put_nowait(event), lambda: ())
+    recorder = Recorder()
+    watcher.set_listener(recorder)
     try:
         created = await writer.create(plain("shared"), NOW)
         await asyncio.sleep(0.3)  # the watcher's LISTEN connection is up
         await writer.append("shared", text(b"hello"), NOW)
-        stream_id, tail, closed = await asyncio.wait_for(heard.get(), 5)
-        assert (stream_id, tail, closed) == (created.meta.stream_id, 5, False)
+        assert await recorder.next() == (created.meta.stream_id, 5, False)
         await writer.append("shared", text(b"", close=True), NOW)
-        while (event := await asyncio.wait_for(heard.get(), 5))[2] is False:
+        while (event := await recorder.next())[2] is False:
             pass
         assert event == (created.meta.stream_id, 5, True)
+        await writer.delete("shared", NOW)
+        assert await recorder.next() == (created.meta.stream_id, "deleted")
     finally:
         await writer.close()
         await watcher.close()
@@ -234,20 +236,19 @@ async def test_listen_reconnects_and_readers_catch_up_after_an_outage(pg_url: st
     watcher = PostgresStore(proxied, command_timeout=2)
     await writer.open()
     await watcher.open()
-    heard: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()
     created = await writer.create(plain("w"), NOW)
-    watcher.set_remote_listener(
-        lambda *event: heard.put_nowait(event), lambda: [created.meta.stream_id]
-    )
+    gone = await writer.create(plain("gone"), NOW)
+    recorder = Recorder([created.meta.stream_id, gone.meta.stream_id])
+    watcher.set_listener(recorder)
     try:
         await proxy.cut()
         await writer.append("w", text(b"missed while cut"), NOW)
+        await writer.delete("gone", NOW)
         await proxy.restore()
-        # On reconnect the watcher re-reads the tails of watched streams.
-        event = await asyncio.wait_for(heard.get(), 15)
-        while event[1] != 16:
-            event = await asyncio.wait_for(heard.get(), 15)
-        assert event == (created.meta.stream_id, 16, False)
+        # On reconnect the watcher re-reads watched streams: new tails, and which are gone.
+        seen: set[tuple[object, ...]] = set()
+        while not {(created.meta.stream_id, 16, False), (gone.meta.stream_id, "deleted")} <= seen:
+            seen.add(await recorder.next(15))
     finally:
         await writer.close()
         await watcher.close()

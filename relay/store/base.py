@@ -2,13 +2,17 @@
 
 Stores own durability and atomicity; protocol rules live in :mod:`protocol` (stores call
 ``plan_create`` and ``decide_append`` inside their transactions). Waking live readers is not a
-store's job: the caller publishes committed appends to the hub, and a store that learns of
-commits made by other processes reports them through ``on_remote_commit``.
+store's job: the caller publishes committed appends to the hub, and the store reports what
+the caller cannot see to its :class:`StoreEvents` listener: commits made by other processes,
+and every stream removed (deleted, expired, replaced), locally or elsewhere.
+
+A stream's ``stream_id`` is never reused, on any backend: every watch, cache and ETag keys on
+it, so a reader of a removed stream can never be handed another stream's bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,9 +25,18 @@ class StoreStartupError(Exception):
     """The store cannot start (data directory in use, database unreachable, bad schema)."""
 
 
-RemoteCommit = Callable[[int, int, bool], None]
-"""Called with (stream_id, new_tail, closed) for commits made by another process."""
-WatchedIds = Callable[[], Iterable[int]]
+class StoreEvents(Protocol):
+    """Who hears what the store learns after a commit (the live-read hub)."""
+
+    def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
+        """Another process committed to the stream: its tail and closure now."""
+
+    def deleted(self, stream_id: int) -> None:
+        """The stream no longer exists as it was (deleted, soft-deleted, expired, replaced)."""
+
+    def watched_ids(self) -> Iterable[int]:
+        """Streams with parked readers, for re-checking after missed notifications."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +111,14 @@ class Store(Protocol):
         ...
 
     async def reap(self, now: float) -> int:
-        """Remove expired streams and unreferenced soft-deleted ones; returns how many."""
+        """Remove expired streams and unreferenced soft-deleted ones; returns how many expired.
+
+        Every removed stream is reported to the listener's ``deleted``.
+        """
         ...
 
-    def set_remote_listener(self, listener: RemoteCommit, watched: WatchedIds) -> None:
-        """Register who hears of commits made by other processes (no-op if there are none).
-
-        ``watched`` lists the streams with parked readers, for when the store cannot say
-        exactly what moved (after a lost LISTEN connection) and must re-read their tails.
-        """
+    def set_listener(self, events: StoreEvents) -> None:
+        """Register who hears of removals and of commits made by other processes."""
 
     def stats(self) -> StoreStats:
         """Counters since start."""

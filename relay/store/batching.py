@@ -1,11 +1,16 @@
 """Group commit, shared by every store: queue operations, apply them in batches, then answer.
 
-Requests queue operations and await their futures. One loop takes everything queued (up to
-the batch limits), hands it to the store's ``apply`` (one transaction), and resolves each
+Requests queue typed operations and await their futures. One loop takes everything queued (up
+to the batch limits), hands it to the store's ``apply`` (one transaction), and resolves each
 future with its outcome only after ``apply`` returns, i.e. after the commit. There is no fixed
 delay: a lone operation commits at once, and under load the next batch fills while the previous
-one commits. TTL "touches" from reads ride along with the next batch, or go alone after
-``TOUCH_FLUSH_SECONDS``, so reads never wait for a write.
+one commits. TTL "touches" from reads ride along with the next batch, or go alone once the
+oldest has waited ``TOUCH_FLUSH_SECONDS``, so reads never wait for a write and never cause one
+of their own while writes are flowing.
+
+Isolation: a batch whose transaction fails for a reason other than a lost database is re-run
+one operation per transaction, so one poisonous request fails alone (answered 500 without
+detail) and never takes the appends batched beside it down with it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
+from protocol.append import AppendRequest
+from protocol.create import CreateRequest
 from protocol.errors import Unavailable
+
+log = structlog.get_logger("relay.store")
 
 TOUCH_FLUSH_SECONDS = 0.2
 
@@ -24,33 +35,69 @@ Touches = dict[str, tuple[int, float]]
 """path -> (stream id, when it was read): TTL slides to apply."""
 
 
-@dataclass
-class Op:
-    """One queued write: the store method to run, its arguments, and who awaits it."""
+@dataclass(frozen=True, slots=True)
+class CreateOp:
+    request: CreateRequest
+    now: float
 
-    kind: str
-    args: tuple[Any, ...]
+
+@dataclass(frozen=True, slots=True)
+class AppendOp:
+    path: str
+    request: AppendRequest
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    path: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReapOp:
+    now: float
+
+
+WriteOp = CreateOp | AppendOp | DeleteOp | ReapOp
+"""One queued write; stores dispatch on its type with ``match``."""
+
+
+class InternalError(Exception):
+    """An operation failed for a reason that is neither the client's nor the database's
+    availability (a bug, a constraint the validation missed). Answered 500 without detail."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    op: WriteOp
     future: asyncio.Future[Any]
-    size: int = 0
+    size: int
 
 
-Apply = Callable[[list[Op], Touches], Awaitable[list[Any]]]
-"""Runs a batch in one transaction; returns one outcome (value or exception) per op."""
+Apply = Callable[[list[WriteOp], Touches], Awaitable[list[Any]]]
+"""Runs a batch in one transaction; returns one outcome (value or exception) per op.
+
+Raises Unavailable when the database is unreachable; anything else it raises means the
+transaction failed as a whole and nothing of it was committed.
+"""
 
 
 class Committer:
-    """The batching loop. ``apply`` raising means the whole transaction failed."""
+    """The batching loop (see the module docstring)."""
 
     def __init__(self, apply: Apply, *, max_ops: int, max_bytes: int) -> None:
         self._apply = apply
         self._max_ops = max_ops
         self._max_bytes = max_bytes
-        self._queue: list[Op] = []
+        self._queue: list[_Pending] = []
         self.touches: Touches = {}
+        self._touch_deadline = 0.0
         self._inflight: Touches = {}  # touches in the transaction now being committed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._dead: BaseException | None = None
         self.batch_sizes: list[int] = []
         self.commits = 0
 
@@ -59,7 +106,7 @@ class Committer:
         return len(self._queue)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-commit")
+        self._task = asyncio.create_task(self._run_guarded(), name="group-commit")
 
     async def stop(self) -> None:
         """Commit what is queued, then stop."""
@@ -68,17 +115,22 @@ class Committer:
         if self._task is not None:
             await self._task
 
-    async def submit(self, kind: str, args: tuple[Any, ...], size: int = 0) -> Any:
+    async def submit(self, op: WriteOp, size: int = 0) -> Any:
         if self._closing:
             raise Unavailable("store is shutting down")
+        if self._dead is not None:
+            raise Unavailable("store is not committing")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(Op(kind, args, future, size))
+        self._queue.append(_Pending(op, future, size))
         self._wake.set()
         return await future
 
     def touch(self, path: str, stream_id: int, when: float) -> None:
+        """Slide a TTL with the next commit, or within ``TOUCH_FLUSH_SECONDS`` if none comes."""
+        if not self.touches:
+            self._touch_deadline = asyncio.get_running_loop().time() + TOUCH_FLUSH_SECONDS
+            self._wake.set()  # the loop may be idle with no deadline to wait for
         self.touches[path] = (stream_id, when)
-        self._wake.set()
 
     def pending_touch(self, path: str, stream_id: int) -> float | None:
         """The latest access not yet committed (queued or in flight), so reads never miss it."""
@@ -89,54 +141,79 @@ class Committer:
         ]
         return max(times) if times else None
 
+    async def _run_guarded(self) -> None:
+        """If the loop itself dies, nobody may wait for it: fail everyone at once."""
+        try:
+            await self._run()
+        except BaseException as exc:
+            self._dead = exc
+            if isinstance(exc, Exception):
+                log.exception("group commit loop died")
+            for pending in self._queue:
+                if not pending.future.done():
+                    pending.future.set_exception(Unavailable("store is not committing"))
+            self._queue.clear()
+            if not isinstance(exc, Exception):
+                raise
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._closing and not self.touches:
                     return
-                self._wake.clear()
-                if self.touches:
+                due = self._closing or (self.touches and loop.time() >= self._touch_deadline)
+                if not due:
+                    self._wake.clear()
+                    timeout = self._touch_deadline - loop.time() if self.touches else None
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), TOUCH_FLUSH_SECONDS)
-                else:
-                    await self._wake.wait()
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    continue
             batch = self._take()
             touches, self.touches = self.touches, {}
             if not batch and not touches:
                 continue
             self._inflight = touches
             try:
-                outcomes = await self._apply(batch, touches)
-            except Exception as exc:  # the transaction failed as a whole
-                if not self._closing:  # keep them for the next commit; on shutdown, let go
-                    for path, entry in touches.items():
-                        self.touches.setdefault(path, entry)
-                error = (
-                    exc if isinstance(exc, Unavailable) else Unavailable(f"commit failed: {exc}")
-                )
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
-                continue
+                outcomes = await self._commit(batch, touches)
             finally:
                 self._inflight = {}
-            self.commits += 1
-            self.batch_sizes.append(len(batch))
-            del self.batch_sizes[:-1000]
-            for op, outcome in zip(batch, outcomes, strict=True):
-                if op.future.done():
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():
                     continue
                 if isinstance(outcome, BaseException):
-                    op.future.set_exception(outcome)
+                    pending.future.set_exception(outcome)
                 else:
-                    op.future.set_result(outcome)
+                    pending.future.set_result(outcome)
 
-    def _take(self) -> list[Op]:
+    async def _commit(self, batch: list[_Pending], touches: Touches) -> list[Any]:
+        """Outcomes for ``batch``; a failing batch is split so only the culprit fails."""
+        ops = [pending.op for pending in batch]
+        try:
+            outcomes = await self._apply(ops, touches)
+        except Unavailable as exc:  # the database is gone: every op gets 503, touches wait
+            if not self._closing:
+                for path, entry in touches.items():
+                    self.touches.setdefault(path, entry)
+            return [exc] * len(batch)
+        except Exception:
+            if len(ops) <= 1 and not touches:
+                log.exception("operation failed", op=type(ops[0]).__name__ if ops else None)
+                return [InternalError("operation failed")] * len(ops)
+            # Touches are dropped rather than retried: a poisonous one must not loop forever.
+            log.warning("batch failed; retrying its operations one by one", ops=len(ops))
+            return [(await self._commit([pending], {}))[0] for pending in batch]
+        self.commits += 1
+        self.batch_sizes.append(len(batch))
+        del self.batch_sizes[:-1000]
+        return outcomes
+
+    def _take(self) -> list[_Pending]:
         taken, size = 0, 0
-        for op in self._queue:
-            if taken and (taken >= self._max_ops or size + op.size > self._max_bytes):
+        for pending in self._queue:
+            if taken and (taken >= self._max_ops or size + pending.size > self._max_bytes):
                 break
             taken += 1
-            size += op.size
+            size += pending.size
         batch, self._queue = self._queue[:taken], self._queue[taken:]
         return batch

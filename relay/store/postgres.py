@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
@@ -27,20 +27,36 @@ import asyncpg
 import structlog
 
 from protocol.append import AppendRequest, decide_append
-from protocol.create import CreateRequest, needs_source_bytes, plan_create
+from protocol.create import CreateRequest, plan_create
 from protocol.errors import NotFound, ProtocolError, Unavailable
-from protocol.headers import ProducerHeaders
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta, fork_segments
 from relay.store.base import (
     AppendResult,
     CreateResult,
-    RemoteCommit,
+    StoreEvents,
     StoreStartupError,
     StoreStats,
-    WatchedIds,
 )
-from relay.store.batching import Committer, Op, Touches
+from relay.store.batching import (
+    AppendOp,
+    Committer,
+    CreateOp,
+    DeleteOp,
+    ReapOp,
+    Touches,
+    WriteOp,
+)
+from relay.store.common import (
+    META_COLUMNS,
+    StagedRows,
+    after_append,
+    purge_chain_sql,
+    resolve_fork,
+    row_meta,
+    segment_ranges,
+    stitch,
+)
 
 log = structlog.get_logger("relay.postgres")
 
@@ -50,11 +66,8 @@ COMPACT_BYTES = 1024 * 1024
 RETRIES = 3
 MIGRATION_LOCK = 0x52454C4159  # pg_advisory_lock key: "RELAY"
 
-_META = (
-    "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
-    "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
-    "fork_offset, soft_deleted"
-)
+_META = META_COLUMNS
+_PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
 _CHAIN = """
 WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
     SELECT id, fork_offset, source_id, 0 FROM relay_streams WHERE id = $1
@@ -75,6 +88,17 @@ _DISCONNECTS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 _OFFLINE: tuple[type[BaseException], ...] = (Unavailable, *_DISCONNECTS)
+
+
+def _lost(exc: BaseException) -> bool:
+    """The database connection is gone (503), as opposed to a query it refused.
+
+    asyncpg's DataError (input it cannot encode, such as a string that is not UTF-8) is an
+    InterfaceError too, but the request is at fault, not the connection.
+    """
+    return isinstance(exc, _DISCONNECTS) and not isinstance(exc, asyncpg.DataError)
+
+
 _RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
@@ -82,8 +106,8 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 
 
 def _migrations() -> list[tuple[int, str]]:
-    """``sql/NNN_name.sql``, in order: how an existing database reaches the newest schema."""
-    folder = resources.files("relay.store") / "sql"
+    """``sql/postgres/NNN_name.sql``, in order: how an existing database reaches the newest."""
+    folder = resources.files("relay.store") / "sql" / "postgres"
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql") and entry.name[:1].isdigit():
@@ -92,8 +116,8 @@ def _migrations() -> list[tuple[int, str]]:
 
 
 def _schema() -> str:
-    """``sql/schema.sql``: the newest schema in one piece, for empty databases."""
-    return (resources.files("relay.store") / "sql" / "schema.sql").read_text()
+    """``sql/postgres/schema.sql``: the newest schema in one piece, for empty databases."""
+    return (resources.files("relay.store") / "sql" / "postgres" / "schema.sql").read_text()
 
 
 async def apply_migrations(conn: asyncpg.Connection, *, fresh_from_schema: bool = True) -> int:
@@ -140,15 +164,16 @@ async def migrate(url: str) -> int:
 
 @dataclass
 class _Batch:
-    """What one transaction has staged: rows per stream and the streams that moved."""
+    """What one transaction has staged, and what the listeners learn once it commits."""
 
-    pending: dict[int, tuple[int, bytearray]] = field(default_factory=dict)
+    rows: StagedRows = field(default_factory=StagedRows)
     moved: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
+    removed: list[int] = field(default_factory=list)  # ids deleted, soft-deleted or expired
     metas: dict[str, StreamMeta] = field(default_factory=dict)  # locked this transaction
     producers: dict[tuple[int, str], ProducerState | None] = field(default_factory=dict)
     producer_writes: dict[tuple[int, str], ProducerState] = field(default_factory=dict)
     stream_updates: dict[int, StreamMeta] = field(default_factory=dict)
-    rows: int = 0
+    written: int = 0
 
 
 class PostgresStore:
@@ -160,6 +185,7 @@ class PostgresStore:
         *,
         max_batch_ops: int = 1024,
         max_batch_bytes: int = 16 * 1024 * 1024,
+        max_fork_scan: int = 16 * 1024 * 1024,
         command_timeout: float = 5.0,
         compact_idle_seconds: float = 10.0,
         compact_interval: float = 2.0,
@@ -171,9 +197,10 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._committer = Committer(self._apply, max_ops=max_batch_ops, max_bytes=max_batch_bytes)
+        self._writer: asyncpg.Connection | None = None  # owned by the committer alone
+        self._max_fork_scan = max_fork_scan
         self._origin = uuid.uuid4().hex[:12]
-        self._listener: RemoteCommit | None = None
-        self._watched: WatchedIds = lambda: ()
+        self._events: StoreEvents | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._compact_task: asyncio.Task[None] | None = None
         self._compact_idle = compact_idle_seconds
@@ -182,7 +209,7 @@ class PostgresStore:
         self._stats = {"appends": 0, "rows_written": 0, "rows_compacted": 0}
         # Callers waiting for the next lookup of a path; see _shared_load.
         self._lookups: dict[str, list[asyncio.Future[StreamMeta | None]]] = {}
-        self._lookup_tasks: set[asyncio.Task[None]] = set()  # held so they are not collected
+        self._background: set[asyncio.Task[None]] = set()  # held so they are not collected
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -213,15 +240,16 @@ class PostgresStore:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._writer is not None:
+            self._writer.terminate()  # idle between batches: nothing to flush
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self._timeout or 10)
             except (*_DISCONNECTS, asyncpg.PostgresError):
                 self._pool.terminate()  # connections already lost: nothing left to flush
 
-    def set_remote_listener(self, listener: RemoteCommit, watched: WatchedIds) -> None:
-        self._listener = listener
-        self._watched = watched
+    def set_listener(self, events: StoreEvents) -> None:
+        self._events = events
 
     def stats(self) -> StoreStats:
         return StoreStats(
@@ -240,28 +268,36 @@ class PostgresStore:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
         except _DISCONNECTS as exc:
+            if not _lost(exc):
+                raise
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
 
     # -- the interface -----------------------------------------------------------------------
 
     async def create(self, request: CreateRequest, now: float) -> CreateResult:
+        request = await resolve_fork(
+            request,
+            lambda path: self.head(path, now, touch=False),
+            self.read,
+            self._max_fork_scan,
+        )
         result: CreateResult = await self._committer.submit(
-            "create", (request, now), len(request.body)
+            CreateOp(request, now), len(request.body)
         )
         return result
 
     async def append(self, path: str, request: AppendRequest, now: float) -> AppendResult:
         result: AppendResult = await self._committer.submit(
-            "append", (path, request, now), len(request.data)
+            AppendOp(path, request, now), len(request.data)
         )
         return result
 
     async def delete(self, path: str, now: float) -> StreamMeta:
-        result: StreamMeta = await self._committer.submit("delete", (path, now))
+        result: StreamMeta = await self._committer.submit(DeleteOp(path, now))
         return result
 
     async def reap(self, now: float) -> int:
-        result: int = await self._committer.submit("reap", (now,))
+        result: int = await self._committer.submit(ReapOp(now))
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
@@ -289,12 +325,15 @@ class PostgresStore:
         queued = self._lookups.get(path)
         if queued is None:
             self._lookups[path] = [waiter]
-            task = asyncio.get_running_loop().create_task(self._run_lookups(path))
-            self._lookup_tasks.add(task)
-            task.add_done_callback(self._lookup_tasks.discard)
+            self._spawn(self._run_lookups(path))
         else:
             queued.append(waiter)
         return await waiter
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _run_lookups(self, path: str) -> None:
         try:
@@ -325,64 +364,95 @@ class PostgresStore:
 
     # -- the batch transaction ---------------------------------------------------------------
 
-    async def _apply(self, batch: list[Op], touches: Touches) -> list[Any]:
-        for attempt in range(RETRIES):
+    async def _writer_conn(self) -> asyncpg.Connection:
+        """The committer's own connection: no pool acquire or reset per batch, and nothing
+        after COMMIT that could fail and turn a committed batch into an error."""
+        if self._writer is None or self._writer.is_closed():
             try:
-                async with self._conn() as conn:
-                    return await self._transaction(conn, batch, touches)
+                self._writer = await asyncpg.connect(
+                    self._url, timeout=self._timeout or 10, command_timeout=self._timeout
+                )
+            except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+                raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        return self._writer
+
+    async def _apply(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
+        for attempt in range(RETRIES):
+            conn = await self._writer_conn()
+            try:
+                state, outcomes = await self._transaction(conn, batch, touches)
             except _RETRYABLE:
                 if attempt == RETRIES - 1:
                     raise Unavailable("database contention, retry") from None
                 await asyncio.sleep(0.01 * (attempt + 1))
+                continue
+            except BaseException as exc:
+                if _lost(exc) or not isinstance(exc, Exception):
+                    conn.terminate()
+                    self._writer = None
+                if _lost(exc):
+                    raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                raise
+            # Committed: from here on the outcomes stand, whatever else happens.
+            self._stats["rows_written"] += state.written
+            if self._events is not None:
+                for stream_id in state.removed:
+                    self._events.deleted(stream_id)
+            return outcomes
         raise AssertionError("unreachable")
 
     async def _transaction(
-        self, conn: asyncpg.Connection, batch: list[Op], touches: Touches
-    ) -> list[Any]:
+        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
+    ) -> tuple[_Batch, list[Any]]:
         state = _Batch()
         outcomes: list[Any] = []
-        try:
-            async with conn.transaction():
-                await self._lock(conn, state, batch)
-                for op in batch:
-                    try:
-                        outcomes.append(
-                            await getattr(self, f"_do_{op.kind}")(conn, state, *op.args)
-                        )
-                    except ProtocolError as exc:
-                        outcomes.append(exc)
-                await self._write(conn, state)
-                if touches:
-                    await conn.execute(
-                        "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
-                        "FROM unnest($1::bigint[], $2::float8[]) AS t(id, at) WHERE s.id = t.id",
-                        [v[0] for v in touches.values()],
-                        [v[1] for v in touches.values()],
-                    )
-                if state.moved:
-                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
-        except _DISCONNECTS as exc:
-            raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
-        self._stats["rows_written"] += state.rows
-        return outcomes
+        async with conn.transaction():
+            if touches:  # first, so a stream read before this batch is never reaped by it
+                await conn.execute(
+                    "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
+                    "FROM unnest($1::bigint[], $2::float8[]) AS t(id, at) WHERE s.id = t.id",
+                    [v[0] for v in touches.values()],
+                    [v[1] for v in touches.values()],
+                )
+            await self._lock(conn, state, batch)
+            for op in batch:
+                try:
+                    outcomes.append(await self._dispatch(conn, state, op))
+                except ProtocolError as exc:
+                    outcomes.append(exc)
+            await self._write(conn, state)
+            if state.moved or state.removed:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
+        return state, outcomes
 
-    async def _lock(self, conn: asyncpg.Connection, state: _Batch, batch: list[Op]) -> None:
+    async def _dispatch(self, conn: asyncpg.Connection, state: _Batch, op: WriteOp) -> Any:
+        match op:
+            case AppendOp(path, request, now):
+                return await self._do_append(conn, state, path, request, now)
+            case CreateOp(request, now):
+                return await self._do_create(conn, state, request, now)
+            case DeleteOp(path, now):
+                return await self._do_delete(conn, state, path, now)
+            case ReapOp(now):
+                return await self._do_reap(conn, state, now)
+
+    async def _lock(self, conn: asyncpg.Connection, state: _Batch, batch: list[WriteOp]) -> None:
         """Lock every stream the batch appends to, in id order, and load their producers."""
-        paths = sorted({op.args[0] for op in batch if op.kind == "append"})
-        if not paths:
+        appends = [op for op in batch if isinstance(op, AppendOp)]
+        if not appends:
             return
         rows = await conn.fetch(
             f"SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) ORDER BY id "
             "FOR UPDATE",
-            paths,
+            sorted({op.path for op in appends}),
         )
         for row in rows:
-            meta = await _with_segments(conn, _row_meta(row))
+            meta = await _with_segments(conn, row_meta(row))
             state.metas[meta.path] = meta
         wanted = {
-            (state.metas[op.args[0]].stream_id, op.args[1].producer.producer_id)
-            for op in batch
-            if op.kind == "append" and op.args[1].producer and op.args[0] in state.metas
+            (state.metas[op.path].stream_id, op.request.producer.producer_id)
+            for op in appends
+            if op.request.producer and op.path in state.metas
         }
         if wanted:
             ids, names = zip(*wanted, strict=True)
@@ -397,19 +467,30 @@ class PostgresStore:
             for row in found:
                 state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
 
+    async def _producer(
+        self, conn: asyncpg.Connection, state: _Batch, key: tuple[int, str]
+    ) -> ProducerState | None:
+        """A producer's state, read under its stream's lock when the batch start missed it
+        (a stream created meanwhile, here or by another relay)."""
+        if key not in state.producers:
+            row = await conn.fetchrow(
+                "SELECT epoch, last_seq FROM relay_producers "
+                "WHERE stream_id = $1 AND producer_id = $2",
+                *key,
+            )
+            state.producers[key] = ProducerState(row[0], row[1]) if row else None
+        return state.producers[key]
+
     async def _write(self, conn: asyncpg.Connection, state: _Batch) -> None:
         """All of the batch's appends as one statement per table."""
-        if state.pending:
+        rows = state.rows.drain()
+        if rows:
             await conn.executemany(
                 "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
                 "VALUES ($1, $2, $3, $4)",
-                [
-                    (sid, start, start + len(data), bytes(data))
-                    for sid, (start, data) in state.pending.items()
-                ],
+                rows,
             )
-            state.rows += len(state.pending)
-            state.pending.clear()
+            state.written += len(rows)
         if state.stream_updates:
             metas = list(state.stream_updates.values())
             await conn.execute(
@@ -444,7 +525,9 @@ class PostgresStore:
             state.producer_writes.clear()
 
     def _payload(self, state: _Batch) -> str:
+        """``origin|id:tail:flag,...``; flag 0 open, 1 closed, d removed; ``*``: re-check all."""
         entries = [f"{sid}:{tail}:{int(closed)}" for sid, (tail, closed) in state.moved.items()]
+        entries += [f"{sid}:0:d" for sid in state.removed]
         payload = f"{self._origin}|" + ",".join(entries)
         return payload if len(payload) <= NOTIFY_LIMIT else f"{self._origin}|*"
 
@@ -466,36 +549,23 @@ class PostgresStore:
             state.metas[path] = meta
         check_visible(meta, now)
         key = (meta.stream_id, request.producer.producer_id) if request.producer else None
-        producer_state = state.producers.get(key) if key else None
+        producer_state = await self._producer(conn, state, key) if key else None
         plan = decide_append(meta, producer_state, request)
         if not plan.write:
             return AppendResult(meta, plan, meta.tail)
-        start = meta.tail
-        closed_by = plan.producer if plan.close else None
-        after = replace(
-            meta,
-            tail=start + len(plan.data),
-            closed=meta.closed or plan.close,
-            last_access=now,
-            stream_seq=plan.stream_seq or meta.stream_seq,
-            closed_by=closed_by or meta.closed_by,
-        )
+        after = after_append(meta, plan, now)
         state.metas[path] = after
         state.stream_updates[meta.stream_id] = after
         if key is not None and plan.producer_state is not None:
             state.producers[key] = plan.producer_state
             state.producer_writes[key] = plan.producer_state
         if plan.data:
-            staged = state.pending.get(meta.stream_id)
-            if staged is not None and staged[0] + len(staged[1]) == start:
-                staged[1].extend(plan.data)
-            else:
-                if staged is not None:
-                    await self._write(conn, state)
-                state.pending[meta.stream_id] = (start, bytearray(plan.data))
+            if not state.rows.stage(meta.stream_id, meta.tail, plan.data):
+                await self._write(conn, state)
+                state.rows.stage(meta.stream_id, meta.tail, plan.data)
             self._stats["appends"] += 1
         state.moved[meta.stream_id] = (after.tail, after.closed)
-        return AppendResult(after, plan, start)
+        return AppendResult(after, plan, meta.tail)
 
     async def _do_create(
         self, conn: asyncpg.Connection, state: _Batch, request: CreateRequest, now: float
@@ -506,15 +576,11 @@ class PostgresStore:
             await self._remove(conn, state, existing)
             existing = None
         source = None
-        after_anchor = b""
         if request.fork is not None:
             source = await self._load(conn, request.fork.source_path, lock=True)
             if source is None or (not source.soft_deleted and is_expired(source, now)):
                 raise NotFound("fork source not found")
-            anchor = source.tail if request.fork.offset is None else request.fork.offset
-            if needs_source_bytes(request) and anchor <= source.tail:
-                after_anchor = await _read_range(conn, source, anchor, source.tail)
-        outcome = plan_create(existing, source, request, after_anchor)
+        outcome = plan_create(existing, source, request)
         if isinstance(outcome, StreamMeta):
             return CreateResult(outcome, created=False)
         row = await conn.fetchrow(
@@ -537,13 +603,13 @@ class PostgresStore:
             raced = await self._load(conn, request.path, lock=True)
             if raced is None:
                 raise Unavailable("stream creation raced with a delete; retry")
-            again = plan_create(raced, source, request, after_anchor)
+            again = plan_create(raced, source, request)
             assert isinstance(again, StreamMeta)
             return CreateResult(again, created=False)
-        meta = await _with_segments(conn, _row_meta(row))
+        meta = await _with_segments(conn, row_meta(row))
         state.metas[meta.path] = meta
         if outcome.data:
-            state.pending[meta.stream_id] = (outcome.fork_offset, bytearray(outcome.data))
+            state.rows.stage(meta.stream_id, outcome.fork_offset, outcome.data)
             self._stats["appends"] += 1
         return CreateResult(meta, created=True)
 
@@ -569,7 +635,9 @@ class PostgresStore:
             now,
         )
         for row in rows:
-            await self._remove(conn, state, _row_meta(row))
+            meta = row_meta(row)
+            await self._remove(conn, state, meta)
+            state.metas.pop(meta.path, None)
         orphans = await conn.fetch(
             "SELECT id FROM relay_streams s WHERE soft_deleted AND NOT EXISTS "
             "(SELECT 1 FROM relay_streams f WHERE f.source_id = s.id) "
@@ -581,6 +649,8 @@ class PostgresStore:
 
     async def _remove(self, conn: asyncpg.Connection, state: _Batch, meta: StreamMeta) -> None:
         """Soft-delete while forks reference the stream; otherwise purge and cascade."""
+        state.removed.append(meta.stream_id)
+        state.moved.pop(meta.stream_id, None)
         if await conn.fetchval(
             "SELECT 1 FROM relay_streams WHERE source_id = $1 LIMIT 1", meta.stream_id
         ):
@@ -591,21 +661,13 @@ class PostgresStore:
         await self._purge(conn, meta.stream_id)
 
     async def _purge(self, conn: asyncpg.Connection, stream_id: int) -> None:
-        current: int | None = stream_id
-        while current is not None:
-            source_id = await conn.fetchval(
-                "DELETE FROM relay_streams WHERE id = $1 RETURNING source_id", current
-            )
-            await conn.execute("DELETE FROM relay_chunks WHERE stream_id = $1", current)
-            await conn.execute("DELETE FROM relay_producers WHERE stream_id = $1", current)
-            if source_id is None:
-                return
-            orphaned = await conn.fetchval(
-                "SELECT soft_deleted AND NOT EXISTS (SELECT 1 FROM relay_streams f "
-                "WHERE f.source_id = s.id) FROM relay_streams s WHERE s.id = $1",
-                source_id,
-            )
-            current = source_id if orphaned else None
+        doomed = [row[0] for row in await conn.fetch(_PURGE_CHAIN, stream_id)]
+        for table, column in (
+            ("relay_chunks", "stream_id"),
+            ("relay_producers", "stream_id"),
+            ("relay_streams", "id"),
+        ):
+            await conn.execute(f"DELETE FROM {table} WHERE {column} = ANY($1::bigint[])", doomed)
 
     async def _load(
         self, conn: asyncpg.Connection, path: str, *, lock: bool = False
@@ -614,7 +676,7 @@ class PostgresStore:
         row = await conn.fetchrow(
             f"SELECT {_META} FROM relay_streams WHERE path = $1{suffix}", path
         )
-        return await _with_segments(conn, _row_meta(row)) if row else None
+        return await _with_segments(conn, row_meta(row)) if row else None
 
     # -- LISTEN ------------------------------------------------------------------------------
 
@@ -651,29 +713,42 @@ class PostgresStore:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         origin, _, body = payload.partition("|")
-        if origin == self._origin or self._listener is None:
+        events = self._events
+        if origin == self._origin or events is None:
             return
         if body == "*":
             self._wake_watched()
             return
-        for entry in _split(body):
-            sid, tail, closed = entry
-            self._listener(sid, tail, closed)
+        for sid, tail, flag in _split(body):
+            if flag == "d":
+                events.deleted(sid)
+            else:
+                events.remote_commit(sid, tail, flag == "1")
 
     def _wake_watched(self) -> None:
-        ids = list(self._watched())
-        if ids and self._listener is not None:
-            asyncio.get_running_loop().create_task(self._refresh(ids))
+        ids = list(self._events.watched_ids()) if self._events is not None else []
+        if ids:
+            self._spawn(self._refresh(ids))
 
     async def _refresh(self, ids: list[int]) -> None:
+        """Re-read watched streams after missed notifications: tails, and which are gone."""
         with contextlib.suppress(*_OFFLINE):
             async with self._conn() as conn:
                 rows = await conn.fetch(
-                    "SELECT id, tail, closed FROM relay_streams WHERE id = ANY($1::bigint[])", ids
+                    "SELECT id, tail, closed FROM relay_streams "
+                    "WHERE id = ANY($1::bigint[]) AND NOT soft_deleted",
+                    ids,
                 )
+            events = self._events
+            if events is None:
+                return
+            alive = set()
             for row in rows:
-                if self._listener is not None:
-                    self._listener(row[0], row[1], row[2])
+                alive.add(row[0])
+                events.remote_commit(row[0], row[1], row[2])
+            for sid in ids:
+                if sid not in alive:
+                    events.deleted(sid)
 
     # -- compaction --------------------------------------------------------------------------
 
@@ -754,29 +829,24 @@ def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
         yield run
 
 
-def _split(body: str) -> Iterator[tuple[int, int, bool]]:
+def _split(body: str) -> Iterator[tuple[int, int, str]]:
     for entry in body.split(","):
         parts = entry.split(":")
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-            yield int(parts[0]), int(parts[1]), parts[2] == "1"
+            yield int(parts[0]), int(parts[1]), parts[2]
 
 
 async def _read_range(conn: asyncpg.Connection, meta: StreamMeta, start: int, end: int) -> bytes:
     out = bytearray()
-    for segment in meta.segments:
-        hi = end if segment.end is None else min(end, segment.end)
-        lo = max(start, segment.start)
-        if lo >= hi:
-            continue
+    for stream_id, lo, hi in segment_ranges(meta, start, end):
         rows = await conn.fetch(
             "SELECT start_pos, data FROM relay_chunks WHERE stream_id = $1 AND end_pos > $2 "
             "AND start_pos < $3 ORDER BY start_pos",
-            segment.stream_id,
+            stream_id,
             lo,
             hi,
         )
-        for row_start, data in rows:
-            out += data[max(0, lo - row_start) : hi - row_start]
+        stitch(out, rows, lo, hi)
     return bytes(out)
 
 
@@ -787,24 +857,3 @@ async def _with_segments(conn: asyncpg.Connection, meta: StreamMeta) -> StreamMe
         rows = await conn.fetch(_CHAIN, meta.stream_id)
         chain = [(row[0], row[1]) for row in rows]
     return replace(meta, segments=fork_segments(chain))
-
-
-def _row_meta(row: asyncpg.Record) -> StreamMeta:
-    closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None
-    return StreamMeta(
-        stream_id=row[0],
-        path=row[1],
-        content_type=row[2],
-        tail=row[3],
-        closed=row[4],
-        ttl=row[5],
-        expires_at=row[6],
-        last_access=row[7],
-        created_at=row[8],
-        stream_seq=row[9],
-        closed_by=closed_by,
-        forked_from=row[14],
-        fork_offset=row[15],
-        soft_deleted=row[16],
-        source_id=row[13],
-    )

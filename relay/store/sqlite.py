@@ -17,80 +17,100 @@ import asyncio
 import fcntl
 import sqlite3
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
 from protocol.append import AppendRequest, decide_append
-from protocol.create import CreatePlan, CreateRequest, needs_source_bytes, plan_create
+from protocol.create import CreatePlan, CreateRequest, plan_create
 from protocol.errors import NotFound, ProtocolError
-from protocol.headers import ProducerHeaders
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta, fork_segments
 from relay.store.base import (
     AppendResult,
     CreateResult,
-    RemoteCommit,
+    StoreEvents,
     StoreStartupError,
     StoreStats,
-    WatchedIds,
 )
-from relay.store.batching import Committer, Op, Touches
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
-    content_type TEXT NOT NULL,
-    tail INTEGER NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0,
-    ttl INTEGER,
-    expires_at REAL,
-    last_access REAL NOT NULL,
-    created_at REAL NOT NULL,
-    stream_seq TEXT,
-    closed_by_id TEXT,
-    closed_by_epoch INTEGER,
-    closed_by_seq INTEGER,
-    source_id INTEGER,
-    forked_from TEXT,
-    fork_offset INTEGER NOT NULL DEFAULT 0,
-    soft_deleted INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS streams_source ON streams(source_id);
-CREATE TABLE IF NOT EXISTS chunks (
-    stream_id INTEGER NOT NULL,
-    start_pos INTEGER NOT NULL,
-    end_pos INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (stream_id, start_pos)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS producers (
-    stream_id INTEGER NOT NULL,
-    producer_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL,
-    PRIMARY KEY (stream_id, producer_id)
-) WITHOUT ROWID;
-"""
-
-_META_COLUMNS = (
-    "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
-    "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
-    "fork_offset, soft_deleted"
+from relay.store.batching import (
+    AppendOp,
+    Committer,
+    CreateOp,
+    DeleteOp,
+    ReapOp,
+    Touches,
+    WriteOp,
 )
+from relay.store.common import (
+    META_COLUMNS,
+    StagedRows,
+    after_append,
+    purge_chain_sql,
+    resolve_fork,
+    row_meta,
+    segment_ranges,
+    stitch,
+)
+
+_META_COLUMNS = META_COLUMNS
+_PURGE_CHAIN = purge_chain_sql("streams", "?")
 CACHE_LIMIT = 100_000
 
 
 @dataclass
 class _Batch:
-    """Appends gathered in one transaction: consecutive ones to a stream become one row."""
+    """What one transaction has staged, and what the cache and the listener learn after it."""
 
-    pending: dict[int, tuple[int, bytearray]] = field(default_factory=dict)
-    rows: int = 0
+    rows: StagedRows = field(default_factory=StagedRows)
+    written: int = 0
     updated: dict[str, StreamMeta | None] = field(default_factory=dict)  # None: gone
+    removed: list[int] = field(default_factory=list)  # stream ids deleted or soft-deleted
+
+
+def migrations() -> list[tuple[int, str]]:
+    """``sql/sqlite/NNN_name.sql`` in order; the applied version is ``PRAGMA user_version``."""
+    folder = resources.files("relay.store") / "sql" / "sqlite"
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql") and entry.name[:1].isdigit()
+    ]
+    return sorted(found)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring a data directory's schema to the newest version, one transaction per step."""
+    current: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    for version, sql in migrations():
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version:d}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        current = version
+    return current
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit on its own)."""
+    out, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            out.append(buffer.strip())
+            buffer = ""
+    return out
 
 
 class SqliteStore:
@@ -102,8 +122,10 @@ class SqliteStore:
         *,
         max_batch_ops: int = 1024,
         max_batch_bytes: int = 16 * 1024 * 1024,
+        max_fork_scan: int = 16 * 1024 * 1024,
     ) -> None:
         self._dir = Path(data_dir)
+        self._max_fork_scan = max_fork_scan
         self._db_path = self._dir / "relay.sqlite3"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="relay-sqlite-writer")
         self._committer = Committer(
@@ -113,6 +135,7 @@ class SqliteStore:
         self._local = threading.local()
         self._write_conn: sqlite3.Connection | None = None
         self._cache: dict[str, StreamMeta] = {}
+        self._events: StoreEvents | None = None
         self._lock_file: IO[str] | None = None
         self._stats = {"appends": 0, "rows_written": 0}
 
@@ -139,7 +162,7 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        migrate(conn)
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -161,8 +184,9 @@ class SqliteStore:
         if self._lock_file is not None:
             self._lock_file.close()
 
-    def set_remote_listener(self, listener: RemoteCommit, watched: WatchedIds) -> None:
-        """One process owns the data directory, so there are no remote commits."""
+    def set_listener(self, events: StoreEvents) -> None:
+        """Hears removals; one process owns the data directory, so no remote commits."""
+        self._events = events
 
     def stats(self) -> StoreStats:
         return StoreStats(
@@ -175,23 +199,29 @@ class SqliteStore:
     # -- the interface -----------------------------------------------------------------------
 
     async def create(self, request: CreateRequest, now: float) -> CreateResult:
+        request = await resolve_fork(
+            request,
+            lambda path: self.head(path, now, touch=False),
+            self.read,
+            self._max_fork_scan,
+        )
         result: CreateResult = await self._committer.submit(
-            "create", (request, now), len(request.body)
+            CreateOp(request, now), len(request.body)
         )
         return result
 
     async def append(self, path: str, request: AppendRequest, now: float) -> AppendResult:
         result: AppendResult = await self._committer.submit(
-            "append", (path, request, now), len(request.data)
+            AppendOp(path, request, now), len(request.data)
         )
         return result
 
     async def delete(self, path: str, now: float) -> StreamMeta:
-        result: StreamMeta = await self._committer.submit("delete", (path, now), 0)
+        result: StreamMeta = await self._committer.submit(DeleteOp(path, now))
         return result
 
     async def reap(self, now: float) -> int:
-        result: int = await self._committer.submit("reap", (now,), 0)
+        result: int = await self._committer.submit(ReapOp(now))
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
@@ -218,9 +248,15 @@ class SqliteStore:
 
     # -- group commit ------------------------------------------------------------------------
 
-    async def _apply_in_writer(self, batch: list[Op], touches: Touches) -> list[Any]:
+    async def _apply_in_writer(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._apply_batch, batch, touches)
+        outcomes, removed = await loop.run_in_executor(
+            self._writer, self._apply_batch, batch, touches
+        )
+        if self._events is not None:
+            for stream_id in removed:
+                self._events.deleted(stream_id)
+        return outcomes
 
     def _load_into_cache(self, path: str) -> StreamMeta | None:
         """Writer thread, between commits: what it loads is committed and stays current."""
@@ -232,90 +268,93 @@ class SqliteStore:
             self._cache[path] = meta
         return meta
 
-    def _apply_batch(self, batch: list[Op], touches: Touches) -> list[Any]:
-        """Runs on the writer thread: one transaction for the whole batch."""
+    def _apply_batch(self, batch: list[WriteOp], touches: Touches) -> tuple[list[Any], list[int]]:
+        """Runs on the writer thread: one transaction for the whole batch.
+
+        Touches go first, so a stream read before this batch is never reaped by it.
+        """
         conn = self._write_conn
         assert conn is not None
         state = _Batch()
         outcomes: list[Any] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
+            for stream_id, when in touches.values():
+                conn.execute(
+                    "UPDATE streams SET last_access = max(last_access, ?) WHERE id = ?",
+                    (when, stream_id),
+                )
             for op in batch:
                 try:
                     outcomes.append(self._apply(conn, state, op))
                 except ProtocolError as exc:
                     outcomes.append(exc)
             self._flush_rows(conn, state)
-            for stream_id, when in touches.values():
-                conn.execute(
-                    "UPDATE streams SET last_access = max(last_access, ?) WHERE id = ?",
-                    (when, stream_id),
-                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             self._cache.clear()
             raise
+        for path, (stream_id, when) in touches.items():
+            cached = self._cache.get(path)
+            if cached is not None and cached.stream_id == stream_id:
+                self._cache[path] = _with_access(cached, when)
         for path, meta in state.updated.items():
             if meta is None:
                 self._cache.pop(path, None)
             else:
                 self._cache[path] = meta
-        for path, (stream_id, when) in touches.items():
-            cached = self._cache.get(path)
-            if cached is not None and cached.stream_id == stream_id:
-                self._cache[path] = _with_access(cached, when)
-        self._stats["rows_written"] += state.rows
-        return outcomes
+        self._stats["rows_written"] += state.written
+        return outcomes, state.removed
 
-    def _apply(self, conn: sqlite3.Connection, state: _Batch, op: Op) -> Any:
-        handler: Callable[..., Any] = getattr(self, f"_do_{op.kind}")
-        return handler(conn, state, *op.args)
+    def _apply(self, conn: sqlite3.Connection, state: _Batch, op: WriteOp) -> Any:
+        match op:
+            case AppendOp(path, request, now):
+                return self._do_append(conn, state, path, request, now)
+            case CreateOp(request, now):
+                return self._do_create(conn, state, request, now)
+            case DeleteOp(path, now):
+                return self._do_delete(conn, state, path, now)
+            case ReapOp(now):
+                return self._do_reap(conn, state, now)
 
     def _flush_rows(self, conn: sqlite3.Connection, state: _Batch) -> None:
-        for stream_id, (start, data) in state.pending.items():
-            conn.execute(
+        rows = state.rows.drain()
+        if rows:
+            conn.executemany(
                 "INSERT INTO chunks (stream_id, start_pos, end_pos, data) VALUES (?, ?, ?, ?)",
-                (stream_id, start, start + len(data), bytes(data)),
+                rows,
             )
-            state.rows += 1
-        state.pending.clear()
+            state.written += len(rows)
 
-    def _stage(self, state: _Batch, stream_id: int, start: int, data: bytes) -> None:
-        if not data:
-            return
-        staged = state.pending.get(stream_id)
-        if staged is not None and staged[0] + len(staged[1]) == start:
-            staged[1].extend(data)
-        else:
-            state.pending[stream_id] = (start, bytearray(data))
+    def _stage(
+        self, conn: sqlite3.Connection, state: _Batch, stream_id: int, start: int, data: bytes
+    ) -> None:
+        if not state.rows.stage(stream_id, start, data):
+            self._flush_rows(conn, state)
+            state.rows.stage(stream_id, start, data)
 
     # -- operations (writer thread, inside the batch transaction) ----------------------------
 
     def _do_create(
         self, conn: sqlite3.Connection, state: _Batch, request: CreateRequest, now: float
     ) -> CreateResult:
+        self._flush_rows(conn, state)  # a fork may read what this batch appended
         existing = self._load(conn, request.path)
         if existing is not None and _is_dead(existing, now):
             self._remove(conn, state, existing)
             existing = None
         source: StreamMeta | None = None
-        after_anchor = b""
         if request.fork is not None:
-            self._flush_rows(conn, state)
             source = self._load(conn, request.fork.source_path)
             if source is None or (not source.soft_deleted and is_expired(source, now)):
                 raise NotFound("fork source not found")
-            if needs_source_bytes(request):
-                anchor = source.tail if request.fork.offset is None else request.fork.offset
-                if anchor <= source.tail:
-                    after_anchor = self._read_range_conn(conn, source, anchor, source.tail)
-        outcome = plan_create(existing, source, request, after_anchor)
+        outcome = plan_create(existing, source, request)
         if isinstance(outcome, StreamMeta):
             return CreateResult(outcome, created=False)
         meta = self._insert(conn, request.path, outcome, now)
         state.updated[meta.path] = meta
-        self._stage(state, meta.stream_id, outcome.fork_offset, outcome.data)
+        self._stage(conn, state, meta.stream_id, outcome.fork_offset, outcome.data)
         self._stats["appends"] += 1 if outcome.data else 0
         return CreateResult(meta, created=True)
 
@@ -325,10 +364,10 @@ class SqliteStore:
         source_id = plan.source.stream_id if plan.source is not None else None
         forked_from = plan.source.path if plan.source is not None else None
         tail = plan.fork_offset + len(plan.data)
-        cursor = conn.execute(
+        row = conn.execute(
             "INSERT INTO streams (path, content_type, tail, closed, ttl, expires_at, "
             "last_access, created_at, source_id, forked_from, fork_offset) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_META_COLUMNS}",
             (
                 path,
                 plan.content_type,
@@ -342,12 +381,8 @@ class SqliteStore:
                 forked_from,
                 plan.fork_offset,
             ),
-        )
-        stream_id = cursor.lastrowid
-        assert stream_id is not None
-        meta = self._load_id(conn, stream_id)
-        assert meta is not None
-        return meta
+        ).fetchone()
+        return self._with_segments(conn, row_meta(row))
 
     def _do_append(
         self,
@@ -364,19 +399,16 @@ class SqliteStore:
         plan = decide_append(meta, producer_state, request)
         if not plan.write:
             return AppendResult(meta, plan, meta.tail)
-        start = meta.tail
-        tail = start + len(plan.data)
-        closed_by = plan.producer if plan.close else None
+        after = after_append(meta, plan, now)
+        closed_by = after.closed_by if plan.close else None
         conn.execute(
-            "UPDATE streams SET tail = ?, closed = closed OR ?, last_access = ?, "
-            "stream_seq = coalesce(?, stream_seq), closed_by_id = coalesce(?, closed_by_id), "
-            "closed_by_epoch = coalesce(?, closed_by_epoch), "
-            "closed_by_seq = coalesce(?, closed_by_seq) WHERE id = ?",
+            "UPDATE streams SET tail = ?, closed = ?, last_access = ?, stream_seq = ?, "
+            "closed_by_id = ?, closed_by_epoch = ?, closed_by_seq = ? WHERE id = ?",
             (
-                tail,
-                int(plan.close),
-                now,
-                plan.stream_seq,
+                after.tail,
+                int(after.closed),
+                after.last_access,
+                after.stream_seq,
                 closed_by.producer_id if closed_by else None,
                 closed_by.epoch if closed_by else None,
                 closed_by.seq if closed_by else None,
@@ -395,19 +427,11 @@ class SqliteStore:
                     plan.producer_state.last_seq,
                 ),
             )
-        self._stage(state, meta.stream_id, start, plan.data)
+        self._stage(conn, state, meta.stream_id, meta.tail, plan.data)
         if plan.data:
             self._stats["appends"] += 1
-        after = _replace(
-            meta,
-            tail=tail,
-            closed=meta.closed or plan.close,
-            last_access=now,
-            stream_seq=plan.stream_seq or meta.stream_seq,
-            closed_by=closed_by or meta.closed_by,
-        )
         state.updated[path] = after
-        return AppendResult(after, plan, start)
+        return AppendResult(after, plan, meta.tail)
 
     def _do_delete(
         self, conn: sqlite3.Connection, state: _Batch, path: str, now: float
@@ -426,7 +450,7 @@ class SqliteStore:
             (now, now),
         ).fetchall()
         for row in rows:
-            self._remove(conn, state, _row_meta(row))
+            self._remove(conn, state, row_meta(row))
         orphans = conn.execute(
             "SELECT id FROM streams s WHERE soft_deleted = 1 AND NOT EXISTS "
             "(SELECT 1 FROM streams f WHERE f.source_id = s.id)"
@@ -439,6 +463,7 @@ class SqliteStore:
 
     def _remove(self, conn: sqlite3.Connection, state: _Batch, meta: StreamMeta) -> None:
         """Soft-delete while forks reference the stream; otherwise purge and cascade."""
+        state.removed.append(meta.stream_id)
         if conn.execute("SELECT 1 FROM streams WHERE source_id = ?", (meta.stream_id,)).fetchone():
             conn.execute("UPDATE streams SET soft_deleted = 1 WHERE id = ?", (meta.stream_id,))
             state.updated[meta.path] = replace(meta, soft_deleted=True)
@@ -446,27 +471,13 @@ class SqliteStore:
         self._purge(conn, state, meta.stream_id)
 
     def _purge(self, conn: sqlite3.Connection, state: _Batch, stream_id: int) -> None:
-        while True:
-            row = conn.execute(
-                "SELECT source_id, path FROM streams WHERE id = ?", (stream_id,)
-            ).fetchone()
-            if row is not None:
-                state.updated[row[1]] = None
-            conn.execute("DELETE FROM chunks WHERE stream_id = ?", (stream_id,))
-            conn.execute("DELETE FROM producers WHERE stream_id = ?", (stream_id,))
-            conn.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
-            source_id = row[0] if row else None
-            if source_id is None:
-                return
-            source = conn.execute(
-                "SELECT soft_deleted FROM streams WHERE id = ?", (source_id,)
-            ).fetchone()
-            still_used = conn.execute(
-                "SELECT 1 FROM streams WHERE source_id = ?", (source_id,)
-            ).fetchone()
-            if source is None or not source[0] or still_used:
-                return
-            stream_id = source_id
+        doomed = [row[0] for row in conn.execute(_PURGE_CHAIN, (stream_id,)).fetchall()]
+        marks = ",".join("?" * len(doomed))
+        for (path,) in conn.execute(f"SELECT path FROM streams WHERE id IN ({marks})", doomed):
+            state.updated[path] = None
+        conn.execute(f"DELETE FROM chunks WHERE stream_id IN ({marks})", doomed)
+        conn.execute(f"DELETE FROM producers WHERE stream_id IN ({marks})", doomed)
+        conn.execute(f"DELETE FROM streams WHERE id IN ({marks})", doomed)
 
     def _producer(
         self, conn: sqlite3.Connection, stream_id: int, producer_id: str
@@ -488,13 +499,7 @@ class SqliteStore:
         row = conn.execute(
             f"SELECT {_META_COLUMNS} FROM streams WHERE path = ?", (path,)
         ).fetchone()
-        return self._with_segments(conn, _row_meta(row)) if row else None
-
-    def _load_id(self, conn: sqlite3.Connection, stream_id: int) -> StreamMeta | None:
-        row = conn.execute(
-            f"SELECT {_META_COLUMNS} FROM streams WHERE id = ?", (stream_id,)
-        ).fetchone()
-        return self._with_segments(conn, _row_meta(row)) if row else None
+        return self._with_segments(conn, row_meta(row)) if row else None
 
     def _with_segments(self, conn: sqlite3.Connection, meta: StreamMeta) -> StreamMeta:
         chain = [(meta.stream_id, meta.fork_offset)]
@@ -507,57 +512,23 @@ class SqliteStore:
                 break
             chain.append((row[0], row[1]))
             source_id = row[2]
-        return _replace(meta, segments=fork_segments(chain))
+        return replace(meta, segments=fork_segments(chain))
 
     def _read_range(self, meta: StreamMeta, start: int, end: int) -> bytes:
-        return self._read_range_conn(self._reader(), meta, start, end)
-
-    def _read_range_conn(
-        self, conn: sqlite3.Connection, meta: StreamMeta, start: int, end: int
-    ) -> bytes:
+        conn = self._reader()
         out = bytearray()
-        for segment in meta.segments:
-            seg_end = end if segment.end is None else min(end, segment.end)
-            lo, hi = max(start, segment.start), seg_end
-            if lo >= hi:
-                continue
+        for stream_id, lo, hi in segment_ranges(meta, start, end):
             rows = conn.execute(
                 "SELECT start_pos, data FROM chunks WHERE stream_id = ? AND end_pos > ? "
                 "AND start_pos < ? ORDER BY start_pos",
-                (segment.stream_id, lo, hi),
+                (stream_id, lo, hi),
             ).fetchall()
-            for row_start, data in rows:
-                out += data[max(0, lo - row_start) : hi - row_start]
+            stitch(out, rows, lo, hi)
         return bytes(out)
 
 
-def _row_meta(row: tuple[Any, ...]) -> StreamMeta:
-    closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None
-    return StreamMeta(
-        stream_id=row[0],
-        path=row[1],
-        content_type=row[2],
-        tail=row[3],
-        closed=bool(row[4]),
-        ttl=row[5],
-        expires_at=row[6],
-        last_access=row[7],
-        created_at=row[8],
-        stream_seq=row[9],
-        closed_by=closed_by,
-        forked_from=row[14],
-        fork_offset=row[15],
-        soft_deleted=bool(row[16]),
-        source_id=row[13],
-    )
-
-
-def _replace(meta: StreamMeta, **changes: Any) -> StreamMeta:
-    return replace(meta, **changes)
-
-
 def _with_access(meta: StreamMeta, when: float) -> StreamMeta:
-    return _replace(meta, last_access=max(meta.last_access, when))
+    return replace(meta, last_access=max(meta.last_access, when))
 
 
 def _is_dead(meta: StreamMeta, now: float) -> bool:

@@ -1,0 +1,177 @@
+"""What every batched store shares: the stream row's columns, staging appended rows, stitching
+reads across fork segments, the purge cascade, and resolving fork sub-offsets.
+
+Backends differ only in their driver (sqlite3 on a writer thread, asyncpg on the loop); the
+shapes of rows, the order of columns and the rules for what a purge removes live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from protocol.append import AppendPlan
+from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
+from protocol.errors import BadRequest, ProtocolError
+from protocol.headers import ProducerHeaders, is_json
+from protocol.jsonmode import SEPARATOR
+from protocol.model import StreamMeta
+
+META_COLUMNS = (
+    "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
+    "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
+    "fork_offset, soft_deleted"
+)
+"""The stream row as every query returns it; :func:`row_meta` reads it back."""
+
+FORK_SCAN_WINDOW = 64 * 1024
+
+
+def row_meta(row: Any) -> StreamMeta:
+    """A stream row (columns in ``META_COLUMNS`` order) as the protocol sees it."""
+    closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None
+    return StreamMeta(
+        stream_id=row[0],
+        path=row[1],
+        content_type=row[2],
+        tail=row[3],
+        closed=bool(row[4]),
+        ttl=row[5],
+        expires_at=row[6],
+        last_access=row[7],
+        created_at=row[8],
+        stream_seq=row[9],
+        closed_by=closed_by,
+        forked_from=row[14],
+        fork_offset=row[15],
+        soft_deleted=bool(row[16]),
+        source_id=row[13],
+    )
+
+
+def after_append(meta: StreamMeta, plan: AppendPlan, now: float) -> StreamMeta:
+    """The stream once ``plan`` (a write) is committed."""
+    closed_by = plan.producer if plan.close else None
+    return replace(
+        meta,
+        tail=meta.tail + len(plan.data),
+        closed=meta.closed or plan.close,
+        last_access=max(meta.last_access, now),
+        stream_seq=plan.stream_seq or meta.stream_seq,
+        closed_by=closed_by or meta.closed_by,
+    )
+
+
+@dataclass
+class StagedRows:
+    """Appends of one transaction, gathered so consecutive ones to a stream become one row."""
+
+    pending: dict[int, tuple[int, bytearray]] = field(default_factory=dict)
+
+    def stage(self, stream_id: int, start: int, data: bytes) -> bool:
+        """Stage ``data`` at ``start``; False if it cannot extend the stream's staged row, so
+        the caller must flush first and stage again."""
+        if not data:
+            return True
+        staged = self.pending.get(stream_id)
+        if staged is None:
+            self.pending[stream_id] = (start, bytearray(data))
+            return True
+        if staged[0] + len(staged[1]) != start:
+            return False
+        staged[1].extend(data)
+        return True
+
+    def drain(self) -> list[tuple[int, int, int, bytes]]:
+        """(stream_id, start, end, data) per staged row, emptying the stage."""
+        rows = [
+            (sid, start, start + len(data), bytes(data))
+            for sid, (start, data) in self.pending.items()
+        ]
+        self.pending.clear()
+        return rows
+
+
+def segment_ranges(meta: StreamMeta, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(stored stream id, lo, hi) to read, in order, for ``[start, end)`` of ``meta``."""
+    ranges = []
+    for segment in meta.segments:
+        hi = end if segment.end is None else min(end, segment.end)
+        lo = max(start, segment.start)
+        if lo < hi:
+            ranges.append((segment.stream_id, lo, hi))
+    return ranges
+
+
+def stitch(out: bytearray, rows: Iterable[tuple[int, bytes]], lo: int, hi: int) -> None:
+    """Append the part of each stored row ``(start_pos, data)`` inside ``[lo, hi)``."""
+    for row_start, data in rows:
+        out += data[max(0, lo - row_start) : hi - row_start]
+
+
+def purge_chain_sql(streams: str, param: str) -> str:
+    """Ids a purge of stream ``param`` removes: the stream, then each soft-deleted source left
+    with no other fork, up the chain. One statement, so both backends cascade alike."""
+    return (
+        f"WITH RECURSIVE doomed(id, source_id) AS ("
+        f"SELECT id, source_id FROM {streams} WHERE id = {param} "
+        f"UNION ALL SELECT s.id, s.source_id FROM {streams} s JOIN doomed d ON s.id = d.source_id "
+        f"WHERE s.soft_deleted AND NOT EXISTS (SELECT 1 FROM {streams} f "
+        f"WHERE f.source_id = s.id AND f.id <> d.id)) SELECT id FROM doomed"
+    )
+
+
+Head = Callable[[str], Awaitable[StreamMeta]]
+Read = Callable[[StreamMeta, int, int], Awaitable[bytes]]
+
+
+async def resolve_fork(
+    request: CreateRequest, head: Head, read: Read, max_scan: int
+) -> CreateRequest:
+    """Turn a fork sub-offset into an absolute fork point before the commit transaction.
+
+    Committed bytes never change, so the point found in a snapshot of the source stays right;
+    the transaction only checks that the source is still that stream. This keeps reading the
+    source (bounded by ``max_scan`` bytes) out of the transaction that locks it.
+    """
+    fork = request.fork
+    if fork is None or not needs_source_bytes(request):
+        return request
+    try:
+        source = await head(fork.source_path)
+    except ProtocolError:
+        return request  # missing, expired or deleted: the transaction reports it
+    anchor = source.tail if fork.offset is None else fork.offset
+    if anchor > source.tail:
+        return request  # the transaction refuses it with the spec's error
+    point = await _sub_offset_point(source, anchor, fork.sub_offset, read, max_scan)
+    if point is None:
+        raise BadRequest("fork_sub_offset_overshoot", "Stream-Fork-Sub-Offset is past the data")
+    resolved = ForkRequest(fork.source_path, point, 0, source_id=source.stream_id)
+    return replace(request, fork=resolved)
+
+
+async def _sub_offset_point(
+    source: StreamMeta, anchor: int, sub_offset: int, read: Read, max_scan: int
+) -> int | None:
+    """Where ``sub_offset`` bytes (or, in JSON mode, messages) past ``anchor`` end."""
+    if not is_json(source.content_type):
+        point = anchor + sub_offset
+        return point if point <= source.tail else None
+    position, remaining = anchor, sub_offset
+    while True:
+        if position >= source.tail:
+            return None
+        if position - anchor >= max_scan:
+            raise BadRequest("fork_sub_offset_too_far", f"sub-offset scans past {max_scan} bytes")
+        window = await read(source, position, min(source.tail, position + FORK_SCAN_WINDOW))
+        cut = 0
+        while remaining:
+            newline = window.find(SEPARATOR, cut)
+            if newline < 0:
+                break
+            cut, remaining = newline + 1, remaining - 1
+        if remaining == 0:
+            return position + cut
+        position += len(window)
