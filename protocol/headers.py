@@ -66,6 +66,9 @@ _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})\Z"
 )
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MAX_TOKEN_BYTES = 256  # Producer-Id and Stream-Seq: stored, and indexed (Producer-Id)
+MAX_CONTENT_TYPE_BYTES = 256
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in field values
 
 
 def is_true(value: str | None) -> bool:
@@ -128,7 +131,7 @@ def parse_producer(
     if producer_id == "":
         raise BadRequest("invalid_producer", "Producer-Id must not be empty")
     return ProducerHeaders(
-        producer_id,
+        stored_text(PRODUCER_ID, producer_id, MAX_TOKEN_BYTES),
         parse_non_negative(PRODUCER_EPOCH, epoch),
         parse_non_negative(PRODUCER_SEQ, seq),
     )
@@ -150,3 +153,33 @@ def is_text_like(content_type: str) -> bool:
     """SSE carries text/* and JSON natively; everything else is base64 (section 5.8)."""
     essence = media_type(content_type)
     return essence.startswith("text/") or essence == "application/json"
+
+
+def stored_text(name: str, value: str, max_bytes: int) -> str:
+    """A header value the store keeps as text: valid UTF-8, no control characters, bounded.
+
+    Checked before a request reaches a transaction, so malformed input is the sender's 400
+    and never fails the appends committed beside it. (aiohttp hands bytes that are not UTF-8
+    through as lone surrogates, which no database will encode.)
+    """
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("invalid_header", f"{name} is not valid UTF-8") from None
+    if size > max_bytes:
+        raise BadRequest("header_too_long", f"{name} exceeds {max_bytes} bytes")
+    if _CONTROL.search(value):
+        raise BadRequest("invalid_header", f"{name} contains control characters")
+    return value
+
+
+def parse_stream_seq(value: str | None) -> str | None:
+    """``Stream-Seq``: an opaque token compared byte-wise; stored, so bounded."""
+    return None if value is None else stored_text(STREAM_SEQ, value, MAX_TOKEN_BYTES)
+
+
+def parse_content_type(value: str | None) -> str | None:
+    """A request's Content-Type; a stream stores the one it was created with."""
+    if value is None:
+        return None
+    return stored_text("Content-Type", value, MAX_CONTENT_TYPE_BYTES)

@@ -175,8 +175,10 @@ async def _wait_for_data(
     sub.note_tail(current.tail, current.closed)
     if not await sub.wait_beyond(position, timeout):
         return None
-    if sub.deleted:
-        raise NotFound("stream was deleted")
+    if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it
+        current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+        if current.stream_id != meta.stream_id:
+            raise NotFound("stream was deleted")
     return await _take(ctx, sub, meta, position)
 
 

@@ -44,7 +44,7 @@ async def create(request: web.Request) -> web.Response:
     )
     fork = _fork_request(request, ctx.config.max_path_length)
     body = await read_body(request, ctx.config.max_body_bytes)
-    content_type = hdrs.get("Content-Type") or None
+    content_type = h.parse_content_type(hdrs.get("Content-Type")) or None
     create_request = CreateRequest(
         path=path,
         content_type=content_type.strip() if content_type else None,
@@ -87,7 +87,7 @@ async def append(request: web.Request) -> web.Response:
     ctx.limits.enter_write()
     try:
         body = await read_body(request, ctx.config.max_body_bytes)
-        content_type = hdrs.get("Content-Type")
+        content_type = h.parse_content_type(hdrs.get("Content-Type"))
         data, data_error = body, None
         if body and h.is_json(content_type or ""):
             try:
@@ -98,7 +98,7 @@ async def append(request: web.Request) -> web.Response:
             content_type=content_type,
             data=data,
             close=h.is_true(hdrs.get(h.STREAM_CLOSED)),
-            stream_seq=hdrs.get(h.STREAM_SEQ),
+            stream_seq=h.parse_stream_seq(hdrs.get(h.STREAM_SEQ)),
             producer=producer,
             data_error=data_error,
             body_empty=not body,
