@@ -126,7 +126,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         client_max_size=config.max_body_bytes + 1,
     )
     the_store = store if store is not None else make_store(config)
-    hub = Hub()
+    hub = Hub(max_bytes=config.hub_memory_bytes)
     metrics_ = Metrics()
     ctx = Context(
         config=config,

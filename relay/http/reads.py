@@ -65,15 +65,35 @@ async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
     limit = ctx.config.max_chunk_bytes
     end = min(meta.tail, start + limit)
     data = await ctx.store.read(meta, start, end)
-    json_mode = h.is_json(meta.content_type)
-    if json_mode and end < meta.tail:
-        cut = data.rfind(jsonmode.SEPARATOR) + 1
-        if cut == 0:  # one message larger than the limit: send it whole
-            rest = await ctx.store.read(meta, end, meta.tail)
-            data += rest[: rest.find(jsonmode.SEPARATOR) + 1]
-        else:
-            data = data[:cut]
+    if h.is_json(meta.content_type) and end < meta.tail:
+        data = await _whole_messages(ctx, meta, start, data, limit)
     return _chunk(meta, start, data)
+
+
+async def _whole_messages(
+    ctx: Context, meta: StreamMeta, start: int, data: bytes, limit: int
+) -> bytes:
+    """``data`` cut after its last whole message within ``limit``.
+
+    A first message longer than ``limit`` goes whole: its end is found by reading on in
+    windows of ``limit`` bytes, so the work is bounded by that message, not the stream.
+    """
+    cut = jsonmode.chunk_end(data, limit)
+    if cut:
+        return data[:cut]
+    parts = [data]
+    at = start + len(data)
+    while at < meta.tail:
+        window = await ctx.store.read(meta, at, min(meta.tail, at + limit))
+        if not window:
+            break
+        cut = jsonmode.chunk_end(window, 0)  # the end of the message in progress
+        if cut:
+            parts.append(window[:cut])
+            break
+        parts.append(window)
+        at += len(window)
+    return b"".join(parts)
 
 
 def _chunk(meta: StreamMeta, start: int, data: bytes) -> Chunk:
@@ -186,7 +206,7 @@ async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int
     assert tail is not None
     closed = sub.closed
     latest = replace(meta, tail=tail, closed=closed)
-    data = sub.take(position, ctx.config.max_chunk_bytes)
+    data = sub.take(position, ctx.config.max_chunk_bytes, json_mode=h.is_json(meta.content_type))
     if data is None:
         return await _read_chunk(ctx, latest, position)
     return _chunk(latest, position, data)
