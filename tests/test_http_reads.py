@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +23,7 @@ from tests.stores import Backend, backend
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
 JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
 STREAM = "/v1/stream/j"
 MESSAGES = [{"n": n, "pad": "m" * (n % 7) * 5} for n in range(100)]
 
@@ -129,3 +132,27 @@ async def test_a_message_over_the_chunk_limit_is_read_in_bounded_windows(
         big_size = len(orjson.dumps(big)) + 1
         assert max(end for _, end in reads) <= big_size + limit
         assert sum(end - start for start, end in reads) <= big_size + limit
+
+
+async def test_an_sse_reader_that_stops_reading_is_dropped_and_its_slot_freed(
+    tmp_path: Path,
+) -> None:
+    config = Config(data_dir=str(tmp_path), write_timeout=0.3)
+    async with TestClient(TestServer(make_app(config))) as client:
+        await client.put("/v1/stream/big", headers=TEXT)
+        for _ in range(16):  # far more than the kernel and transport buffers together
+            await client.post("/v1/stream/big", data=b"x" * (900 << 10), headers=TEXT)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", client.port))
+        try:
+            request = b"GET /v1/stream/big?offset=-1&live=sse HTTP/1.1\r\nHost: t\r\n\r\n"
+            await loop.sock_sendall(sock, request)  # and never read a byte
+            ctx = ctx_of(client)
+            await until(lambda: ctx.limits.readers == 1)
+            await until(lambda: ctx.limits.readers == 0)
+            assert ctx.hub.parked_readers == 0
+        finally:
+            sock.close()

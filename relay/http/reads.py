@@ -261,7 +261,7 @@ async def _sse(
                     )
                     announced = True
                 if event:
-                    await response.write(event)
+                    await _send(request, response, event, ctx.config.write_timeout)
                 if closed:
                     break
                 if position < tail:
@@ -275,3 +275,19 @@ async def _sse(
         ctx.limits.exit_reader()
         ctx.metrics.live_readers.dec()
     return response
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, event: bytes, timeout: float
+) -> None:
+    """Write one event, dropping a client that has stopped reading for ``timeout`` seconds.
+
+    Without this, a reader that never reads holds its slot and its buffered events forever.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await response.write(event)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait to flush to the stalled client
+        raise ConnectionResetError("SSE reader stopped reading") from None
