@@ -133,7 +133,9 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         store=the_store,
         hub=hub,
         metrics=metrics_,
-        limits=Limits(config.max_inflight_writes, config.max_live_readers),
+        limits=Limits(
+            config.max_inflight_writes, config.max_live_readers, config.max_inflight_write_bytes
+        ),
     )
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]
