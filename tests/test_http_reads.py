@@ -156,3 +156,20 @@ async def test_an_sse_reader_that_stops_reading_is_dropped_and_its_slot_freed(
             assert ctx.hub.parked_readers == 0
         finally:
             sock.close()
+
+
+async def test_sse_text_events_never_split_a_character(tmp_path: Path) -> None:
+    """An EventSource decodes each event as UTF-8: half a character would become U+FFFD."""
+    text = "héllo wörld ✓ 𝄞\r\n" * 40
+    config = Config(data_dir=str(tmp_path), max_chunk_bytes=7)
+    async with TestClient(TestServer(make_app(config))) as client:
+        await client.put(STREAM, headers={**TEXT, "Stream-Closed": "true"}, data=text.encode())
+        response = await client.get(STREAM, params={"offset": "-1", "live": "sse"})
+        body = await asyncio.wait_for(response.read(), 10)
+        received = ""
+        for event in body.split(b"\n\n"):
+            if event.startswith(b"event: data"):
+                lines = [line[5:] for line in event.split(b"\n") if line[:5] == b"data:"]
+                values = [v[1:] if v.startswith(b" ") else v for v in lines]
+                received += b"\n".join(values).decode()  # strict: a split character raises
+        assert received == text.replace("\r\n", "\n")

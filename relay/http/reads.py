@@ -245,8 +245,11 @@ async def _sse(
                 event = b""
                 if position < tail:
                     chunk = await _take(ctx, sub, meta, position)
-                    event = sse.data_event(chunk.data, json_mode=json_mode, binary=binary)
-                    position = chunk.end
+                    data = chunk.data
+                    if not (json_mode or binary or chunk.up_to_date):
+                        data = data[: sse.text_chunk_end(data)]
+                    event = sse.data_event(data, json_mode=json_mode, binary=binary)
+                    position = chunk.start + len(data)
                     announced = False
                     tail = sub.known_tail() or position
                 closed = sub.closed and position >= tail
