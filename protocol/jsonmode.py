@@ -89,3 +89,17 @@ def message_prefix(stored: bytes, count: int) -> int | None:
 def split_messages(stored: bytes) -> list[bytes]:
     """Each stored message's JSON text (used by SSE to frame arrays line by line)."""
     return stored.split(SEPARATOR)[:-1] if stored else []
+
+
+def chunk_end(data: bytes, limit: int) -> int:
+    """Where a read of ``data``, which starts on a message boundary, may stop: every read path
+    cuts here so no response or event ever carries half a message.
+
+    The last boundary within ``limit`` bytes; when the first message alone is longer than
+    ``limit``, the end of that message (it goes whole); 0 when ``data`` holds no whole message
+    yet, so the caller must read further.
+    """
+    last = data.rfind(SEPARATOR, 0, limit) + 1
+    if last:
+        return last
+    return data.find(SEPARATOR, limit) + 1

@@ -45,3 +45,23 @@ def control_event(next_offset: str, *, cursor: str | None, up_to_date: bool, clo
     if closed:
         body["streamClosed"] = True
     return b"event: control\ndata:" + orjson.dumps(body) + b"\n\n"
+
+
+def text_chunk_end(data: bytes) -> int:
+    """Where an SSE data event of a text stream may stop, when more bytes follow.
+
+    EventSource decodes each event as UTF-8 and normalizes ``\\r\\n`` to one line break, so the
+    cut goes before a trailing incomplete UTF-8 sequence and before a trailing ``\\r`` (whose
+    ``\\n`` may come next). If that leaves nothing, the whole of ``data`` goes.
+    """
+    end = len(data)
+    lead = end - 1
+    while lead >= max(0, end - 4) and data[lead] & 0xC0 == 0x80:
+        lead -= 1  # back over continuation bytes to the sequence's first byte
+    if lead >= 0 and data[lead] >= 0xC0:
+        need = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
+        if end - lead < need:
+            end = lead
+    if end and data[end - 1] == 0x0D:
+        end -= 1
+    return end or len(data)

@@ -126,14 +126,16 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         client_max_size=config.max_body_bytes + 1,
     )
     the_store = store if store is not None else make_store(config)
-    hub = Hub()
+    hub = Hub(max_bytes=config.hub_memory_bytes)
     metrics_ = Metrics()
     ctx = Context(
         config=config,
         store=the_store,
         hub=hub,
         metrics=metrics_,
-        limits=Limits(config.max_inflight_writes, config.max_live_readers),
+        limits=Limits(
+            config.max_inflight_writes, config.max_live_readers, config.max_inflight_write_bytes
+        ),
     )
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]

@@ -113,10 +113,28 @@ SETTINGS: tuple[Setting, ...] = (
         "writes waiting for a commit before new ones get 503 with Retry-After",
     ),
     Setting(
+        "max_inflight_write_bytes",
+        _positive_int,
+        256 * 1024 * 1024,
+        "request body bytes of writes in flight before new ones get 503 with Retry-After",
+    ),
+    Setting(
         "max_live_readers",
         _positive_int,
         100000,
         "parked long-poll and SSE readers before new ones get 429 with Retry-After",
+    ),
+    Setting(
+        "hub_memory_bytes",
+        _positive_int,
+        64 * 1024 * 1024,
+        "recent appends held in memory for woken live readers, across all streams",
+    ),
+    Setting(
+        "write_timeout",
+        _positive_float,
+        30.0,
+        "seconds one SSE write may wait on a client that stops reading before it is dropped",
     ),
     Setting(
         "reap_interval",
@@ -157,7 +175,10 @@ class Config:
     max_batch_ops: int = 1024
     max_batch_bytes: int = 16 * 1024 * 1024
     max_inflight_writes: int = 10000
+    max_inflight_write_bytes: int = 256 * 1024 * 1024
     max_live_readers: int = 100000
+    hub_memory_bytes: int = 64 * 1024 * 1024
+    write_timeout: float = 30.0
     reap_interval: float = 0.5
     cors_origins: str = "*"
     log_level: str = "info"

@@ -6,16 +6,23 @@ nobody polls.
 The hub keeps the last few committed appends of watched streams, so a woken reader usually gets
 its bytes from memory instead of reading the store. Commits made by other processes (Postgres
 LISTEN) arrive without bytes; the hub fetches them once for all of that stream's readers.
+That memory is capped per stream and in total; what the hub no longer holds, readers read from
+the store, so eviction costs a read, never correctness.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from protocol import jsonmode
+
 RECENT_BYTES = 1024 * 1024
+"""Most recent bytes held per watched stream; a longer append is never held."""
+HELD_BYTES = 64 * 1024 * 1024
+"""Default cap on recent bytes held across all watched streams."""
 
 Fetch = Callable[[int, int, int], Awaitable[bytes | None]]
 """(stream_id, start, end) -> the committed bytes, or None if they cannot be had."""
@@ -38,17 +45,6 @@ class _Watch:
             if not waiter.done():
                 waiter.set_result(None)
         self.waiters.clear()
-
-    def remember(self, start: int, data: bytes) -> None:
-        if not data:
-            return
-        if self.recent and self.recent[-1][0] + len(self.recent[-1][1]) != start:
-            self.recent.clear()
-            self.recent_bytes = 0
-        self.recent.append((start, data))
-        self.recent_bytes += len(data)
-        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
-            self.recent_bytes -= len(self.recent.popleft()[1])
 
 
 class Subscription:
@@ -107,32 +103,58 @@ class Subscription:
             finally:
                 watch.waiters.discard(waiter)
 
-    def take(self, start: int, limit: int) -> bytes | None:
-        """Committed bytes from ``start`` held in memory, up to ``limit``; None if not held."""
+    def take(self, start: int, limit: int, *, json_mode: bool = False) -> bytes | None:
+        """Committed bytes from ``start`` held in memory, up to ``limit``; None if not held.
+
+        In JSON mode the cut falls after a whole message (``jsonmode.chunk_end``), and a first
+        message longer than ``limit`` comes whole. Held appends are whole messages, so gathering
+        stops at the first append that reaches ``limit``, and the copy stays under ``limit``
+        plus one held append.
+        """
+        parts: list[memoryview] = []
+        size = 0
+        at = start
         for chunk_start, data in self._watch.recent:
-            if chunk_start <= start < chunk_start + len(data):
-                out = bytearray(data[start - chunk_start :])
+            held_end = chunk_start + len(data)
+            if held_end <= at:
+                continue
+            if chunk_start > at:
                 break
-        else:
+            piece = memoryview(data)[at - chunk_start :]
+            parts.append(piece)
+            size += len(piece)
+            at = held_end
+            if size >= limit:
+                break
+        if not parts:
             return None
-        for chunk_start, data in self._watch.recent:
-            if chunk_start >= start + len(out) and len(out) < limit:
-                if chunk_start != start + len(out):
-                    break
-                out += data
-        return bytes(out[:limit])
+        out = b"".join(parts)
+        if not json_mode:
+            return out[:limit]
+        cut = jsonmode.chunk_end(out, limit)
+        return out[:cut] if cut else None
 
 
 class Hub:
     """Wakes parked readers of a stream when its tail moves, it closes, or it is deleted."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = HELD_BYTES, stream_bytes: int = RECENT_BYTES) -> None:
         self._watches: dict[int, _Watch] = {}
         self._fetch: Fetch | None = None
         self._fetching: set[int] = set()
+        self._max_bytes = max_bytes
+        self._stream_bytes = stream_bytes
+        # Streams holding recent bytes, least recently published first: the eviction order.
+        self._holders: OrderedDict[int, None] = OrderedDict()
+        self._held_bytes = 0
 
     def set_fetch(self, fetch: Fetch) -> None:
         self._fetch = fetch
+
+    @property
+    def held_bytes(self) -> int:
+        """Recent bytes held for all watched streams together."""
+        return self._held_bytes
 
     @property
     def watched_streams(self) -> int:
@@ -159,13 +181,50 @@ class Hub:
         watch.readers -= 1
         if watch.readers <= 0:
             del self._watches[stream_id]
+            self._forget(stream_id, watch)
+
+    def _remember(self, stream_id: int, watch: _Watch, start: int, data: bytes) -> None:
+        """Hold a committed append for woken readers, within the per-stream and total caps.
+
+        The total cap evicts from the stream published least recently, oldest bytes first:
+        its readers have most likely taken them already.
+        """
+        if not data or len(data) > self._stream_bytes:
+            return
+        recent = watch.recent
+        if recent and recent[-1][0] + len(recent[-1][1]) != start:
+            self._forget(stream_id, watch)
+        recent.append((start, data))
+        watch.recent_bytes += len(data)
+        self._held_bytes += len(data)
+        self._holders[stream_id] = None
+        self._holders.move_to_end(stream_id)
+        while watch.recent_bytes > self._stream_bytes:
+            self._drop_oldest(watch)
+        while self._held_bytes > self._max_bytes:
+            victim_id = next(iter(self._holders))
+            victim = self._watches[victim_id]
+            self._drop_oldest(victim)
+            if not victim.recent:
+                del self._holders[victim_id]
+
+    def _drop_oldest(self, watch: _Watch) -> None:
+        size = len(watch.recent.popleft()[1])
+        watch.recent_bytes -= size
+        self._held_bytes -= size
+
+    def _forget(self, stream_id: int, watch: _Watch) -> None:
+        self._held_bytes -= watch.recent_bytes
+        watch.recent.clear()
+        watch.recent_bytes = 0
+        self._holders.pop(stream_id, None)
 
     def publish(self, stream_id: int, start: int, data: bytes, tail: int, closed: bool) -> None:
         """A local commit: ``data`` now sits at ``[start, tail)``."""
         watch = self._watches.get(stream_id)
         if watch is None:
             return
-        watch.remember(start, data)
+        self._remember(stream_id, watch, start, data)
         if watch.tail is None or tail > watch.tail:
             watch.tail = tail
         watch.closed = watch.closed or closed
@@ -183,7 +242,13 @@ class Hub:
         if watch is None:
             return
         known = watch.tail
-        if self._fetch is None or known is None or tail <= known or stream_id in self._fetching:
+        if (
+            self._fetch is None
+            or known is None
+            or tail <= known
+            or tail - known > self._stream_bytes  # more than the hub would hold: readers read
+            or stream_id in self._fetching
+        ):
             self._advance(watch, tail, closed)
             return
         self._fetching.add(stream_id)
@@ -203,7 +268,7 @@ class Hub:
         if watch is None:
             return
         if data is not None and len(data) == tail - start:
-            watch.remember(start, data)
+            self._remember(stream_id, watch, start, data)
         self._advance(watch, tail, closed)
 
     @staticmethod

@@ -96,3 +96,54 @@ async def test_remote_commit_fetches_once_for_all_readers() -> None:
     assert all(await asyncio.gather(*waits))
     assert fetches == [(11, 20, 24)]
     assert {s.take(20, 100) for s in subs} == {b"rrrr"}
+
+
+async def test_json_take_cuts_after_a_whole_message() -> None:
+    hub = Hub()
+    with hub.subscribe(12) as sub:
+        hub.publish(12, 0, b'{"a":1}\n{"b":2}\n', 16, False)
+        hub.publish(12, 16, b'{"c":3}\n', 24, False)
+        assert sub.take(0, limit=10, json_mode=True) == b'{"a":1}\n'
+        assert sub.take(0, limit=20, json_mode=True) == b'{"a":1}\n{"b":2}\n'
+        assert sub.take(8, limit=100, json_mode=True) == b'{"b":2}\n{"c":3}\n'
+        assert sub.take(0, limit=3, json_mode=True) == b'{"a":1}\n'  # too big: sent whole
+
+
+async def test_held_bytes_are_capped_across_streams_evicting_the_stalest() -> None:
+    hub = Hub(max_bytes=250, stream_bytes=100)
+    subs = [hub.subscribe(n) for n in range(5)]
+    for n in range(5):
+        hub.publish(n, 0, bytes([65 + n]) * 100, 100, False)
+    assert hub.held_bytes <= 250
+    assert [s.take(0, 1000) is not None for s in subs] == [False, False, False, True, True]
+    assert subs[4].take(0, 1000) == b"E" * 100
+    for sub in subs:
+        sub.__exit__(None, None, None)
+    assert hub.held_bytes == 0
+
+
+async def test_an_append_larger_than_the_stream_cap_is_not_held() -> None:
+    hub = Hub(max_bytes=1000, stream_bytes=100)
+    with hub.subscribe(1) as sub:
+        hub.publish(1, 0, b"x" * 101, 101, False)
+        assert hub.held_bytes == 0
+        assert sub.take(0, 1000) is None
+        assert sub.known_tail() == 101
+
+
+async def test_a_remote_commit_larger_than_the_stream_cap_is_not_fetched() -> None:
+    hub = Hub(stream_bytes=100)
+    fetches: list[tuple[int, int, int]] = []
+
+    async def fetch(stream_id: int, start: int, end: int) -> bytes:
+        fetches.append((stream_id, start, end))
+        return b"r" * (end - start)
+
+    hub.set_fetch(fetch)
+    with hub.subscribe(2) as sub:
+        sub.note_tail(0, closed=False)
+        hub.remote_commit(2, 10_000_000, False)
+        assert await sub.wait_beyond(0, timeout=5)
+        assert sub.known_tail() == 10_000_000
+        assert sub.take(0, 100) is None  # the reader reads the store, a window at a time
+    assert fetches == []

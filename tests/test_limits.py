@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from relay.app import make_app
 from relay.config import Config
+from relay.http.context import CONTEXT, Limits
 from relay.store.sqlite import SqliteStore
 
 STREAM = "/v1/stream/limits"
+TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture
@@ -22,6 +25,7 @@ async def limited(tmp_path: Path) -> AsyncIterator[tuple[TestClient, SqliteStore
     config = Config(
         data_dir=str(tmp_path),
         max_inflight_writes=2,
+        max_inflight_write_bytes=1500,
         max_live_readers=1,
         long_poll_timeout=5,
         max_body_bytes=1000,
@@ -87,3 +91,76 @@ async def test_body_over_the_limit_is_413_and_appends_nothing(
     assert (await response.json())["error"]["code"] == "payload_too_large"
     read = await client.get(STREAM, params={"offset": "-1"})
     assert await read.read() == b""
+
+
+def limits_of(client: TestClient) -> Limits:
+    return client.app[CONTEXT].limits  # type: ignore[index]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def writer_blocked(store: SqliteStore) -> AsyncIterator[None]:
+    """Test-side fault injection: occupy the store's writer thread so commits queue up."""
+    release = threading.Event()
+    blocker = store._writer.submit(release.wait)
+    try:
+        yield
+    finally:
+        release.set()
+        blocker.result(timeout=5)
+
+
+async def test_inflight_write_bytes_beyond_the_limit_get_503(
+    limited: tuple[TestClient, SqliteStore],
+) -> None:
+    client, store = limited
+    async with writer_blocked(store):
+        pending = asyncio.create_task(client.post(STREAM, data=b"a" * 1000, headers=TEXT))
+        await until(lambda: limits_of(client).write_bytes == 1000)
+        declared = await client.post(STREAM, data=b"b" * 600, headers=TEXT)
+        assert declared.status == 503
+        assert declared.headers["Retry-After"] == "1"
+
+        async def undeclared() -> AsyncIterator[bytes]:  # chunked: counted as it is read
+            for _ in range(6):
+                yield b"c" * 100
+
+        chunked = await client.post(STREAM, data=undeclared(), headers=TEXT)
+        assert chunked.status == 503
+        assert limits_of(client).write_bytes == 1000
+    assert (await pending).status == 204
+    assert limits_of(client).write_bytes == 0
+    read = await client.get(STREAM, params={"offset": "-1"})
+    assert await read.read() == b"a" * 1000
+
+
+async def test_a_lone_write_is_admitted_whatever_its_size(tmp_path: Path) -> None:
+    """So a byte limit below --max-body-bytes cannot lock out large bodies."""
+    config = Config(data_dir=str(tmp_path), max_inflight_write_bytes=10, max_body_bytes=1000)
+    async with TestClient(TestServer(make_app(config, SqliteStore(tmp_path)))) as client:
+        assert (await client.put(STREAM, data=b"p" * 500, headers=TEXT)).status == 201
+        assert (await client.post(STREAM, data=b"q" * 1000, headers=TEXT)).status == 204
+
+
+async def test_put_and_delete_go_through_admission(
+    limited: tuple[TestClient, SqliteStore],
+) -> None:
+    client, store = limited
+    async with writer_blocked(store):
+        pending = [
+            asyncio.create_task(client.post(STREAM, data=b"x", headers=TEXT)) for _ in range(2)
+        ]
+        await until(lambda: limits_of(client).writes == 2)
+        # Before admission covered them, these queued behind the blocked writer.
+        created = await asyncio.wait_for(client.put("/v1/stream/other", headers=TEXT), 5)
+        assert created.status == 503
+        deleted = await asyncio.wait_for(client.delete(STREAM), 5)
+        assert deleted.status == 503
+    for task in pending:
+        assert (await task).status == 204
+    assert limits_of(client).writes == 0

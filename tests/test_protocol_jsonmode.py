@@ -90,3 +90,34 @@ def test_messages_survive_any_chunking_of_appends(messages: list[Any], parts: in
         cut = jsonmode.message_prefix(stored, count)
         assert cut is not None
         assert json.loads(jsonmode.render(stored[cut:])) == messages[count:]
+
+
+@pytest.mark.parametrize(
+    ("data", "limit", "end"),
+    [
+        pytest.param(b"", 4, 0, id="nothing"),
+        pytest.param(b"1\n2\n", 4, 4, id="all-fits"),
+        pytest.param(b"1\n2\n", 100, 4, id="all-under-limit"),
+        pytest.param(b"1\n2\n3\n", 4, 4, id="cut-at-last-boundary-within-limit"),
+        pytest.param(b"1\n22\n3\n", 4, 2, id="never-mid-message"),
+        pytest.param(b"1\n22\n3\n", 5, 5, id="boundary-exactly-at-limit"),
+        pytest.param(b"12345\n6\n", 2, 6, id="first-message-over-limit-goes-whole"),
+        pytest.param(b"12345", 2, 0, id="first-message-not-whole-yet"),
+        pytest.param(b"1\n234", 100, 2, id="partial-message-at-the-end-is-dropped"),
+    ],
+)
+def test_chunk_end(data: bytes, limit: int, end: int) -> None:
+    assert jsonmode.chunk_end(data, limit) == end
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**12), max_size=30), st.integers(1, 40))
+def test_chunked_reads_reassemble_whole_messages(messages: list[int], limit: int) -> None:
+    stored = b"".join(str(m).encode() + jsonmode.SEPARATOR for m in messages)
+    out: list[int] = []
+    at = 0
+    while at < len(stored):
+        end = jsonmode.chunk_end(stored[at:], limit)
+        assert end > 0
+        out += json.loads(jsonmode.render(stored[at : at + end]))
+        at += end
+    assert out == messages

@@ -86,3 +86,38 @@ def test_any_text_round_trips(text: str) -> None:
 def test_any_bytes_round_trip_as_base64(payload: bytes) -> None:
     _, data = parse(sse.data_event(payload, json_mode=False, binary=True))
     assert base64.b64decode(data) == payload
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        pytest.param(b"abc", 3, id="ascii"),
+        pytest.param("aé".encode(), 3, id="whole-two-byte"),
+        pytest.param("aé".encode()[:2], 1, id="cut-before-half-two-byte"),
+        pytest.param("a✓".encode()[:3], 1, id="cut-before-two-thirds"),
+        pytest.param("a𝄞".encode()[:4], 1, id="cut-before-three-quarters"),
+        pytest.param("a𝄞".encode(), 5, id="whole-four-byte"),
+        pytest.param(b"a\r", 1, id="cut-before-cr"),
+        pytest.param(b"a\r\n", 3, id="crlf-whole"),
+        pytest.param("é".encode()[:1], 1, id="nothing-left-sends-all"),
+        pytest.param(b"\r", 1, id="lone-cr-sends-all"),
+    ],
+)
+def test_text_chunk_end(data: bytes, end: int) -> None:
+    assert sse.text_chunk_end(data) == end
+
+
+@given(st.text(min_size=1), st.integers(4, 12))  # a chunk holds at least one character
+def test_text_events_cut_anywhere_reassemble(text: str, limit: int) -> None:
+    stored = text.encode()
+    out, at = "", 0
+    while at < len(stored):
+        piece = stored[at : at + limit]
+        if at + len(piece) < len(stored):
+            piece = piece[: sse.text_chunk_end(piece)]
+        if at + len(piece) < len(stored):
+            piece.decode()  # a cut mid-character would raise
+        out += parse(sse.data_event(piece, json_mode=False, binary=False))[1]
+        at += len(piece)
+    normalized = text.replace("\r\n", "\n").replace("\r", "\n")
+    assert out == normalized

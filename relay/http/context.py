@@ -18,20 +18,22 @@ from relay.store.base import Store
 
 @dataclass
 class Limits:
-    """Admission control: bounded writes awaiting commit and bounded parked readers."""
+    """Admission control: bounded writes awaiting commit, bounded body bytes those writes hold,
+    and bounded parked readers."""
 
     max_writes: int
     max_readers: int
+    max_write_bytes: int = 256 * 1024 * 1024
     writes: int = 0
+    write_bytes: int = 0
     readers: int = 0
 
-    def enter_write(self) -> None:
+    def admit_write(self) -> WriteAdmission:
+        """A slot for one write (PUT, POST, DELETE), or 503 when all are taken."""
         if self.writes >= self.max_writes:
             raise Unavailable("too many writes awaiting commit", retry_after=1)
         self.writes += 1
-
-    def exit_write(self) -> None:
-        self.writes -= 1
+        return WriteAdmission(self)
 
     def enter_reader(self) -> None:
         if self.readers >= self.max_readers:
@@ -40,6 +42,38 @@ class Limits:
 
     def exit_reader(self) -> None:
         self.readers -= 1
+
+
+class WriteAdmission:
+    """One admitted write: its slot and the body bytes it has claimed, released on exit."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self.claimed = 0
+
+    def __enter__(self) -> WriteAdmission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._limits.writes -= 1
+        self._limits.write_bytes -= self.claimed
+        self.claimed = 0
+
+    def claim(self, size: int) -> None:
+        """Hold ``size`` body bytes in all (the declared length, then what has arrived).
+
+        503 when that would pass the limit, unless no other write holds bytes: a lone write
+        always goes through, so a limit below --max-body-bytes cannot lock out large bodies.
+        """
+        extra = size - self.claimed
+        if extra <= 0:
+            return
+        limits = self._limits
+        others = limits.write_bytes - self.claimed
+        if others > 0 and limits.write_bytes + extra > limits.max_write_bytes:
+            raise Unavailable("too many write bytes awaiting commit", retry_after=1)
+        limits.write_bytes += extra
+        self.claimed = size
 
 
 @dataclass
@@ -60,17 +94,21 @@ def context(request: web.Request) -> Context:
     return request.app[CONTEXT]
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, admission: WriteAdmission) -> bytes:
     """The whole request body, or 413 as soon as it passes ``limit``.
 
+    The body's bytes are claimed from ``admission`` before they are read (the declared
+    length) and as they arrive (chunked bodies), so 503 comes before the memory is spent.
     A client that disconnects mid-upload raises here, before anything reaches the store.
     """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
+    admission.claim(declared or 0)
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(limit)
+        admission.claim(len(body))
     return bytes(body)

@@ -65,15 +65,35 @@ async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
     limit = ctx.config.max_chunk_bytes
     end = min(meta.tail, start + limit)
     data = await ctx.store.read(meta, start, end)
-    json_mode = h.is_json(meta.content_type)
-    if json_mode and end < meta.tail:
-        cut = data.rfind(jsonmode.SEPARATOR) + 1
-        if cut == 0:  # one message larger than the limit: send it whole
-            rest = await ctx.store.read(meta, end, meta.tail)
-            data += rest[: rest.find(jsonmode.SEPARATOR) + 1]
-        else:
-            data = data[:cut]
+    if h.is_json(meta.content_type) and end < meta.tail:
+        data = await _whole_messages(ctx, meta, start, data, limit)
     return _chunk(meta, start, data)
+
+
+async def _whole_messages(
+    ctx: Context, meta: StreamMeta, start: int, data: bytes, limit: int
+) -> bytes:
+    """``data`` cut after its last whole message within ``limit``.
+
+    A first message longer than ``limit`` goes whole: its end is found by reading on in
+    windows of ``limit`` bytes, so the work is bounded by that message, not the stream.
+    """
+    cut = jsonmode.chunk_end(data, limit)
+    if cut:
+        return data[:cut]
+    parts = [data]
+    at = start + len(data)
+    while at < meta.tail:
+        window = await ctx.store.read(meta, at, min(meta.tail, at + limit))
+        if not window:
+            break
+        cut = jsonmode.chunk_end(window, 0)  # the end of the message in progress
+        if cut:
+            parts.append(window[:cut])
+            break
+        parts.append(window)
+        at += len(window)
+    return b"".join(parts)
 
 
 def _chunk(meta: StreamMeta, start: int, data: bytes) -> Chunk:
@@ -188,7 +208,7 @@ async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int
     assert tail is not None
     closed = sub.closed
     latest = replace(meta, tail=tail, closed=closed)
-    data = sub.take(position, ctx.config.max_chunk_bytes)
+    data = sub.take(position, ctx.config.max_chunk_bytes, json_mode=h.is_json(meta.content_type))
     if data is None:
         return await _read_chunk(ctx, latest, position)
     return _chunk(latest, position, data)
@@ -227,8 +247,11 @@ async def _sse(
                 event = b""
                 if position < tail:
                     chunk = await _take(ctx, sub, meta, position)
-                    event = sse.data_event(chunk.data, json_mode=json_mode, binary=binary)
-                    position = chunk.end
+                    data = chunk.data
+                    if not (json_mode or binary or chunk.up_to_date):
+                        data = data[: sse.text_chunk_end(data)]
+                    event = sse.data_event(data, json_mode=json_mode, binary=binary)
+                    position = chunk.start + len(data)
                     announced = False
                     tail = sub.known_tail() or position
                 closed = sub.closed and position >= tail
@@ -243,7 +266,7 @@ async def _sse(
                     )
                     announced = True
                 if event:
-                    await response.write(event)
+                    await _send(request, response, event, ctx.config.write_timeout)
                 if closed:
                     break
                 if position < tail:
@@ -257,3 +280,19 @@ async def _sse(
         ctx.limits.exit_reader()
         ctx.metrics.live_readers.dec()
     return response
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, event: bytes, timeout: float
+) -> None:
+    """Write one event, dropping a client that has stopped reading for ``timeout`` seconds.
+
+    Without this, a reader that never reads holds its slot and its buffered events forever.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await response.write(event)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait to flush to the stalled client
+        raise ConnectionResetError("SSE reader stopped reading") from None

@@ -43,17 +43,18 @@ async def create(request: web.Request) -> web.Response:
         expires_at=h.parse_expires_at(expires) if expires is not None else None,
     )
     fork = _fork_request(request, ctx.config.max_path_length)
-    body = await read_body(request, ctx.config.max_body_bytes)
-    content_type = h.parse_content_type(hdrs.get("Content-Type")) or None
-    create_request = CreateRequest(
-        path=path,
-        content_type=content_type.strip() if content_type else None,
-        expiry=expiry,
-        closed=h.is_true(hdrs.get(h.STREAM_CLOSED)),
-        body=body,
-        fork=fork,
-    )
-    result = await ctx.store.create(create_request, ctx.clock())
+    with ctx.limits.admit_write() as admission:
+        body = await read_body(request, ctx.config.max_body_bytes, admission)
+        content_type = h.parse_content_type(hdrs.get("Content-Type")) or None
+        create_request = CreateRequest(
+            path=path,
+            content_type=content_type.strip() if content_type else None,
+            expiry=expiry,
+            closed=h.is_true(hdrs.get(h.STREAM_CLOSED)),
+            body=body,
+            fork=fork,
+        )
+        result = await ctx.store.create(create_request, ctx.clock())
     out = meta_headers(result.meta)
     if result.created:
         out["Location"] = str(request.url.with_query(None))
@@ -84,9 +85,8 @@ async def append(request: web.Request) -> web.Response:
     producer = h.parse_producer(
         hdrs.get(h.PRODUCER_ID), hdrs.get(h.PRODUCER_EPOCH), hdrs.get(h.PRODUCER_SEQ)
     )
-    ctx.limits.enter_write()
-    try:
-        body = await read_body(request, ctx.config.max_body_bytes)
+    with ctx.limits.admit_write() as admission:
+        body = await read_body(request, ctx.config.max_body_bytes, admission)
         content_type = h.parse_content_type(hdrs.get("Content-Type"))
         data, data_error = body, None
         if body and h.is_json(content_type or ""):
@@ -106,8 +106,6 @@ async def append(request: web.Request) -> web.Response:
         # Shielded: once queued, the append commits even if the client goes away, and then
         # its readers must still be woken.
         result = await asyncio.shield(_append_and_publish(ctx, path, append_request))
-    finally:
-        ctx.limits.exit_write()
     meta, plan = result.meta, result.plan
     out = {h.STREAM_NEXT_OFFSET: format_offset(meta.tail)}
     if meta.closed:
@@ -132,7 +130,8 @@ async def _append_and_publish(ctx: Context, path: str, request: AppendRequest) -
 async def delete(request: web.Request) -> web.Response:
     ctx = context(request)
     path = stream_path(request.raw_path, ctx.config.max_path_length)
-    await asyncio.shield(_delete_and_publish(ctx, path))
+    with ctx.limits.admit_write():
+        await asyncio.shield(_delete_and_publish(ctx, path))
     return web.Response(status=204)
 
 
