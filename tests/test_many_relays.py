@@ -138,3 +138,51 @@ async def test_producer_fencing_holds_across_relays(
             assert r.status == 204  # the retry through the other relay is a duplicate
         async with http.get(a.url + url, params={"offset": "-1"}) as r:
             assert await r.read() == b"oldnew"
+
+
+async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:
+    """Wait until ``relay`` reports ``count`` parked readers (its metrics, not a guess)."""
+    async with asyncio.timeout(10):
+        while True:
+            async with http.get(f"{relay.url}/metrics") as response:
+                for line in (await response.text()).splitlines():
+                    if line.startswith("relay_live_readers ") and float(line.split()[1]) >= count:
+                        return
+            await asyncio.sleep(0.02)
+
+
+async def test_a_delete_through_one_relay_ends_readers_parked_at_another(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    a, b = relays
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{a.url}/v1/stream/gone", headers=TEXT) as created:
+            tail = created.headers["Stream-Next-Offset"]
+        params = {"offset": tail, "live": "long-poll"}
+        poll = asyncio.create_task(http.get(f"{b.url}/v1/stream/gone", params=params))
+        sse = await http.get(f"{b.url}/v1/stream/gone", params={"offset": tail, "live": "sse"})
+        await parked(http, b, 2)
+        async with http.delete(f"{a.url}/v1/stream/gone") as deleted:
+            assert deleted.status == 204
+        # Well inside the 20 s long-poll timeout: a 204 would mean the delete woke no one.
+        assert (await asyncio.wait_for(poll, 10)).status == 404
+        await asyncio.wait_for(sse.read(), 10)
+
+
+async def test_expiry_ends_readers_parked_at_every_relay(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    a, b = relays
+    async with aiohttp.ClientSession() as http:
+        headers = {**TEXT, "Stream-TTL": "1"}
+        async with http.put(f"{a.url}/v1/stream/brief", headers=headers) as created:
+            tail = created.headers["Stream-Next-Offset"]
+        params = {"offset": tail, "live": "long-poll"}
+        polls = [
+            asyncio.create_task(http.get(f"{relay.url}/v1/stream/brief", params=params))
+            for relay in (a, b)
+        ]
+        await parked(http, a, 1)
+        await parked(http, b, 1)
+        responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
+        assert [r.status for r in responses] == [404, 404]

@@ -25,8 +25,9 @@ from protocol.errors import (
 )
 from protocol.headers import ProducerHeaders
 from protocol.lifecycle import Expiry
-from relay.store.base import Store
-from tests.stores import Backend, backend
+from relay.store.base import AppendResult, Store
+from relay.store.batching import InternalError
+from tests.stores import Backend, Recorder, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
@@ -238,3 +239,88 @@ async def test_data_survives_reopening_the_store(backend: Backend) -> None:
         again = data(b"kept", producer=ProducerHeaders("w", 0, 0))
         with pytest.raises(StreamClosed):
             await second.append("durable", again, NOW)
+
+
+async def test_stream_ids_are_never_reused(store: Store) -> None:
+    """Every watch, cache and ETag keys on the id: a new stream must never inherit one."""
+    seen = set()
+    for path in ("a", "b", "a"):
+        created = await store.create(create(path, expiry=Expiry(ttl=5)), NOW)
+        assert created.meta.stream_id not in seen
+        seen.add(created.meta.stream_id)
+        await store.delete(path, NOW)
+    expiring = await store.create(create("e", expiry=Expiry(ttl=5)), NOW)
+    assert await store.reap(NOW + 10) == 1
+    after = await store.create(create("e"), NOW + 10)
+    assert expiring.meta.stream_id != after.meta.stream_id
+    assert after.meta.stream_id not in seen
+
+
+async def test_removals_reach_the_listener_after_their_commit(store: Store) -> None:
+    recorder = Recorder()
+    store.set_listener(recorder)
+    deleted = await store.create(create("del"), NOW)
+    expired = await store.create(create("exp", expiry=Expiry(ttl=1)), NOW)
+    source = await store.create(create("src", body=b"x"), NOW)
+    await store.create(create("child", content_type=None, fork=ForkRequest("src", 1)), NOW)
+    await store.delete("del", NOW)
+    assert await recorder.next() == (deleted.meta.stream_id, "deleted")
+    await store.delete("src", NOW)  # soft-deleted: its readers must learn it too (410)
+    assert await recorder.next() == (source.meta.stream_id, "deleted")
+    replaced = await store.create(create("exp"), NOW + 5)  # replaces the expired stream
+    assert replaced.created
+    assert await recorder.next() == (expired.meta.stream_id, "deleted")
+
+
+async def test_a_poisoned_append_fails_alone_and_never_as_unavailable(store: Store) -> None:
+    """Input that slipped past validation fails inside the transaction: only its request
+    fails (500), never the appends batched beside it, and never as a 503 to retry forever."""
+    paths = [f"ok-{i}" for i in range(20)]
+    for path in [*paths, "bad"]:
+        await store.create(create(path), NOW)
+    poisoned = data(b"x", producer=ProducerHeaders("caf\udce9", 0, 0))  # not encodable
+    results = await asyncio.gather(
+        store.append("bad", poisoned, NOW),
+        *(store.append(path, data(b"token"), NOW) for path in paths),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], InternalError)
+    assert all(isinstance(result, AppendResult) for result in results[1:]), results[1:]
+    for path in paths:
+        assert await read_all(store, path) == b"token"
+    assert await read_all(store, "bad") == b""
+
+
+async def test_a_read_just_before_expiry_keeps_the_stream_from_the_same_batchs_reap(
+    store: Store,
+) -> None:
+    await store.create(create("kept", expiry=Expiry(ttl=10)), NOW)
+    await store.head("kept", NOW + 9, touch=True)  # queued as a touch, not committed alone
+    assert await store.reap(NOW + 11) == 0  # the reap commits with the touch applied first
+    assert (await store.head("kept", NOW + 11, touch=False)).path == "kept"
+
+
+async def test_json_fork_sub_offsets_count_messages_across_read_windows(store: Store) -> None:
+    big = b'"' + b"m" * 40_000 + b'"'
+    body = b"[" + b",".join([big, b"1", big, b"2", big]) + b"]"
+    await store.create(create("jsrc", content_type="application/json", body=body), NOW)
+    messages = (await read_all(store, "jsrc")).split(b"\n")[:-1]
+    for count in range(1, 6):
+        fork = ForkRequest("jsrc", 0, sub_offset=count)
+        made = await store.create(create(f"jf{count}", content_type=None, fork=fork), NOW)
+        assert made.meta.tail == sum(len(m) + 1 for m in messages[:count])
+        assert await read_all(store, f"jf{count}") == b"".join(m + b"\n" for m in messages[:count])
+    with pytest.raises(BadRequest):
+        await store.create(create("jf6", content_type=None, fork=ForkRequest("jsrc", 0, 6)), NOW)
+
+
+async def test_fork_sub_offset_scans_are_bounded(backend: Backend) -> None:
+    async with backend.open(max_fork_scan=100_000) as store:
+        body = b"[" + b",".join([b'"' + b"m" * 60_000 + b'"'] * 4) + b"]"
+        await store.create(create("long", content_type="application/json", body=body), NOW)
+        fork = ForkRequest("long", 0, sub_offset=1)
+        assert (await store.create(create("near", content_type=None, fork=fork), NOW)).created
+        with pytest.raises(BadRequest):
+            await store.create(
+                create("far", content_type=None, fork=ForkRequest("long", 0, 4)), NOW
+            )

@@ -91,6 +91,7 @@ class Committer:
         self._max_ops = max_ops
         self._max_bytes = max_bytes
         self._queue: list[_Pending] = []
+        self._committing: list[_Pending] = []  # the batch now in its transaction
         self.touches: Touches = {}
         self._touch_deadline = 0.0
         self._inflight: Touches = {}  # touches in the transaction now being committed
@@ -149,7 +150,7 @@ class Committer:
             self._dead = exc
             if isinstance(exc, Exception):
                 log.exception("group commit loop died")
-            for pending in self._queue:
+            for pending in [*self._committing, *self._queue]:
                 if not pending.future.done():
                     pending.future.set_exception(Unavailable("store is not committing"))
             self._queue.clear()
@@ -173,11 +174,9 @@ class Committer:
             touches, self.touches = self.touches, {}
             if not batch and not touches:
                 continue
-            self._inflight = touches
-            try:
-                outcomes = await self._commit(batch, touches)
-            finally:
-                self._inflight = {}
+            self._inflight, self._committing = touches, batch
+            outcomes = await self._commit(batch, touches)  # raises only if the loop must die
+            self._inflight, self._committing = {}, []
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():
                     continue
