@@ -111,6 +111,11 @@ def begin_shutdown(app: web.Application) -> None:
     ctx.hub.shutdown()
 
 
+async def _on_shutdown(app: web.Application) -> None:
+    """For runners other than ``relay serve`` (tests, embedding), which skip the first step."""
+    begin_shutdown(app)
+
+
 def _cors_and_security(config: Config) -> object:
     allowed = {o.strip() for o in config.cors_origins.split(",") if o.strip()}
     expose = ", ".join(h.RESPONSE_HEADERS)
@@ -161,6 +166,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     app.router.add_route("*", r"/v1/stream/{path:[\s\S]*}", stream)  # any char, even newline
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
