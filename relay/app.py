@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from protocol import headers as h
-from protocol.errors import MethodNotAllowed
+from protocol.errors import MethodNotAllowed, Unavailable
 from protocol.model import Segment, StreamMeta
 from relay.config import Config
 from relay.http import reads, writes
@@ -80,6 +80,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     elapsed = time.perf_counter() - started
     ctx.metrics.requests.labels(request.method, str(response.status)).inc()
     ctx.metrics.latency.labels(request.method).observe(elapsed)
+    if ctx.stopping:
+        response.force_close()  # clients reconnect elsewhere rather than race our close
     log.debug(
         "request",
         method=request.method,
@@ -88,6 +90,30 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         ms=round(elapsed * 1000, 2),
     )
     return response
+
+
+@web.middleware
+async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Once a stop begins, requests still arriving on open connections get 503, not a reset."""
+    if request.app[CONTEXT].stopping:
+        raise Unavailable("relay is shutting down")
+    return await handler(request)
+
+
+def begin_shutdown(app: web.Application) -> None:
+    """First step of a graceful stop: refuse new requests and answer every parked reader.
+
+    In-flight appends finish on their own (the store closes only after the server has
+    waited for its handlers, and closing it commits what is queued).
+    """
+    ctx = app[CONTEXT]
+    ctx.stopping = True
+    ctx.hub.shutdown()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """For runners other than ``relay serve`` (tests, embedding), which skip the first step."""
+    begin_shutdown(app)
 
 
 def _cors_and_security(config: Config) -> object:
@@ -122,7 +148,7 @@ def _cors_and_security(config: Config) -> object:
 def make_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the aiohttp application. Resources open and close in ``cleanup_ctx``."""
     app = web.Application(
-        middlewares=[observe, error_middleware],
+        middlewares=[observe, error_middleware, admit],
         client_max_size=config.max_body_bytes + 1,
     )
     the_store = store if store is not None else make_store(config)
@@ -142,6 +168,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     app.router.add_route("*", r"/v1/stream/{path:[\s\S]*}", stream)  # any char, even newline
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from relay import config as config_mod
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,34 +54,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(config)
 
 
-def _serve(config: config_mod.Config) -> int:
-    from aiohttp import web
+DRAIN_SECONDS = 0.5
+"""How long a stop lets open connections finish and close before closing idle ones."""
 
-    from relay.app import make_app
+
+def _serve(config: config_mod.Config) -> int:
     from relay.logging import configure
 
     configure(config.log_level, config.log_format)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
 
-        uvloop.install()
+        loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
         pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve_until_signalled(config))
+
+
+async def _serve_until_signalled(config: config_mod.Config) -> int:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal exits at once.
+
+    The stop closes the listener, refuses requests still arriving on open connections (503),
+    answers parked readers, lets in-flight requests finish (up to ``shutdown_timeout``), and
+    only then closes the store, whose committer commits what is queued.
+    """
+    import structlog
+    from aiohttp import web
+
+    from relay.app import begin_shutdown, make_app
     from relay.store.base import StoreStartupError
 
+    log = structlog.get_logger("relay")
+    app = make_app(config)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
+    )
     try:
-        web.run_app(
-            make_app(config),
-            host=config.host,
-            port=config.port,
-            print=lambda text: print(text, flush=True),
-            access_log=None,
-            shutdown_timeout=5,
-        )
+        await runner.setup()
     except StoreStartupError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        log.info("listening", url=site.name)
+        stop = asyncio.Event()
+        _on_stop_signals(stop)
+        await stop.wait()
+        begin_shutdown(app)
+        await site.stop()
+        await _drain(runner, DRAIN_SECONDS)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
     return 0
+
+
+def _on_stop_signals(stop: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT sets ``stop``; the next one exits without any cleanup.
+
+    Exiting at once is safe: every acknowledged append is already durable, exactly as
+    after a kill -9.
+    """
+    import structlog
+
+    log = structlog.get_logger("relay")
+
+    def handle(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second signal, exiting now", signal=name)
+            os._exit(128 + signum)
+        log.info("stopping", signal=name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+async def _drain(runner: web.AppRunner, limit: float) -> None:
+    """Wait (up to ``limit``) for open connections to finish their requests and close.
+
+    Responses sent while stopping close their connection, so busy clients go away on their
+    own; the idle ones left after ``limit`` are closed by ``runner.cleanup``.
+    """
+    server = runner.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while server is not None and server.connections and loop.time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def _migrate(config: config_mod.Config) -> int:

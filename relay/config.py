@@ -156,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
         5.0,
         "seconds a database call may take before the request is answered 503",
     ),
+    Setting(
+        "shutdown_timeout",
+        _non_negative_float,
+        10.0,
+        "seconds a stop waits for in-flight requests before cutting them off",
+    ),
 )
 
 
@@ -184,6 +190,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "console"
     db_timeout: float = 5.0
+    shutdown_timeout: float = 10.0
 
 
 def env_name(setting: str) -> str:

@@ -82,7 +82,8 @@ class Subscription:
     async def wait_beyond(self, offset: int, timeout: float) -> bool:
         """Wait until the stream's tail passes ``offset``, it closes, or it is deleted.
 
-        Returns False on timeout.
+        Returns False on timeout, or straight away once the hub shuts down, so a stopping
+        relay answers every parked reader as a timeout would.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -91,7 +92,7 @@ class Subscription:
             if watch.deleted or watch.closed or (watch.tail is not None and watch.tail > offset):
                 return True
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._hub.stopping:
                 return False
             waiter: asyncio.Future[None] = loop.create_future()
             watch.waiters.add(waiter)
@@ -147,6 +148,7 @@ class Hub:
         # Streams holding recent bytes, least recently published first: the eviction order.
         self._holders: OrderedDict[int, None] = OrderedDict()
         self._held_bytes = 0
+        self.stopping = False
 
     def set_fetch(self, fetch: Fetch) -> None:
         self._fetch = fetch
@@ -218,6 +220,12 @@ class Hub:
         watch.recent.clear()
         watch.recent_bytes = 0
         self._holders.pop(stream_id, None)
+
+    def shutdown(self) -> None:
+        """Wake every parked reader for good: from now on waits end at once, as on timeout."""
+        self.stopping = True
+        for watch in self._watches.values():
+            watch.signal()
 
     def publish(self, stream_id: int, start: int, data: bytes, tail: int, closed: bool) -> None:
         """A local commit: ``data`` now sits at ``[start, tail)``."""

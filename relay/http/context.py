@@ -83,6 +83,7 @@ class Context:
     hub: Hub
     metrics: Metrics
     limits: Limits
+    stopping: bool = False  # set when a stop begins; new requests get 503
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
 
