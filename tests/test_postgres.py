@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -380,3 +381,51 @@ async def test_closing_while_the_database_is_down_does_not_hang_on_pending_touch
         await asyncio.wait_for(store.close(), 15)
     finally:
         await proxy.cut()
+
+
+async def test_a_committed_batch_stands_even_if_releasing_a_connection_fails(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once COMMIT returns, the outcomes stand: nothing afterwards may turn them into 503s."""
+    await store.create(plain("after-commit"), NOW)
+
+    async def broken_release(*args: object, **kwargs: object) -> None:
+        raise OSError("connection reset while releasing")
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", broken_release)
+    results = await asyncio.gather(
+        *(store.append("after-commit", text(b"x"), NOW) for _ in range(5))
+    )
+    assert sorted(r.meta.tail for r in results) == [1, 2, 3, 4, 5]
+
+
+async def test_producer_state_is_read_under_the_lock_of_a_stream_created_mid_batch(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's first lock missed the stream (another relay created it right after): the
+    producer's state must still be read, so a retried seq 0 is a duplicate, not a second copy."""
+    relay_a = PostgresStore(pg_url)
+    relay_b = PostgresStore(pg_url)
+    await relay_a.open()
+    await relay_b.open()
+    producer = ProducerHeaders("llm", 0, 0)
+    original_lock = PostgresStore._lock
+
+    async def lock_then_let_b_create(self: PostgresStore, *args: Any) -> None:
+        await original_lock(self, *args)
+        if self is relay_a:  # the stream did not exist when relay A locked its batch
+            await relay_b.create(plain("late"), NOW)
+            first = AppendRequest("text/plain", b"token", producer=producer)
+            assert (await relay_b.append("late", first, NOW)).plan.write
+
+    monkeypatch.setattr(PostgresStore, "_lock", lock_then_let_b_create)
+    try:
+        retry = AppendRequest("text/plain", b"token", producer=producer)
+        result = await relay_a.append("late", retry, NOW)
+        assert result.plan.duplicate and not result.plan.write
+        meta = await relay_a.head("late", NOW, touch=False)
+        assert await relay_a.read(meta, 0, meta.tail) == b"token"
+    finally:
+        monkeypatch.undo()
+        await relay_a.close()
+        await relay_b.close()
