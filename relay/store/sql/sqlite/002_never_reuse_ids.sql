@@ -21,14 +21,15 @@ CREATE TABLE streams_v2 (
 );
 INSERT INTO streams_v2 SELECT * FROM streams;
 -- Ids freed before this migration may exceed every surviving one: start past any id that
--- still names data, so an old id is not handed out again (ETags also carry created_at).
-INSERT INTO sqlite_sequence (name, seq) SELECT 'streams_v2', max(
+-- still names data (rows a delete left behind), so an old id is not handed out again.
+INSERT INTO sqlite_sequence (name, seq) SELECT 'streams_v2', 0
+WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'streams_v2');
+UPDATE sqlite_sequence SET seq = max(
+    seq,
     coalesce((SELECT max(id) FROM streams), 0),
     coalesce((SELECT max(stream_id) FROM chunks), 0),
     coalesce((SELECT max(stream_id) FROM producers), 0)
-) WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'streams_v2');
-UPDATE sqlite_sequence SET seq = max(seq, (SELECT coalesce(max(id), 0) FROM streams))
-WHERE name = 'streams_v2';
+) WHERE name = 'streams_v2';
 DROP TABLE streams;
 ALTER TABLE streams_v2 RENAME TO streams;
 CREATE INDEX streams_source ON streams(source_id);
