@@ -9,7 +9,7 @@ from aiohttp import web
 
 from protocol import caching, cursor, jsonmode, sse
 from protocol import headers as h
-from protocol.errors import BadRequest, NotFound
+from protocol.errors import BadRequest, NotFound, ProtocolError
 from protocol.lifecycle import deadline
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
@@ -239,7 +239,12 @@ async def _sse(
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + ctx.config.sse_reconnect_interval
         with ctx.hub.subscribe(meta.stream_id) as sub:
-            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+            try:
+                current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+            except ProtocolError:  # removed since the first look: the reader re-connects
+                return response
+            if current.stream_id != meta.stream_id:  # the path now names another stream
+                return response
             sub.note_tail(current.tail, current.closed)
             announced = False  # a control event for the current position went out
             while not sub.deleted:
