@@ -35,6 +35,17 @@ def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayPro
             relay.stop()
 
 
+async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:
+    """Wait until ``relay`` reports ``count`` parked readers (its metrics, not a guess)."""
+    async with asyncio.timeout(10):
+        while True:
+            async with http.get(f"{relay.url}/metrics") as response:
+                for line in (await response.text()).splitlines():
+                    if line.startswith("relay_live_readers ") and float(line.split()[1]) >= count:
+                        return
+            await asyncio.sleep(0.02)
+
+
 async def test_a_long_poll_at_one_relay_wakes_on_an_append_through_another(
     relays: tuple[RelayProcess, RelayProcess],
 ) -> None:
@@ -45,7 +56,7 @@ async def test_a_long_poll_at_one_relay_wakes_on_an_append_through_another(
         waiting = asyncio.create_task(
             http.get(f"{b.url}/v1/stream/chat", params={"offset": tail, "live": "long-poll"})
         )
-        await asyncio.sleep(0.3)
+        await parked(http, b, 1)  # else the POST may land first and the read is a catch-up
         async with http.post(f"{a.url}/v1/stream/chat", data=b"hi from a", headers=TEXT) as r:
             assert r.status == 204
         response = await asyncio.wait_for(waiting, 15)
@@ -72,7 +83,7 @@ async def test_sse_at_one_relay_streams_appends_and_the_close_made_through_anoth
             return body
 
         reader = asyncio.create_task(read_all())
-        await asyncio.sleep(0.3)
+        await parked(http, b, 1)
         for word in (b"one ", b"two ", b"three"):
             await http.post(f"{a.url}/v1/stream/sse", data=word, headers=TEXT)
         await http.post(f"{a.url}/v1/stream/sse", headers={**TEXT, "Stream-Closed": "true"})
@@ -138,17 +149,6 @@ async def test_producer_fencing_holds_across_relays(
             assert r.status == 204  # the retry through the other relay is a duplicate
         async with http.get(a.url + url, params={"offset": "-1"}) as r:
             assert await r.read() == b"oldnew"
-
-
-async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:
-    """Wait until ``relay`` reports ``count`` parked readers (its metrics, not a guess)."""
-    async with asyncio.timeout(10):
-        while True:
-            async with http.get(f"{relay.url}/metrics") as response:
-                for line in (await response.text()).splitlines():
-                    if line.startswith("relay_live_readers ") and float(line.split()[1]) >= count:
-                        return
-            await asyncio.sleep(0.02)
 
 
 async def test_a_delete_through_one_relay_ends_readers_parked_at_another(
