@@ -106,3 +106,98 @@ async def test_the_longest_ttl_the_grammar_allows_works(port: int) -> None:
     assert read.status == 200 and read.body == b"x"
     head = await raw_request(port, "HEAD", "/v1/stream/t")
     assert head.headers["stream-ttl"] == "9" * 12
+
+
+RESERVED = [
+    "/v1/stream/__ds",
+    "/v1/stream/__ds/",
+    "/v1/stream/__ds/subscriptions/sub-1",
+    "/v1/stream/%5F%5Fds/subscriptions/sub-1",
+]
+
+
+@pytest.mark.parametrize("target", RESERVED)
+@pytest.mark.parametrize("method", ["PUT", "POST", "GET", "HEAD", "DELETE", "OPTIONS", "PATCH"])
+async def test_the_reserved_ds_prefix_is_never_a_stream(
+    port: int, method: str, target: str
+) -> None:
+    """Section 6: ``__ds`` as the first segment is for subscription control APIs, routed
+    before stream operations; until Relay has them, nothing there exists or can be made."""
+    response = await raw_request(port, method, target, TEXT, b"x" if method == "POST" else b"")
+    assert response.status in (404, 405), response.body
+    assert (await raw_request(port, "GET", target + "?offset=-1")).status == 404
+
+
+async def test_ds_elsewhere_in_a_path_is_an_ordinary_stream(port: int) -> None:
+    assert (await raw_request(port, "PUT", "/v1/stream/a/__ds", TEXT)).status == 201
+    assert (await raw_request(port, "PUT", "/v1/stream/__dsx", TEXT)).status == 201
+
+
+async def test_a_fork_cannot_name_a_reserved_source(port: int) -> None:
+    headers = {**TEXT, "Stream-Forked-From": "/v1/stream/__ds/subscriptions/sub-1"}
+    response = await raw_request(port, "PUT", "/v1/stream/fork", headers)
+    assert response.status == 404
+    assert (await raw_request(port, "HEAD", "/v1/stream/fork")).status == 404
+
+
+async def test_absolute_form_targets_are_served_like_origin_form(port: int) -> None:
+    """RFC 9112 3.2.2: a server MUST accept the absolute form; the path part names the stream."""
+    base = "http://test/v1/stream"
+    created = await raw_request(port, "PUT", f"{base}/abs", TEXT)
+    assert created.status == 201, created.body
+    appended = await raw_request(port, "POST", f"HTTP://Test:80{base[11:]}/abs", TEXT, b"hi")
+    assert appended.status == 204, appended.body
+    read = await raw_request(port, "GET", f"{base}/abs?offset=-1")
+    assert read.status == 200 and read.body == b"hi"
+    assert (await raw_request(port, "GET", "/v1/stream/abs?offset=-1")).body == b"hi"
+    assert (await raw_request(port, "HEAD", f"{base}/abs")).status == 200
+    assert (await raw_request(port, "GET", f"{base}/a/../abs?offset=-1")).status == 400
+    assert (await raw_request(port, "DELETE", f"{base}/abs")).status == 204
+
+
+async def test_absolute_form_uses_the_targets_authority_not_the_host_header(port: int) -> None:
+    """RFC 9112 3.2.2: with an absolute target the Host field is ignored."""
+    response = await raw_request(
+        port, "PUT", "http://relay.example:8080/v1/stream/loc", TEXT, host="elsewhere"
+    )
+    assert response.status == 201
+    assert response.headers["location"] == "http://relay.example:8080/v1/stream/loc"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("", id="empty"),  # an http URI's host is never empty (RFC 9110 4.2.1)
+        pytest.param(("a", "b"), id="twice"),
+        pytest.param("a b", id="space"),
+        pytest.param("a/b", id="slash"),
+        pytest.param("a@b", id="userinfo"),
+        pytest.param("a:port", id="port-not-digits"),
+        pytest.param("a:1:2", id="two-ports"),
+        pytest.param("[::1", id="unclosed-ip-literal"),
+        pytest.param("[not-v6]", id="bad-ip-literal"),
+        pytest.param("%zz", id="bad-percent"),
+        pytest.param("[v1.fe80::a+en1]", id="ip-future-unsupported"),
+        pytest.param("[fe80::1%25en0]", id="zone-id"),
+    ],
+)
+async def test_an_invalid_host_is_400(port: int, host: str | tuple[str, ...] | None) -> None:
+    """RFC 9112 3.2: a missing, repeated or malformed Host on HTTP/1.1 is answered 400."""
+    response = await raw_request(port, "PUT", "/v1/stream/h", TEXT, host=host)
+    assert response.status == 400, response.body
+    assert (await raw_request(port, "HEAD", "/v1/stream/h")).status == 404
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["relay.example", "relay.example:8080", "127.0.0.1:1", "[::1]:80", "[::ffff:1.2.3.4]", "a%41"],
+)
+async def test_a_valid_host_is_served(port: int, host: str) -> None:
+    response = await raw_request(port, "PUT", "/v1/stream/h", TEXT, host=host)
+    assert response.status == 201, response.body
+
+
+async def test_http_1_0_needs_no_host(port: int) -> None:
+    response = await raw_request(port, "HEAD", "/v1/stream/text", host=None, version="HTTP/1.0")
+    assert response.status == 200
