@@ -201,3 +201,33 @@ async def test_a_valid_host_is_served(port: int, host: str) -> None:
 async def test_http_1_0_needs_no_host(port: int) -> None:
     response = await raw_request(port, "HEAD", "/v1/stream/text", host=None, version="HTTP/1.0")
     assert response.status == 200
+
+
+@pytest.mark.parametrize("closed", [False, True])
+async def test_an_old_etag_never_matches_a_stream_recreated_at_the_same_path(
+    port: int, closed: bool, backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    """Same path, same length, different bytes: a 304 would keep the old stream's data.
+
+    Not in conformance/: the spec only asks clients not to re-create a deleted path, and the
+    reference server's ETag is built from the path, so it answers 304 here. Relay's ETag
+    carries the stream's id, which a re-created path must not share with its predecessor.
+    """
+    if backend.name == "sqlite":
+        reason = "SQLite reuses a deleted stream's id (fixed on another branch: drop this mark)"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+    extra = {"Stream-Closed": "true"} if closed else {}
+    url = "/v1/stream/again"
+    # Several incarnations, so that an id reused by any of them would show.
+    for old, new in ((b"hello", b"world"), (b"world", b"again"), (b"again", b"hello")):
+        if old == b"hello":
+            assert (await raw_request(port, "PUT", url, {**TEXT, **extra}, old)).status == 201
+        first = await raw_request(port, "GET", url + "?offset=-1")
+        assert first.status == 200 and first.body == old
+        assert (await raw_request(port, "DELETE", url)).status == 204
+        assert (await raw_request(port, "PUT", url, {**TEXT, **extra}, new)).status == 201
+        again = await raw_request(
+            port, "GET", url + "?offset=-1", {"If-None-Match": first.headers["etag"]}
+        )
+        assert again.status == 200, again.headers
+        assert again.body == new
