@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
 
 from protocol.errors import BadRequest
 
@@ -63,8 +62,12 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)\Z")
 _INTEGER = re.compile(r"[0-9]{1,16}\Z")
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})\Z"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:[Zz]|([+-])(\d{2}):(\d{2}))\Z"
 )
+# The instants an RFC 3339 UTC timestamp can spell: years 0000 to 9999 (4DIGIT), in milliseconds.
+EARLIEST_MS = -62_167_219_200_000
+LATEST_MS = 253_402_300_799_999
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_TOKEN_BYTES = 256  # Producer-Id and Stream-Seq: stored, and indexed (Producer-Id)
 MAX_CONTENT_TYPE_BYTES = 256
@@ -84,16 +87,64 @@ def parse_ttl(value: str) -> int:
 
 
 def parse_expires_at(value: str) -> float:
-    """``Stream-Expires-At``: an RFC 3339 timestamp, returned as Unix seconds."""
-    if not _RFC3339.match(value):
+    """``Stream-Expires-At``: an RFC 3339 timestamp, returned as Unix seconds.
+
+    Computed by calendar arithmetic rather than ``datetime``, whose years stop at 1..9999 in
+    local time: ``9999-12-31T23:59:59-01:00`` and ``0000-01-01`` are grammatical. Fractions are
+    truncated to the millisecond we echo back, so ``...59.999999999Z`` stays in year 9999; a
+    leap second (``:60``) is the next second. An instant no UTC timestamp can spell is a 400.
+    """
+    match = _RFC3339.match(value)
+    if not match:
         raise BadRequest("invalid_expires_at", "Stream-Expires-At must be an RFC 3339 timestamp")
-    text = value.upper().replace("Z", "+00:00")
-    # fromisoformat takes at most 6 fraction digits; nanoseconds are beyond our clock anyway.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError as exc:
-        raise BadRequest("invalid_expires_at", f"Stream-Expires-At is not a date: {exc}") from None
+    year, month, day, hour, minute, second = (int(part) for part in match.group(1, 2, 3, 4, 5, 6))
+    fraction, sign, offset_hour, offset_minute = match.group(7, 8, 9, 10)
+    if not (1 <= month <= 12 and 1 <= day <= _days_in_month(year, month)):
+        raise BadRequest("invalid_expires_at", "Stream-Expires-At is not a calendar date")
+    if hour > 23 or minute > 59 or second > 60:
+        raise BadRequest("invalid_expires_at", "Stream-Expires-At is not a time of day")
+    offset = 0
+    if sign is not None:
+        if int(offset_hour) > 23 or int(offset_minute) > 59:
+            raise BadRequest("invalid_expires_at", "Stream-Expires-At has an invalid UTC offset")
+        offset = (int(offset_hour) * 60 + int(offset_minute)) * 60 * (-1 if sign == "-" else 1)
+    seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+    millis = (seconds - offset) * 1000 + int((fraction or "0")[:3].ljust(3, "0"))
+    if not EARLIEST_MS <= millis <= LATEST_MS:
+        raise BadRequest("invalid_expires_at", "Stream-Expires-At is outside years 0000-9999 UTC")
+    return millis / 1000
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+        return 29 if leap else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar (Howard Hinnant's method)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146_097 + day_of_era - 719_468
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """The inverse of ``days_from_civil``: (year, month, day) of a day count since 1970."""
+    days += 719_468
+    era = days // 146_097
+    day_of_era = days - era * 146_097
+    year_of_era = (
+        day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096
+    ) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    shifted_month = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * shifted_month + 2) // 5 + 1
+    month = shifted_month + (3 if shifted_month < 10 else -9)
+    return year_of_era + era * 400 + (month <= 2), month, day
 
 
 def parse_non_negative(name: str, value: str) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from protocol.errors import BadRequest, Gone, NotFound
+from protocol.headers import civil_from_days
 from protocol.model import StreamMeta
 
 
@@ -53,6 +53,16 @@ def fork_expiry(source: StreamMeta, requested: Expiry) -> Expiry:
 
 
 def format_rfc3339(timestamp: float) -> str:
-    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds.
+
+    Calendar arithmetic, not ``datetime``: every instant ``parse_expires_at`` accepts (years
+    0000-9999) formats, and rounding to the millisecond undoes float error without carrying a
+    truncated ``.999`` into the next second.
+    """
+    millis = round(timestamp * 1000)
+    seconds, milli = divmod(millis, 1000)
+    days, second_of_day = divmod(seconds, 86_400)
+    year, month, day = civil_from_days(days)
+    hour, rest = divmod(second_of_day, 3600)
+    minute, second = divmod(rest, 60)
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{milli:03d}Z"

@@ -11,12 +11,13 @@ import structlog
 from aiohttp import web
 
 from protocol import headers as h
-from protocol.errors import MethodNotAllowed, Unavailable
+from protocol.errors import BadRequest, MethodNotAllowed, Unavailable
 from protocol.model import Segment, StreamMeta
 from relay.config import Config
 from relay.http import reads, writes
 from relay.http.context import CONTEXT, Context, Limits
 from relay.http.errors import Handler, error_middleware
+from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.store.base import Store
@@ -56,6 +57,8 @@ def make_store(config: Config) -> Store:
 async def stream(request: web.Request) -> web.StreamResponse:
     handler = _STREAM_HANDLERS.get(request.method)
     if handler is None:
+        # Checked before OPTIONS and 405 too: the reserved __ds prefix is 404 for every method.
+        stream_path(request.raw_path, request.app[CONTEXT].config.max_path_length)
         if request.method == "OPTIONS":
             return web.Response(status=204, headers={"Allow": ", ".join(ALLOWED_METHODS)})
         raise MethodNotAllowed(request.method, ALLOWED_METHODS)
@@ -116,6 +119,20 @@ async def _on_shutdown(app: web.Application) -> None:
     begin_shutdown(app)
 
 
+async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """RFC 9112 3.2: an HTTP/1.1 request needs exactly one Host, and any Host must be a valid
+    ``host[:port]``; it becomes our ``Location``. An absolute-form target's own authority
+    replaces Host (3.2.2), so there the field is ignored. aiohttp itself refuses a missing or
+    repeated Host; this catches the rest, and would still catch those if it stopped."""
+    if request.raw_path.startswith("/"):
+        hosts = request.headers.getall("Host", [])
+        if len(hosts) > 1 or (not hosts and request.version >= (1, 1)):
+            raise BadRequest("invalid_host", "HTTP/1.1 requests carry exactly one Host header")
+        if hosts and not valid_host(hosts[0]):
+            raise BadRequest("invalid_host", "Host must be host[:port]")
+    return await handler(request)
+
+
 def _cors_and_security(config: Config) -> object:
     allowed = {o.strip() for o in config.cors_origins.split(",") if o.strip()}
     expose = ", ".join(h.RESPONSE_HEADERS)
@@ -148,7 +165,7 @@ def _cors_and_security(config: Config) -> object:
 def make_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the aiohttp application. Resources open and close in ``cleanup_ctx``."""
     app = web.Application(
-        middlewares=[observe, error_middleware, admit],
+        middlewares=[observe, error_middleware, check_host, admit],
         client_max_size=config.max_body_bytes + 1,
     )
     the_store = store if store is not None else make_store(config)

@@ -27,9 +27,14 @@ async def raw_request(
     body: bytes = b"",
     *,
     declared_length: int | None = None,
+    host: str | tuple[str, ...] | None = "test",
+    version: str = "HTTP/1.1",
 ) -> RawResponse:
+    """One request on a fresh connection. ``host`` is the Host line's value, several values
+    for several lines, or None to send none."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"{method} {target} HTTP/1.1", "Host: test", "Connection: close"]
+    hosts = () if host is None else (host,) if isinstance(host, str) else host
+    lines = [f"{method} {target} {version}", *(f"Host: {v}" for v in hosts), "Connection: close"]
     sent = dict(headers or {})
     if body or declared_length is not None:
         sent["Content-Length"] = str(len(body) if declared_length is None else declared_length)

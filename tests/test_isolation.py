@@ -100,19 +100,6 @@ async def test_a_parked_reader_of_an_expired_stream_never_gets_the_next_streams_
     assert b"secret" not in body
 
 
-async def test_a_recreated_stream_never_matches_the_old_streams_etag(relay: Relay) -> None:
-    await put(relay, "etag")
-    await post(relay, "etag", b"one")
-    first = await relay.client.get("/v1/stream/etag?offset=-1")
-    tag = first.headers["ETag"]
-    assert (await relay.client.delete("/v1/stream/etag")).status == 204
-    await put(relay, "etag")
-    await post(relay, "etag", b"two")
-    again = await relay.client.get("/v1/stream/etag?offset=-1", headers={"If-None-Match": tag})
-    assert again.status == 200
-    assert await again.read() == b"two"
-
-
 async def test_delete_wakes_parked_long_poll_and_sse_readers(relay: Relay) -> None:
     await put(relay, "doomed")
     await post(relay, "doomed", b"abc")

@@ -20,7 +20,7 @@ from protocol.headers import ProducerHeaders
 from protocol.lifecycle import Expiry
 from relay.app import make_app
 from relay.config import Config
-from relay.store.postgres import PostgresStore, apply_migrations, migrate
+from relay.store.postgres import COMPACT_BYTES, PostgresStore, apply_migrations, migrate
 from tests.pg import fresh_database
 from tests.stores import Recorder
 from tests.tcp_proxy import TcpProxy
@@ -160,9 +160,43 @@ async def test_a_commit_on_one_relay_reaches_another_relays_listener(pg_url: str
         await watcher.close()
 
 
-async def test_compaction_merges_rows_and_readers_see_the_same_bytes(
+async def _chunk_rows(pg_url: str, path: str) -> list[tuple[int, int]]:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.start_pos, c.end_pos FROM relay_chunks c JOIN relay_streams s"
+            " ON s.id = c.stream_id WHERE s.path = $1 ORDER BY c.start_pos",
+            path,
+        )
+    finally:
+        await conn.close()
+    return [(row[0], row[1]) for row in rows]
+
+
+async def _waiting_on_a_lock(pg_url: str, statement: str) -> None:
+    """Until a backend runs ``statement`` blocked on a lock. Polls pg_stat_activity outside any
+    transaction, since inside one its snapshot never changes."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for _ in range(400):
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND starts_with(query, $1)",
+                statement,
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    raise AssertionError(f"nothing blocked running {statement}")
+
+
+async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_bytes(
     store: PostgresStore, pg_url: str
 ) -> None:
+    """Readers read before, during (the compactor's transaction open, rows deleted but not
+    committed) and after the merge, and always see the same bytes."""
     await store.create(plain("c"), NOW)
     expected = b""
     for i in range(60):
@@ -170,31 +204,136 @@ async def test_compaction_merges_rows_and_readers_see_the_same_bytes(
         await store.append("c", text(piece), NOW)
         expected += piece
     meta = await store.head("c", NOW, touch=False)
+    last_start = (await _chunk_rows(pg_url, "c"))[-1][0]
+    reads = [0, 0, 0, 0]
+    progressed = asyncio.Event()
+    target = 0
+    stop = asyncio.Event()
 
-    async def read_repeatedly() -> int:
-        reads = 0
-        while not compacted.done():
+    async def read_repeatedly(reader: int) -> None:
+        while not stop.is_set():
             for start in (0, 7, len(expected) // 2):
                 assert await store.read(meta, start, meta.tail) == expected[start:]
-            reads += 1
+            reads[reader] += 1
+            if min(reads) >= target:
+                progressed.set()
             await asyncio.sleep(0)
-        return reads
 
-    compacted = asyncio.ensure_future(store.compact(NOW + 1))
-    readers = [asyncio.create_task(read_repeatedly()) for _ in range(4)]
-    removed = await compacted
-    assert all(count >= 0 for count in await asyncio.gather(*readers))
-    assert removed == 59
-    conn = await asyncpg.connect(pg_url)
+    async def all_read_twice_more() -> None:
+        nonlocal target
+        target = min(reads) + 2
+        progressed.clear()
+        await asyncio.wait_for(progressed.wait(), 10)
+
+    readers = [asyncio.create_task(read_repeatedly(i)) for i in range(len(reads))]
+    blocker = await asyncpg.connect(pg_url)
     try:
-        rows = await conn.fetchval("SELECT count(*) FROM relay_chunks")
+        await all_read_twice_more()  # before
+        # A share lock on the last row: the compactor's DELETE waits on it mid-transaction.
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "SELECT 1 FROM relay_chunks WHERE stream_id = $1 AND start_pos = $2 FOR SHARE",
+            meta.stream_id,
+            last_start,
+        )
+        compacted = asyncio.create_task(store.compact(NOW + 1))
+        await _waiting_on_a_lock(pg_url, "DELETE FROM relay_chunks")
+        await all_read_twice_more()  # during
+        assert not compacted.done()
+        await tx.rollback()
+        done = await compacted
+        await all_read_twice_more()  # after
     finally:
-        await conn.close()
-    assert rows == 1
-    assert await store.read(meta, 0, meta.tail) == expected
+        stop.set()
+        await asyncio.gather(*readers)
+        await blocker.close()
+    assert done.rows_removed == 59
+    assert await _chunk_rows(pg_url, "c") == [(0, len(expected))]
     await store.append("c", text(b"more"), NOW)
     after = await store.head("c", NOW, touch=False)
     assert await store.read(after, 0, after.tail) == expected + b"more"
+
+
+async def _stream_xmax(pg_url: str, path: str) -> tuple[str, list[tuple[str, str]]]:
+    """Row versions: a lock sets the stream row's xmax; a rewrite changes a chunk's ctid."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        xmax = await conn.fetchval("SELECT xmax::text FROM relay_streams WHERE path = $1", path)
+        chunks = await conn.fetch(
+            "SELECT c.ctid::text, c.xmin::text FROM relay_chunks c JOIN relay_streams s"
+            " ON s.id = c.stream_id WHERE s.path = $1 ORDER BY c.start_pos",
+            path,
+        )
+    finally:
+        await conn.close()
+    return xmax, [(row[0], row[1]) for row in chunks]
+
+
+async def test_compaction_converges_a_second_pass_touches_nothing(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """Merged rows end just under 1 MiB; they must not stay candidates forever, and neither may
+    small rows that a row over 1 MiB keeps apart."""
+    await store.create(plain("big"), NOW)
+    piece = b"x" * 100_000
+    for _ in range(25):
+        await store.append("big", text(piece), NOW)
+    await store.create(plain("apart"), NOW)
+    for body in (b"a" * 10, b"b" * (COMPACT_BYTES + 1), b"c" * 10):
+        await store.append("apart", text(body), NOW)
+
+    first = await store.compact(NOW + 1)
+    assert await _chunk_rows(pg_url, "big") == [
+        (0, 1_000_000),
+        (1_000_000, 2_000_000),
+        (2_000_000, 2_500_000),
+    ]
+    versions = {path: await _stream_xmax(pg_url, path) for path in ("big", "apart")}
+
+    second = await store.compact(NOW + 2)
+    assert {path: await _stream_xmax(pg_url, path) for path in versions} == versions
+    assert (first.rows_removed, first.bytes_read) == (22, 25 * 100_000)  # runs of 10, 10, 5
+    assert (second.streams, second.rows_removed, second.bytes_read) == (0, 0, 0)
+    meta = await store.head("big", NOW, touch=False)
+    assert await store.read(meta, 0, meta.tail) == piece * 25
+
+
+async def test_a_compaction_pass_reads_at_most_its_budget_oldest_streams_first(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """Each pass is bounded, and the stream idle longest goes first, so none starves."""
+    idle_since = {"s1": NOW + 5, "s2": NOW + 1, "s3": NOW + 3}
+    for path, at in idle_since.items():
+        await store.create(plain(path), NOW)
+        for _ in range(30):
+            await store.append(path, text(b"y" * 10_000), at)
+
+    order = []
+    for _ in idle_since:
+        done = await store.compact(NOW + 10, budget=400_000)
+        assert done.bytes_read == 300_000
+        order += [
+            p for p in idle_since if len(await _chunk_rows(pg_url, p)) == 1 and p not in order
+        ]
+    assert order == ["s2", "s3", "s1"]
+    assert (await store.compact(NOW + 10, budget=400_000)).bytes_read == 0
+
+
+async def test_a_pass_splits_a_large_stream_across_passes_and_still_converges(
+    store: PostgresStore, pg_url: str
+) -> None:
+    await store.create(plain("long"), NOW)
+    for _ in range(40):
+        await store.append("long", text(b"z" * 100_000), NOW)
+    passes = []
+    while (done := await store.compact(NOW + 1, budget=1_500_000)).bytes_read:
+        assert done.bytes_read <= 1_500_000
+        passes.append(done.rows_removed)
+    assert len(passes) == 4  # runs of ten appends, one per pass within the budget
+    assert len(await _chunk_rows(pg_url, "long")) == 4
+    meta = await store.head("long", NOW, touch=False)
+    assert await store.read(meta, 0, meta.tail) == b"z" * 4_000_000
 
 
 async def test_losing_the_database_answers_unavailable_then_recovers(pg_url: str) -> None:

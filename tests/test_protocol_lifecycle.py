@@ -9,6 +9,7 @@ import pytest
 
 from protocol import caching, cursor
 from protocol.errors import BadRequest, Gone, NotFound, ProtocolError
+from protocol.headers import parse_expires_at
 from protocol.lifecycle import (
     Expiry,
     check_visible,
@@ -66,10 +67,31 @@ def test_ttl_and_deadline_together_are_400() -> None:
 
 @pytest.mark.parametrize(
     ("timestamp", "text"),
-    [(0.0, "1970-01-01T00:00:00.000Z"), (1893456000.25, "2030-01-01T00:00:00.250Z")],
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1893456000.25, "2030-01-01T00:00:00.250Z"),
+        (-0.001, "1969-12-31T23:59:59.999Z"),
+        (951782400.0, "2000-02-29T00:00:00.000Z"),
+        (253402300799.999, "9999-12-31T23:59:59.999Z"),
+        (-62167219200.0, "0000-01-01T00:00:00.000Z"),
+    ],
 )
 def test_rfc3339(timestamp: float, text: str) -> None:
     assert format_rfc3339(timestamp) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0000-01-01T00:00:00.000Z",
+        "0000-02-29T12:34:56.789Z",
+        "1600-03-01T00:00:00.001Z",
+        "2038-01-19T03:14:08.000Z",
+        "9999-12-31T23:59:59.999Z",
+    ],
+)
+def test_rfc3339_round_trips_through_the_header_parser(text: str) -> None:
+    assert format_rfc3339(parse_expires_at(text)) == text
 
 
 NOW_INTERVAL = cursor.interval(T)

@@ -1,13 +1,20 @@
-"""Stream URL paths: where streams live and which paths are refused (section 12.2)."""
+"""Request targets: where streams live, which paths are refused (section 12.2), and the Host
+header every HTTP/1.1 request must carry (RFC 9112 3.2)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import unquote_to_bytes
 
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, NotFound
 
 PREFIX = "/v1/stream/"
+# Section 6: a first segment of ``__ds`` is reserved for subscription control APIs.
+RESERVED_SEGMENT = "__ds"
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+_REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+_PORT = re.compile(r"[0-9]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -16,9 +23,10 @@ def stream_path(raw_path: str, max_length: int) -> str:
     """Decode and check a request's raw path; the decoded form names the stream.
 
     Refuses invalid percent-encoding, invalid UTF-8, NUL and other control characters, ``.``
-    and ``..`` segments, empty names and paths over ``max_length`` bytes.
+    and ``..`` segments, empty names and paths over ``max_length`` bytes. A path under the
+    reserved ``__ds`` prefix names no stream (404), for every method.
     """
-    raw = raw_path.split("?", 1)[0]
+    raw = origin_form(raw_path).split("?", 1)[0]
     if len(raw.encode()) > max_length * 3:
         raise BadRequest("path_too_long", "stream path is too long")
     if not raw.startswith(PREFIX) or raw == PREFIX:
@@ -35,7 +43,49 @@ def stream_path(raw_path: str, max_length: int) -> str:
     name = decoded[len(PREFIX) :]
     if any(segment in (".", "..") for segment in name.split("/")):
         raise BadRequest("invalid_path", "stream path must not contain . or .. segments")
+    if name.split("/", 1)[0] == RESERVED_SEGMENT:
+        raise NotFound(f"{PREFIX}{RESERVED_SEGMENT}/ is reserved for control APIs")
     return decoded
+
+
+def origin_form(target: str) -> str:
+    """The path and query of a request target; RFC 9112 3.2.2 has servers accept the absolute
+    form (``http://host/path``), whose authority aiohttp already took as the request's host."""
+    if target.startswith("/"):
+        return target
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end() :]
+    return rest if rest.startswith("/") else "/" + rest
+
+
+def valid_host(value: str) -> bool:
+    """RFC 9112 3.2's ``uri-host [ ":" port ]``: a bracketed IPv6 address or a reg-name
+    (which covers IPv4), then optional port digits. Not empty: an ``http`` URI's host never is
+    (RFC 9110 4.2.1), and this one becomes our ``Location``. IPvFuture literals are refused: nothing
+    sends them and yarl cannot build a URL (our ``Location``) from one."""
+    host, port = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return False
+        literal = value[1:end]
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        if "%" in literal:  # a zone id: meaningless to a server
+            return False
+        rest = value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return False
+        return _PORT.fullmatch(rest[1:]) is not None
+    if ":" in value:
+        host, port = value.split(":", 1)
+    return (
+        bool(host) and _REG_NAME.fullmatch(host) is not None and _PORT.fullmatch(port) is not None
+    )
 
 
 def source_path(header: str, max_length: int) -> str:

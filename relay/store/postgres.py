@@ -63,6 +63,8 @@ log = structlog.get_logger("relay.postgres")
 CHANNEL = "relay_commits"
 NOTIFY_LIMIT = 7900  # Postgres caps a payload at 8000 bytes
 COMPACT_BYTES = 1024 * 1024
+COMPACT_PASS_BYTES = 16 * COMPACT_BYTES  # read per compaction pass, per relay
+COMPACT_CANDIDATES = 100
 RETRIES = 3
 MIGRATION_LOCK = 0x52454C4159  # pg_advisory_lock key: "RELAY"
 
@@ -762,59 +764,90 @@ class PostgresStore:
             except Exception:
                 log.exception("compaction failed")
 
-    async def compact(self, now: float) -> int:
-        """Merge small rows of closed or idle streams; returns rows removed."""
+    async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
+        """Merge small rows of closed or idle streams, the longest idle first.
+
+        A stream is a candidate only while two adjacent rows fit in one merged row, the very
+        test ``_runs`` merges by. Greedy runs leave no such pair, so compaction converges: a
+        compacted stream is never a candidate again and a second pass locks and reads nothing.
+        A pass reads at most ``budget`` bytes (at least one run, so it always progresses);
+        what it leaves stays a candidate, at the front, for the next pass.
+        """
+        done = CompactionPass()
         async with self._conn() as conn:
             candidates = await conn.fetch(
                 "SELECT s.id FROM relay_streams s WHERE (s.closed OR s.last_append < $1) "
-                "AND (SELECT count(*) FROM relay_chunks c WHERE c.stream_id = s.id "
-                "AND c.end_pos - c.start_pos < $2) > 1 LIMIT 100",
+                "AND EXISTS (SELECT 1 FROM relay_chunks a JOIN relay_chunks b "
+                "ON b.stream_id = a.stream_id AND b.start_pos = a.end_pos "
+                "WHERE a.stream_id = s.id AND b.end_pos - a.start_pos <= $2) "
+                "ORDER BY s.last_append, s.id LIMIT $3",
                 now - self._compact_idle,
                 COMPACT_BYTES,
+                COMPACT_CANDIDATES,
             )
-            removed = 0
             for (stream_id,) in candidates:
-                removed += await self._compact_stream(conn, stream_id)
-        self._stats["rows_compacted"] += removed
-        return removed
+                if done.bytes_read >= budget:
+                    break
+                done = await self._compact_stream(conn, stream_id, budget, done)
+        self._stats["rows_compacted"] += done.rows_removed
+        return done
 
-    async def _compact_stream(self, conn: asyncpg.Connection, stream_id: int) -> int:
+    async def _compact_stream(
+        self, conn: asyncpg.Connection, stream_id: int, budget: int, done: CompactionPass
+    ) -> CompactionPass:
+        """Merge one stream's runs in one transaction, reading only the rows being merged."""
         async with conn.transaction():
             locked = await conn.fetchval(
                 "SELECT id FROM relay_streams WHERE id = $1 FOR UPDATE SKIP LOCKED", stream_id
             )
             if locked is None:
-                return 0
-            rows = await conn.fetch(
-                "SELECT start_pos, end_pos, data FROM relay_chunks WHERE stream_id = $1 "
+                return done
+            bounds = await conn.fetch(
+                "SELECT start_pos, end_pos FROM relay_chunks WHERE stream_id = $1 "
                 "ORDER BY start_pos",
                 stream_id,
             )
-            removed = 0
-            for run in _runs(rows):
+            removed = read = 0
+            for run in _runs(bounds):
                 if len(run) < 2:
                     continue
-                await conn.execute(
+                start, end = run[0][0], run[-1][1]
+                spent = done.bytes_read + read
+                if spent and spent + end - start > budget:
+                    break
+                rows = await conn.fetch(
                     "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
-                    "AND start_pos < $3",
+                    "AND start_pos < $3 RETURNING start_pos, data",
                     stream_id,
-                    run[0][0],
-                    run[-1][1],
+                    start,
+                    end,
                 )
+                rows.sort(key=lambda row: row[0])
                 await conn.execute(
                     "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
                     "VALUES ($1, $2, $3, $4)",
                     stream_id,
-                    run[0][0],
-                    run[-1][1],
-                    b"".join(r[2] for r in run),
+                    start,
+                    end,
+                    b"".join(row[1] for row in rows),
                 )
-                removed += len(run) - 1
-            return removed
+                removed += len(rows) - 1
+                read += end - start
+        return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionPass:
+    """What one compaction pass did: streams locked, rows merged away, bytes read."""
+
+    streams: int = 0
+    rows_removed: int = 0
+    bytes_read: int = 0
 
 
 def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
-    """Consecutive, contiguous rows grouped up to COMPACT_BYTES each."""
+    """``(start_pos, end_pos)`` rows grouped greedily into contiguous runs of at most
+    COMPACT_BYTES: after merging, no two adjacent rows fit in COMPACT_BYTES together."""
     run: list[asyncpg.Record] = []
     size = 0
     for row in rows:
