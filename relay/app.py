@@ -119,6 +119,7 @@ async def _on_shutdown(app: web.Application) -> None:
     begin_shutdown(app)
 
 
+@web.middleware
 async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
     """RFC 9112 3.2: an HTTP/1.1 request needs exactly one Host, and any Host must be a valid
     ``host[:port]``; it becomes our ``Location``. An absolute-form target's own authority
