@@ -11,12 +11,12 @@ import structlog
 from aiohttp import web
 
 from protocol import headers as h
-from protocol.errors import BadRequest, MethodNotAllowed, Unavailable
+from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from protocol.model import Segment, StreamMeta
 from relay.config import Config
 from relay.http import reads, writes
 from relay.http.context import CONTEXT, Context, Limits
-from relay.http.errors import Handler, error_middleware
+from relay.http.errors import Handler, error_response
 from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
 from relay.metrics import Metrics
@@ -75,32 +75,35 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts requests and their latency; logs each at debug level."""
+async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What every request passes through, in one frame: Host check, admission while stopping,
+    the error table, metrics and the debug log line."""
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
-    response = await handler(request)
+    try:
+        check_host(request)
+        if ctx.stopping:  # requests still arriving on open connections get 503, not a reset
+            raise Unavailable("relay is shutting down")
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status != 404 or request.method == "HEAD":
+            raise
+        response = error_response(request, NotFound("no such resource"))
+    except Exception as exc:
+        response = error_response(request, exc)
     elapsed = time.perf_counter() - started
-    ctx.metrics.requests.labels(request.method, str(response.status)).inc()
-    ctx.metrics.latency.labels(request.method).observe(elapsed)
+    ctx.metrics.observe_request(request.method, response.status, elapsed)
     if ctx.stopping:
         response.force_close()  # clients reconnect elsewhere rather than race our close
-    log.debug(
-        "request",
-        method=request.method,
-        path=request.path,
-        status=response.status,
-        ms=round(elapsed * 1000, 2),
-    )
+    if ctx.debug:
+        log.debug(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            ms=round(elapsed * 1000, 2),
+        )
     return response
-
-
-@web.middleware
-async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Once a stop begins, requests still arriving on open connections get 503, not a reset."""
-    if request.app[CONTEXT].stopping:
-        raise Unavailable("relay is shutting down")
-    return await handler(request)
 
 
 def begin_shutdown(app: web.Application) -> None:
@@ -119,8 +122,7 @@ async def _on_shutdown(app: web.Application) -> None:
     begin_shutdown(app)
 
 
-@web.middleware
-async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+def check_host(request: web.Request) -> None:
     """RFC 9112 3.2: an HTTP/1.1 request needs exactly one Host, and any Host must be a valid
     ``host[:port]``; it becomes our ``Location``. An absolute-form target's own authority
     replaces Host (3.2.2), so there the field is ignored. aiohttp itself refuses a missing or
@@ -131,7 +133,6 @@ async def check_host(request: web.Request, handler: Handler) -> web.StreamRespon
             raise BadRequest("invalid_host", "HTTP/1.1 requests carry exactly one Host header")
         if hosts and not valid_host(hosts[0]):
             raise BadRequest("invalid_host", "Host must be host[:port]")
-    return await handler(request)
 
 
 def _cors_and_security(config: Config) -> object:
@@ -166,7 +167,7 @@ def _cors_and_security(config: Config) -> object:
 def make_app(config: Config, store: Store | None = None) -> web.Application:
     """Build the aiohttp application. Resources open and close in ``cleanup_ctx``."""
     app = web.Application(
-        middlewares=[observe, error_middleware, check_host, admit],
+        middlewares=[front],
         client_max_size=config.max_body_bytes + 1,
     )
     the_store = store if store is not None else make_store(config)
@@ -177,6 +178,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         store=the_store,
         hub=hub,
         metrics=metrics_,
+        debug=config.log_level == "debug",
         limits=Limits(
             config.max_inflight_writes, config.max_live_readers, config.max_inflight_write_bytes
         ),

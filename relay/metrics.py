@@ -55,6 +55,21 @@ class Metrics:
             "relay_live_readers", "Parked long-poll and SSE readers", registry=self.registry
         )
 
+        # Children bound once per (method, status): a label lookup per request is measurable.
+        self._bound: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, method: str, status: int, seconds: float) -> None:
+        bound = self._bound.get((method, status))
+        if bound is None:
+            if len(self._bound) > 1000:  # methods are client-chosen: bound the table
+                self._bound.clear()
+            bound = self._bound[(method, status)] = (
+                self.requests.labels(method, str(status)),
+                self.latency.labels(method),
+            )
+        bound[0].inc()
+        bound[1].observe(seconds)
+
     def watch_store(self, store: Store) -> None:
         self.registry.register(_StoreCollector(store))
 

@@ -84,6 +84,7 @@ class Context:
     metrics: Metrics
     limits: Limits
     stopping: bool = False  # set when a stop begins; new requests get 503
+    debug: bool = False  # log a line per request (skipped, arguments and all, otherwise)
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
 

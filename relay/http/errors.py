@@ -107,17 +107,3 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 404 and request.method != "HEAD":
-            return error_response(request, NotFound("no such resource"))
-        raise
-    except (ProtocolError, Unavailable, Overloaded) as exc:
-        return error_response(request, exc)
-    except Exception as exc:
-        return error_response(request, exc)
