@@ -165,3 +165,21 @@ async def test_malformed_headers_get_400_and_never_fail_the_appends_beside_them(
     for path in paths:
         assert await (await relay.client.get(f"/v1/stream/{path}?offset=-1")).read() == b"token" * 3
     assert await (await relay.client.get("/v1/stream/target?offset=-1")).read() == b""
+
+
+@pytest.mark.parametrize("live", ["", "&live=long-poll", "&live=sse"])
+async def test_a_json_read_from_inside_a_message_is_refused(relay: Relay, live: str) -> None:
+    """Offsets Relay returns fall between messages; one inside a message would yield half of
+    it, which no JSON reader can parse."""
+    response = await relay.client.put(
+        "/v1/stream/msgs", data=b'[{"a":1},{"b":2}]', headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 201
+    inside = "0000000000000000_0000000000000003"  # within {"a":1}
+    answer = await relay.client.get(f"/v1/stream/msgs?offset={inside}{live}")
+    assert answer.status == 400
+    boundary = "0000000000000000_0000000000000008"  # after {"a":1}\n
+    if not live:
+        whole = await relay.client.get(f"/v1/stream/msgs?offset={boundary}")
+        assert whole.status == 200
+        assert await whole.json() == [{"b": 2}]

@@ -64,10 +64,23 @@ async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
     """Up to ``max_chunk_bytes`` from ``start``, cut at a message boundary in JSON mode."""
     limit = ctx.config.max_chunk_bytes
     end = min(meta.tail, start + limit)
-    data = await ctx.store.read(meta, start, end)
-    if h.is_json(meta.content_type) and end < meta.tail:
+    json_mode = h.is_json(meta.content_type)
+    if json_mode and start > 0:  # one more byte in the same read proves start is a boundary
+        before = await ctx.store.read(meta, start - 1, end)
+        _check_boundary(before[:1])
+        data = before[1:]
+    else:
+        data = await ctx.store.read(meta, start, end)
+    if json_mode and end < meta.tail:
         data = await _whole_messages(ctx, meta, start, data, limit)
     return _chunk(meta, start, data)
+
+
+def _check_boundary(previous: bytes) -> None:
+    """A JSON read must start after a whole message: offsets inside one are not offsets
+    Relay ever returned, and reading from them would hand out half a message."""
+    if previous != jsonmode.SEPARATOR:
+        raise BadRequest("invalid_offset", "offset is not on a message boundary")
 
 
 async def _whole_messages(
@@ -224,6 +237,8 @@ async def _sse(
     """
     json_mode = h.is_json(meta.content_type)
     binary = not h.is_text_like(meta.content_type)
+    if json_mode and 0 < position < meta.tail:  # before the 200 goes out
+        _check_boundary(await ctx.store.read(meta, position - 1, position))
     response = web.StreamResponse(
         status=200,
         headers={
