@@ -8,6 +8,11 @@ its bytes from memory instead of reading the store. Commits made by other proces
 LISTEN) arrive without bytes; the hub fetches them once for all of that stream's readers.
 That memory is capped per stream and in total; what the hub no longer holds, readers read from
 the store, so eviction costs a read, never correctness.
+
+A watch outlives its last reader by ``LINGER_SECONDS``, still following commits: a long-poll
+reader re-polls right after each answer, and finds the stream's tail and newest bytes already
+known instead of asking the store again. Committed bytes never change and ids are never reused,
+so what a watch holds is always right to serve.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ RECENT_BYTES = 1024 * 1024
 """Most recent bytes held per watched stream; a longer append is never held."""
 HELD_BYTES = 64 * 1024 * 1024
 """Default cap on recent bytes held across all watched streams."""
+LINGER_SECONDS = 10.0
+MAX_LINGERING = 10_000
 
 Fetch = Callable[[int, int, int], Awaitable[bytes | None]]
 """(stream_id, start, end) -> the committed bytes, or None if they cannot be had."""
@@ -139,8 +146,15 @@ class Subscription:
 class Hub:
     """Wakes parked readers of a stream when its tail moves, it closes, or it is deleted."""
 
-    def __init__(self, max_bytes: int = HELD_BYTES, stream_bytes: int = RECENT_BYTES) -> None:
+    def __init__(
+        self,
+        max_bytes: int = HELD_BYTES,
+        stream_bytes: int = RECENT_BYTES,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
         self._watches: dict[int, _Watch] = {}
+        self._linger = linger
+        self._lingering: OrderedDict[int, float] = OrderedDict()  # readerless, oldest first
         self._fetch: Fetch | None = None
         self._fetching: set[int] = set()
         self._max_bytes = max_bytes
@@ -160,7 +174,8 @@ class Hub:
 
     @property
     def watched_streams(self) -> int:
-        return len(self._watches)
+        """Streams with readers (lingering watches are not counted)."""
+        return len(self._watches) - len(self._lingering)
 
     @property
     def parked_readers(self) -> int:
@@ -173,6 +188,8 @@ class Hub:
         watch = self._watches.get(stream_id)
         if watch is None:
             watch = self._watches[stream_id] = _Watch()
+        elif not watch.readers:
+            self._lingering.pop(stream_id, None)
         watch.readers += 1
         return Subscription(self, stream_id, watch)
 
@@ -181,9 +198,42 @@ class Hub:
         if watch is None:
             return
         watch.readers -= 1
-        if watch.readers <= 0:
-            del self._watches[stream_id]
-            self._forget(stream_id, watch)
+        if watch.readers > 0:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._linger > 0 and not watch.deleted and not self.stopping:
+            self._lingering[stream_id] = now
+        else:
+            self._drop(stream_id, watch)
+        while self._lingering:
+            oldest, since = next(iter(self._lingering.items()))
+            if now - since < self._linger and len(self._lingering) <= MAX_LINGERING:
+                break
+            self._drop(oldest, self._watches[oldest])
+
+    def _drop(self, stream_id: int, watch: _Watch) -> None:
+        self._lingering.pop(stream_id, None)
+        del self._watches[stream_id]
+        self._forget(stream_id, watch)
+
+    def held(self, stream_id: int, start: int, end: int) -> bytes | None:
+        """Committed bytes ``[start, end)`` of a stream if the hub holds all of them."""
+        watch = self._watches.get(stream_id)
+        if watch is None or start >= end:
+            return None
+        parts: list[memoryview] = []
+        at = start
+        for chunk_start, data in watch.recent:
+            chunk_end = chunk_start + len(data)
+            if chunk_end <= at:
+                continue
+            if chunk_start > at:
+                return None
+            parts.append(memoryview(data)[at - chunk_start : min(len(data), end - chunk_start)])
+            at = min(chunk_end, end)
+            if at >= end:
+                return b"".join(parts)
+        return None
 
     def _remember(self, stream_id: int, watch: _Watch, start: int, data: bytes) -> None:
         """Hold a committed append for woken readers, within the per-stream and total caps.
@@ -240,9 +290,13 @@ class Hub:
 
     def deleted(self, stream_id: int) -> None:
         watch = self._watches.get(stream_id)
-        if watch is not None:
-            watch.deleted = True
-            watch.signal()
+        if watch is None:
+            return
+        if not watch.readers:
+            self._drop(stream_id, watch)
+            return
+        watch.deleted = True
+        watch.signal()
 
     def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
         """Another process committed; fetch its bytes once for every reader of the stream."""
@@ -252,6 +306,7 @@ class Hub:
         known = watch.tail
         if (
             self._fetch is None
+            or not watch.readers  # lingering: track the tail, fetch only for real readers
             or known is None
             or tail <= known
             or tail - known > self._stream_bytes  # more than the hub would hold: readers read

@@ -110,7 +110,7 @@ async def test_json_take_cuts_after_a_whole_message() -> None:
 
 
 async def test_held_bytes_are_capped_across_streams_evicting_the_stalest() -> None:
-    hub = Hub(max_bytes=250, stream_bytes=100)
+    hub = Hub(max_bytes=250, stream_bytes=100, linger=0)
     subs = [hub.subscribe(n) for n in range(5)]
     for n in range(5):
         hub.publish(n, 0, bytes([65 + n]) * 100, 100, False)
@@ -147,3 +147,42 @@ async def test_a_remote_commit_larger_than_the_stream_cap_is_not_fetched() -> No
         assert sub.known_tail() == 10_000_000
         assert sub.take(0, 100) is None  # the reader reads the store, a window at a time
     assert fetches == []
+
+
+async def test_a_watch_lingers_after_its_last_reader_and_keeps_following_commits() -> None:
+    """A long-poll reader re-polls right after each answer: the stream's tail and newest bytes
+    are still known, so neither a store lookup nor a read is needed."""
+    fetched: list[tuple[int, int, int]] = []
+
+    async def fetch(stream_id: int, start: int, end: int) -> bytes:
+        fetched.append((stream_id, start, end))
+        return b"?" * (end - start)
+
+    hub = Hub()
+    hub.set_fetch(fetch)
+    with hub.subscribe(9) as sub:
+        sub.note_tail(0, closed=False)
+    assert hub.watched_streams == 0 and hub.parked_readers == 0
+    hub.publish(9, 0, b"tok1", 4, False)  # committed while nobody was parked
+    hub.remote_commit(9, 10, False)  # another relay's commit: tracked, not fetched
+    await asyncio.sleep(0)
+    assert fetched == []
+    with hub.subscribe(9) as again:
+        assert again.known_tail() == 10
+        assert hub.held(9, 0, 4) == b"tok1"
+        assert hub.held(9, 0, 10) is None  # the remote bytes were not fetched
+    hub.deleted(9)  # a removed stream's watch is dropped at once
+    with hub.subscribe(9) as fresh:
+        assert fresh.known_tail() is None
+        assert hub.held(9, 0, 4) is None
+
+
+async def test_lingering_watches_expire() -> None:
+    hub = Hub(linger=0.01)
+    with hub.subscribe(1) as sub:
+        sub.note_tail(5, closed=False)
+    await asyncio.sleep(0.02)
+    with hub.subscribe(2):
+        pass  # any release sweeps what lingered too long
+    with hub.subscribe(1) as again:
+        assert again.known_tail() is None

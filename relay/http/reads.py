@@ -65,12 +65,13 @@ async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
     limit = ctx.config.max_chunk_bytes
     end = min(meta.tail, start + limit)
     json_mode = h.is_json(meta.content_type)
-    if json_mode and start > 0:  # one more byte in the same read proves start is a boundary
-        before = await ctx.store.read(meta, start - 1, end)
-        _check_boundary(before[:1])
-        data = before[1:]
-    else:
-        data = await ctx.store.read(meta, start, end)
+    first = start - 1 if json_mode and start > 0 else start  # proves start is a boundary
+    data = ctx.hub.held(meta.stream_id, first, end)
+    if data is None:
+        data = await ctx.store.read(meta, first, end)
+    if first < start:
+        _check_boundary(data[:1])
+        data = data[1:]
     if json_mode and end < meta.tail:
         data = await _whole_messages(ctx, meta, start, data, limit)
     return _chunk(meta, start, data)
@@ -202,10 +203,11 @@ async def _wait_for_data(
     Subscribing happens before re-reading the stream's state, so a commit landing between
     the first read and the subscription is never missed.
     """
-    current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-    if current.stream_id != meta.stream_id:
-        raise NotFound()
-    sub.note_tail(current.tail, current.closed)
+    if sub.known_tail() is None:  # a watch already following the stream needs no re-check
+        current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+        if current.stream_id != meta.stream_id:
+            raise NotFound()
+        sub.note_tail(current.tail, current.closed)
     if not await sub.wait_beyond(position, timeout):
         return None
     if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it

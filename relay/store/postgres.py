@@ -384,7 +384,7 @@ class PostgresStore:
                 self._writer = await asyncpg.connect(
                     self._url, timeout=self._timeout or 10, command_timeout=self._timeout
                 )
-            except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
                 raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
         return self._writer
 
@@ -399,11 +399,14 @@ class PostgresStore:
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue
             except BaseException as exc:
-                if _lost(exc) or not isinstance(exc, Exception):
+                # Whatever the driver raised, a connection that is gone means the database is.
+                lost = _lost(exc) or conn.is_closed()
+                if lost or not isinstance(exc, Exception):
                     conn.terminate()
                     self._writer = None
-                if _lost(exc):
+                if lost:
                     raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                log.warning("batch transaction failed", error=type(exc).__name__)
                 raise
             # Committed: from here on the outcomes stand, whatever else happens.
             self._stats["rows_written"] += state.written
