@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -192,7 +191,7 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
     pinned = args.pin and can_pin()
     store = "postgres" if args.database_url else "sqlite"
     lines = [
-        f"relay bench: relay store={store}, {cores} cores ({platform.processor() or 'cpu'}), "
+        f"relay bench: relay store={store}, {cores} cores ({_cpu_model()}), "
         + ("server on CPU 0, generator on CPU 1" if pinned else "not pinned")
     ]
     for scenario in SCENARIOS:
@@ -201,6 +200,14 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
             lines += ["", render(scenario, rows)]
     lines += _token_summary(results)
     return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return "unknown CPU"
 
 
 def _token_summary(results: Sequence[Result]) -> list[str]:
