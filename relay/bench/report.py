@@ -93,6 +93,8 @@ class Result:
     lost: int = 0
     """Operations a reader never got, got twice or got out of order (must be zero)."""
     mib: float = 0.0
+    held: float | None = None
+    """Share of the planned write rate the producers kept (they wait for each answer)."""
     note: str = ""
 
     @property
@@ -137,7 +139,8 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
-    header += ["gen CPU", "commits/op", "rows/op", "batch", "/ reference", "/ bare", "notes"]
+    header += ["gen CPU", "commits/op", "rows/op", "batch", "held rate", "/ reference", "/ bare"]
+    header += ["notes"]
     rows = [header]
     for result in results:
         rows.append(
@@ -201,6 +204,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         commits,
         rows,
         batch,
+        "-" if result.held is None else f"{result.held:.0%}",
         vs_reference,
         vs_bare,
         result.note,

@@ -25,8 +25,10 @@ from relay.bench.targets import Target
 TOKEN_BYTES = 24
 FANOUT_BYTES = 16
 CATCHUP_BLOCK = 1024 * 1024
-LIVE_SLACK = 15.0
+LIVE_SLACK = 5.0
 """Seconds past the last write a reader may take before the run gives up on it."""
+OVERRUN = 2.0
+"""A producer that cannot keep its rate stops after this many times its planned duration."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ async def _token_run(
     tails = [await _create(client, url, content_type) for url in urls]
     per_session = max(1, int(opts.rate * opts.token_seconds))
     sent_at = [[0.0] * per_session for _ in range(sessions)]
+    written = [0] * sessions
     latencies: list[float] = []
     received: list[list[bytes]] = [[] for _ in range(sessions)]
     interval = 1.0 / opts.rate
@@ -172,7 +175,10 @@ async def _token_run(
             h.PRODUCER_ID: f"llm-{session}",
             h.PRODUCER_EPOCH: "0",
         }
+        stop = start + OVERRUN * opts.token_seconds
         for seq in range(per_session):
+            if time.perf_counter() > stop:
+                return
             delay = start + seq * interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -180,23 +186,24 @@ async def _token_run(
             body = orjson.dumps(token.decode()) if opts.json else token
             sent_at[session][seq] = time.perf_counter()
             await _post(client, urls[session], body, {**headers, h.PRODUCER_SEQ: str(seq)})
+            written[session] += 1
 
     before = await snapshot(client, target)
     t0 = time.perf_counter() + 0.2
-    deadline = t0 + opts.token_seconds + LIVE_SLACK
     follow = _follow_sse if live == "sse" else _follow_long_poll
     readers = [
         asyncio.create_task(
-            follow(client, urls[i], tails[i], per_session, opts.json, deadline, partial(deliver, i))
+            follow(client, urls[i], tails[i], per_session, opts.json, partial(deliver, i))
         )
         for i in range(sessions)
     ]
     # Producers start spread over one token interval, as independent chats would.
     await asyncio.gather(*(produce(i, t0 + interval * i / sessions) for i in range(sessions)))
-    await asyncio.gather(*readers)
+    produced = time.perf_counter() - t0
+    await _finish(readers)
     spent = usage(before, await snapshot(client, target))
     lost = sum(
-        _mismatches([_token(session, seq) for seq in range(per_session)], received[session])
+        _mismatches([_token(session, seq) for seq in range(written[session])], received[session])
         for session in range(sessions)
     )
     delivered = sum(len(got) for got in received)
@@ -209,8 +216,25 @@ async def _token_run(
         spent,
         latencies,
         lost=lost,
+        held=sum(written) / (sessions * opts.rate * max(produced, opts.token_seconds)),
         note=f"{opts.rate:g} tok/s each{', json' if opts.json else ''}",
     )
+
+
+async def _finish(readers: list[asyncio.Task[None]]) -> None:
+    """Give readers ``LIVE_SLACK`` seconds after the last write, then stop the stragglers.
+
+    What a stopped reader never got counts as lost.
+    """
+    if readers:
+        _, pending = await asyncio.wait(readers, timeout=LIVE_SLACK)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in readers:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
 
 
 def _mismatches(expected: list[bytes], got: list[bytes]) -> int:
@@ -231,14 +255,13 @@ async def _follow_long_poll(
     offset: str,
     expected: int,
     json_mode: bool,
-    deadline: float,
     deliver: Callable[[list[bytes]], None],
     size: int = TOKEN_BYTES,
 ) -> None:
-    """Tail with long-poll until ``expected`` items arrived (or the deadline passed)."""
+    """Tail with long-poll until ``expected`` items arrived."""
     got = 0
     cursor: str | None = None
-    while got < expected and time.perf_counter() < deadline:
+    while got < expected:
         params = {"offset": offset, "live": "long-poll"}
         if cursor:
             params["cursor"] = cursor
@@ -260,13 +283,12 @@ async def _follow_sse(
     offset: str,
     expected: int,
     json_mode: bool,
-    deadline: float,
     deliver: Callable[[list[bytes]], None],
     size: int = TOKEN_BYTES,
 ) -> None:
     """Tail with SSE, reconnecting from the last control offset when the server closes."""
     got = 0
-    while got < expected and time.perf_counter() < deadline:
+    while got < expected:
         async with client.get(url, params={"offset": offset, "live": "sse"}) as response:
             if response.status != 200:
                 raise BenchError(f"SSE {url}: {response.status}")
@@ -283,7 +305,7 @@ async def _follow_sse(
                             got += len(items)
                     elif kind == "control":
                         offset = orjson.loads(data)["streamNextOffset"]
-                if got >= expected or time.perf_counter() >= deadline:
+                if got >= expected:
                     break
 
 
@@ -315,12 +337,10 @@ async def fanout(client: aiohttp.ClientSession, target: Target, opts: Options) -
                 latencies.append(arrived - sent_at[index])
         received[reader].extend(items)
 
-    last_write = opts.messages / opts.message_rate
-    deadline = time.perf_counter() + 5 + last_write + LIVE_SLACK
     readers = [
         asyncio.create_task(
             _follow_long_poll(
-                client, url, tail, opts.messages, False, deadline, partial(deliver, i), FANOUT_BYTES
+                client, url, tail, opts.messages, False, partial(deliver, i), FANOUT_BYTES
             )
         )
         for i in range(opts.readers)
@@ -335,7 +355,7 @@ async def fanout(client: aiohttp.ClientSession, target: Target, opts: Options) -
             await asyncio.sleep(delay)
         sent_at[index] = time.perf_counter()
         await _post(client, url, f"{index:0{FANOUT_BYTES}d}".encode(), headers)
-    await asyncio.gather(*readers)
+    await _finish(readers)
     spent = usage(before, await snapshot(client, target))
     expected = [f"{index:0{FANOUT_BYTES}d}".encode() for index in range(opts.messages)]
     lost = sum(_mismatches(expected, got) for got in received)
