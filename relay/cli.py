@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_mod.add_arguments(serve)
     migrate = commands.add_parser("migrate", help="apply Postgres schema migrations and exit")
     config_mod.add_arguments(migrate)
-    bench = commands.add_parser("bench", help="measure appends and reads against a relay")
+    bench = commands.add_parser(
+        "bench", help="compare the relay with a bare aiohttp server and the reference server"
+    )
     from relay.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)

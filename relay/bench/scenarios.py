@@ -1,0 +1,439 @@
+"""The four scenarios. Each is bounded in count and time, checks what it read, and returns rows.
+
+Latency is always measured from just before the POST is sent to the moment the generator has
+the bytes (a response or an SSE event fully read), so it includes both HTTP hops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import aiohttp
+import orjson
+
+from protocol import headers as h
+from relay.bench.report import Result, snapshot, usage
+from relay.bench.targets import Target
+
+TOKEN_BYTES = 24
+FANOUT_BYTES = 16
+CATCHUP_BLOCK = 1024 * 1024
+LIVE_SLACK = 5.0
+"""Seconds past the last write a reader may take before the run gives up on it."""
+OVERRUN = 2.0
+"""A producer that cannot keep its rate stops after this many times its planned duration."""
+
+
+@dataclass(frozen=True)
+class Options:
+    connections: int = 16
+    duration: float = 5.0
+    count: int = 0
+    """Appends per connection; 0 runs for ``duration`` instead."""
+    payload: int = 100
+    sessions: tuple[int, ...] = (25, 50, 100)
+    rate: float = 50.0
+    token_seconds: float = 5.0
+    live: tuple[str, ...] = ("long-poll",)
+    json: bool = False
+    readers: int = 1000
+    messages: int = 25
+    message_rate: float = 5.0
+    catchup_mib: int = 64
+
+
+class BenchError(RuntimeError):
+    """A server refused something the bench needs (so the numbers would be meaningless)."""
+
+
+def _stream_url(target: Target, kind: str) -> str:
+    return f"{target.url}/v1/stream/bench-{kind}-{uuid.uuid4().hex[:12]}"
+
+
+async def _create(client: aiohttp.ClientSession, url: str, content_type: str) -> str:
+    """Create a stream; return its tail offset, where a live reader starts.
+
+    The bare server sends no offset; it is never read from, so ``-1`` stands in.
+    """
+    async with client.put(url, headers={"Content-Type": content_type}) as response:
+        if response.status not in (200, 201, 204):
+            raise BenchError(f"PUT {url}: {response.status}")
+        return response.headers.get(h.STREAM_NEXT_OFFSET, "-1")
+
+
+async def _post(
+    client: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> None:
+    async with client.post(url, data=body, headers=headers) as response:
+        if response.status not in (200, 204):
+            raise BenchError(f"POST {url}: {response.status} {await response.text()}")
+
+
+async def _read_all(client: aiohttp.ClientSession, url: str) -> bytes:
+    """Catch-up reads from the start until up to date."""
+    parts: list[bytes] = []
+    offset = "-1"
+    while True:
+        async with client.get(url, params={"offset": offset}) as response:
+            if response.status != 200:
+                raise BenchError(f"GET {url}: {response.status}")
+            parts.append(await response.read())
+            offset = response.headers[h.STREAM_NEXT_OFFSET]
+            if response.headers.get(h.STREAM_UP_TO_DATE) == "true":
+                return b"".join(parts)
+
+
+async def append(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
+    """N connections, each POSTing fixed-size bodies to its own stream as fast as answered."""
+    urls = [_stream_url(target, "append") for _ in range(opts.connections)]
+    for url in urls:
+        await _create(client, url, "application/octet-stream")
+    body = b"x" * opts.payload
+    headers = {"Content-Type": "application/octet-stream"}
+    latencies: list[float] = []
+    counts = [0] * opts.connections
+    before = await snapshot(client, target)
+    deadline = time.perf_counter() + opts.duration
+
+    async def connection(index: int) -> None:
+        while (opts.count == 0 or counts[index] < opts.count) and (
+            opts.count or time.perf_counter() < deadline
+        ):
+            started = time.perf_counter()
+            await _post(client, urls[index], body, headers)
+            latencies.append(time.perf_counter() - started)
+            counts[index] += 1
+
+    await asyncio.gather(*(connection(i) for i in range(opts.connections)))
+    spent = usage(before, await snapshot(client, target))
+    lost = 0
+    if target.name != "bare":  # bare stores nothing; everyone else must give every byte back
+        for url, count in zip(urls, counts, strict=True):
+            lost += abs(len(await _read_all(client, url)) - count * opts.payload) // opts.payload
+    return [
+        Result(
+            "append",
+            target,
+            f"{opts.connections} conns, {opts.payload} B",
+            sum(counts),
+            "append",
+            spent,
+            latencies,
+            lost=lost,
+        )
+    ]
+
+
+def _token(session: int, seq: int) -> bytes:
+    return f"{seq:08d}.{session:06d}.".encode().ljust(TOKEN_BYTES, b"t")
+
+
+async def tokens(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
+    """Chat sessions: a paced idempotent producer and one live reader per stream.
+
+    One row per (live mode, session count). A run passes when p99 <= 100 ms and every reader
+    got exactly what was written, in order.
+    """
+    results = []
+    for live in opts.live:
+        for sessions in opts.sessions:
+            results.append(await _token_run(client, target, opts, live, sessions))
+    return results
+
+
+async def _token_run(
+    client: aiohttp.ClientSession, target: Target, opts: Options, live: str, sessions: int
+) -> Result:
+    content_type = "application/json" if opts.json else "text/plain"
+    urls = [_stream_url(target, "tokens") for _ in range(sessions)]
+    tails = [await _create(client, url, content_type) for url in urls]
+    per_session = max(1, int(opts.rate * opts.token_seconds))
+    sent_at = [[0.0] * per_session for _ in range(sessions)]
+    written = [0] * sessions
+    latencies: list[float] = []
+    received: list[list[bytes]] = [[] for _ in range(sessions)]
+    interval = 1.0 / opts.rate
+
+    def deliver(session: int, tokens_in: list[bytes]) -> None:
+        arrived = time.perf_counter()
+        for token in tokens_in:
+            seq = int(token[:8])
+            if 0 <= seq < per_session and sent_at[session][seq]:
+                latencies.append(arrived - sent_at[session][seq])
+        received[session].extend(tokens_in)
+
+    async def produce(session: int, start: float) -> None:
+        headers = {
+            "Content-Type": content_type,
+            h.PRODUCER_ID: f"llm-{session}",
+            h.PRODUCER_EPOCH: "0",
+        }
+        stop = start + OVERRUN * opts.token_seconds
+        for seq in range(per_session):
+            if time.perf_counter() > stop:
+                return
+            delay = start + seq * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            token = _token(session, seq)
+            body = orjson.dumps(token.decode()) if opts.json else token
+            sent_at[session][seq] = time.perf_counter()
+            await _post(client, urls[session], body, {**headers, h.PRODUCER_SEQ: str(seq)})
+            written[session] += 1
+
+    before = await snapshot(client, target)
+    t0 = time.perf_counter() + 0.2
+    follow = _follow_sse if live == "sse" else _follow_long_poll
+    readers = [
+        asyncio.create_task(
+            follow(client, urls[i], tails[i], per_session, opts.json, partial(deliver, i))
+        )
+        for i in range(sessions)
+    ]
+    # Producers start spread over one token interval, as independent chats would.
+    await asyncio.gather(*(produce(i, t0 + interval * i / sessions) for i in range(sessions)))
+    produced = time.perf_counter() - t0
+    await _finish(readers)
+    spent = usage(before, await snapshot(client, target))
+    lost = sum(
+        _mismatches([_token(session, seq) for seq in range(written[session])], received[session])
+        for session in range(sessions)
+    )
+    delivered = sum(len(got) for got in received)
+    return Result(
+        "tokens",
+        target,
+        f"{sessions} sessions, {live}",
+        delivered,
+        "token",
+        spent,
+        latencies,
+        lost=lost,
+        held=sum(written) / (sessions * opts.rate * max(produced, opts.token_seconds)),
+        note=f"{opts.rate:g} tok/s each{', json' if opts.json else ''}",
+    )
+
+
+async def _finish(readers: list[asyncio.Task[None]]) -> None:
+    """Give readers ``LIVE_SLACK`` seconds after the last write, then stop the stragglers.
+
+    What a stopped reader never got counts as lost.
+    """
+    if readers:
+        _, pending = await asyncio.wait(readers, timeout=LIVE_SLACK)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in readers:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+
+
+def _mismatches(expected: list[bytes], got: list[bytes]) -> int:
+    """Items missing, extra, repeated or out of place: zero means exactly once, in order."""
+    wrong = sum(1 for a, b in zip(expected, got, strict=False) if a != b)
+    return wrong + abs(len(expected) - len(got))
+
+
+def _split(body: bytes, json_mode: bool, size: int) -> list[bytes]:
+    if json_mode:
+        return [str(message).encode() for message in orjson.loads(body)] if body else []
+    return [body[at : at + size] for at in range(0, len(body), size)]
+
+
+async def _follow_long_poll(
+    client: aiohttp.ClientSession,
+    url: str,
+    offset: str,
+    expected: int,
+    json_mode: bool,
+    deliver: Callable[[list[bytes]], None],
+    size: int = TOKEN_BYTES,
+) -> None:
+    """Tail with long-poll until ``expected`` items arrived."""
+    got = 0
+    cursor: str | None = None
+    while got < expected:
+        params = {"offset": offset, "live": "long-poll"}
+        if cursor:
+            params["cursor"] = cursor
+        async with client.get(url, params=params) as response:
+            if response.status not in (200, 204):
+                raise BenchError(f"long-poll {url}: {response.status}")
+            body = await response.read()
+            offset = response.headers[h.STREAM_NEXT_OFFSET]
+            cursor = response.headers.get(h.STREAM_CURSOR)
+        items = _split(body, json_mode, size)
+        if items:
+            deliver(items)
+            got += len(items)
+
+
+async def _follow_sse(
+    client: aiohttp.ClientSession,
+    url: str,
+    offset: str,
+    expected: int,
+    json_mode: bool,
+    deliver: Callable[[list[bytes]], None],
+    size: int = TOKEN_BYTES,
+) -> None:
+    """Tail with SSE, reconnecting from the last control offset when the server closes."""
+    got = 0
+    while got < expected:
+        async with client.get(url, params={"offset": offset, "live": "sse"}) as response:
+            if response.status != 200:
+                raise BenchError(f"SSE {url}: {response.status}")
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    kind, data = _parse_event(event)
+                    if kind == "data":
+                        items = _split(data, json_mode, size)
+                        if items:
+                            deliver(items)
+                            got += len(items)
+                    elif kind == "control":
+                        offset = orjson.loads(data)["streamNextOffset"]
+                if got >= expected:
+                    break
+
+
+def _parse_event(event: bytes) -> tuple[str, bytes]:
+    kind = ""
+    data: list[bytes] = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"event:"):
+            kind = line[6:].strip().decode()
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return kind, b"\n".join(data)
+
+
+async def fanout(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
+    """M parked long-poll readers of one stream; K messages at a fixed rate."""
+    url = _stream_url(target, "fanout")
+    tail = await _create(client, url, "application/octet-stream")
+    sent_at = [0.0] * opts.messages
+    latencies: list[float] = []
+    received: list[list[bytes]] = [[] for _ in range(opts.readers)]
+
+    def deliver(reader: int, items: list[bytes]) -> None:
+        arrived = time.perf_counter()
+        for item in items:
+            index = int(item)
+            if 0 <= index < opts.messages and sent_at[index]:
+                latencies.append(arrived - sent_at[index])
+        received[reader].extend(items)
+
+    readers = [
+        asyncio.create_task(
+            _follow_long_poll(
+                client, url, tail, opts.messages, False, partial(deliver, i), FANOUT_BYTES
+            )
+        )
+        for i in range(opts.readers)
+    ]
+    await _parked(client, target, opts.readers)
+    before = await snapshot(client, target)
+    start = time.perf_counter()
+    headers = {"Content-Type": "application/octet-stream"}
+    for index in range(opts.messages):
+        delay = start + index / opts.message_rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent_at[index] = time.perf_counter()
+        await _post(client, url, f"{index:0{FANOUT_BYTES}d}".encode(), headers)
+    await _finish(readers)
+    spent = usage(before, await snapshot(client, target))
+    expected = [f"{index:0{FANOUT_BYTES}d}".encode() for index in range(opts.messages)]
+    lost = sum(_mismatches(expected, got) for got in received)
+    return [
+        Result(
+            "fanout",
+            target,
+            f"{opts.readers} readers, {opts.messages} msgs",
+            sum(len(got) for got in received),
+            "delivery",
+            spent,
+            latencies,
+            lost=lost,
+            note=f"{opts.message_rate:g} msg/s",
+        )
+    ]
+
+
+async def _parked(client: aiohttp.ClientSession, target: Target, readers: int) -> None:
+    """Wait until the readers are parked, so the first message is not read by catch-up.
+
+    The relay says how many readers it holds; for other servers a fixed pause has to do.
+    """
+    if not target.has_metrics:
+        await asyncio.sleep(1.0 + readers / 1000)
+        return
+    for _ in range(200):
+        async with client.get(f"{target.url}/metrics") as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith("relay_live_readers ") and float(line.split()[1]) >= readers:
+                return
+        await asyncio.sleep(0.05)
+    raise BenchError(f"only some of {readers} readers parked")
+
+
+async def catchup(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
+    """Write a large stream in 1 MiB appends, then time reading it back from -1."""
+    url = _stream_url(target, "catchup")
+    await _create(client, url, "application/octet-stream")
+    written = hashlib.sha256()
+    headers = {"Content-Type": "application/octet-stream"}
+    for _ in range(opts.catchup_mib):
+        block = os.urandom(CATCHUP_BLOCK)
+        written.update(block)
+        await _post(client, url, block, headers)
+    before = await snapshot(client, target)
+    chunks = 0
+    parts: list[bytes] = []
+    offset = "-1"
+    while True:
+        async with client.get(url, params={"offset": offset}) as response:
+            parts.append(await response.read())
+            offset = response.headers[h.STREAM_NEXT_OFFSET]
+            done = response.headers.get(h.STREAM_UP_TO_DATE) == "true"
+        chunks += 1
+        if done:
+            break
+    spent = usage(before, await snapshot(client, target))
+    data = b"".join(parts)
+    intact = len(data) == opts.catchup_mib * CATCHUP_BLOCK
+    intact = intact and hashlib.sha256(data).digest() == written.digest()
+    mib = len(data) / CATCHUP_BLOCK
+    return [
+        Result(
+            "catchup",
+            target,
+            f"{opts.catchup_mib} MiB",
+            round(mib),
+            "MiB",
+            spent,
+            lost=0 if intact else 1,
+            mib=mib,
+            note=f"{chunks} GETs",
+        )
+    ]
+
+
+SCENARIOS = {"append": append, "tokens": tokens, "fanout": fanout, "catchup": catchup}
+BARE_SCENARIOS = ("append",)
+"""The bare server stores nothing, so it is only a ceiling for appends."""

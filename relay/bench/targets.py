@@ -1,0 +1,180 @@
+"""Servers the bench compares: started here, so their pid (CPU time, pinning) is known.
+
+A target is a base URL plus, when the bench started it, the process behind it. ``relay`` runs
+``relay serve`` (embedded store in a temporary directory, or Postgres), ``bare`` a tiny aiohttp
+server that answers everything at once (the ceiling for appends), and ``reference`` the upstream
+Node reference server, in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+TARGETS = ("relay", "bare", "reference")
+SERVER_CPU = 0
+GENERATOR_CPU = 1
+REFERENCE_PACKAGE = "@durable-streams/server"
+REFERENCE_FALLBACK_VERSION = "0.3.7"
+OFFICIAL_DIR = Path(__file__).resolve().parents[2] / "conformance" / "official"
+
+# The long-poll timeout matches relay serve's default, so neither server answers parked readers
+# with 204 more often than the other.
+_REFERENCE_SCRIPT = """
+import { DurableStreamTestServer } from "@durable-streams/server"
+const server = new DurableStreamTestServer({
+  port: Number(process.argv[1]), host: "127.0.0.1", longPollTimeout: 30000, compression: false,
+})
+await server.start()
+"""
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """How to start one target: its name plus what the relay needs."""
+
+    name: str
+    database_url: str = ""
+    url: str = ""
+    """A relay already running here: nothing is started, so no CPU time is reported."""
+    pin: bool = True
+    cache_dir: Path = Path.home() / ".cache" / "relay-bench"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    label: str
+    url: str
+    pid: int | None
+    has_metrics: bool
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system time of the whole server process (all threads) so far."""
+        return process_cpu_seconds(self.pid) if self.pid is not None else None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    # The command name may contain spaces; the fields after it are fixed. utime and stime are
+    # fields 14 and 15, so 11 and 12 after the state field.
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def pin_generator() -> Callable[[], None]:
+    """Move this process to the generator's core; return how to undo it."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {GENERATOR_CPU})
+    return lambda: os.sched_setaffinity(0, before)
+
+
+def _pin_server() -> None:
+    """Runs in the child before exec, so every thread the server starts inherits the core."""
+    os.sched_setaffinity(0, {SERVER_CPU})
+
+
+@contextlib.asynccontextmanager
+async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
+    if spec.name == "relay" and spec.url:
+        yield Target("relay", "relay (external)", spec.url.rstrip("/"), None, True)
+        return
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
+        command, cwd, label = _command(spec, port, Path(scratch))
+        base = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=_pin_server if spec.pin and can_pin() else None,
+        )
+        try:
+            await _wait_ready(base, proc, label)
+            yield Target(spec.name, label, base, proc.pid, spec.name == "relay")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _command(spec: TargetSpec, port: int, scratch: Path) -> tuple[list[str], Path | None, str]:
+    if spec.name == "relay":
+        command = [sys.executable, "-m", "relay", "serve", "--port", str(port)]
+        command += ["--data-dir", str(scratch), "--log-level", "warning"]
+        if spec.database_url:
+            command += ["--database-url", spec.database_url]
+        return command, None, "relay (postgres)" if spec.database_url else "relay (sqlite)"
+    if spec.name == "bare":
+        return [sys.executable, "-m", "relay.bench.bare", str(port)], None, "bare aiohttp"
+    if spec.name == "reference":
+        where = reference_install(spec.cache_dir)
+        command = ["node", "--input-type=module", "-e", _REFERENCE_SCRIPT, str(port)]
+        return command, where, "reference (node, memory)"
+    raise ValueError(f"unknown target {spec.name!r}; choose from {', '.join(TARGETS)}")
+
+
+def reference_install(cache_dir: Path) -> Path:
+    """A directory whose node_modules holds the reference server, installing it if need be.
+
+    The conformance project's own install (``npm ci`` in conformance/official) is used when
+    present, so the bench measures the very version the official suite runs against.
+    """
+    for where in (OFFICIAL_DIR, cache_dir):
+        if (where / "node_modules" / REFERENCE_PACKAGE / "package.json").exists():
+            return where
+    version = REFERENCE_FALLBACK_VERSION
+    with contextlib.suppress(OSError, KeyError, ValueError):
+        manifest = json.loads((OFFICIAL_DIR / "package.json").read_text())
+        version = manifest["dependencies"][REFERENCE_PACKAGE]
+    package = f"{REFERENCE_PACKAGE}@{version}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"relay bench: installing {package} into {cache_dir}", flush=True)
+    subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(cache_dir), package],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return cache_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _wait_ready(base: str, proc: subprocess.Popen[bytes], label: str) -> None:
+    """Any HTTP answer means the server listens (the reference has no /health)."""
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label} exited during start-up ({proc.returncode})")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{base}/health"):
+                    return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{label} did not start listening")

@@ -1,0 +1,56 @@
+"""``relay bench`` end to end at toy sizes: it must start a relay, run every scenario, read
+back every byte it wrote and print a row per run. Speed is not asserted; a 2-core CI box
+says nothing about it."""
+
+from __future__ import annotations
+
+from relay.bench import report, run_results
+from relay.cli import build_parser
+
+TINY = [
+    "bench",
+    "--targets", "relay",
+    "--no-pin",
+    "--connections", "2",
+    "--count", "20",
+    "--sessions", "1,2",
+    "--rate", "40",
+    "--token-seconds", "0.25",
+    "--live", "long-poll,sse",
+    "--readers", "5",
+    "--messages", "4",
+    "--message-rate", "40",
+    "--catchup-mib", "2",
+]  # fmt: skip
+
+
+def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
+    args = build_parser().parse_args(TINY)
+    results = run_results(args)
+
+    runs = [(r.scenario, r.variant) for r in results]
+    assert runs == [
+        ("append", "2 conns, 100 B"),
+        ("tokens", "1 sessions, long-poll"),
+        ("tokens", "2 sessions, long-poll"),
+        ("tokens", "1 sessions, sse"),
+        ("tokens", "2 sessions, sse"),
+        ("fanout", "5 readers, 4 msgs"),
+        ("catchup", "2 MiB"),
+    ]
+    assert all(r.lost == 0 for r in results)
+    counts = {(r.scenario, r.variant): r.operations for r in results}
+    assert counts[("append", "2 conns, 100 B")] == 40
+    assert counts[("tokens", "2 sessions, sse")] == 2 * 10
+    assert counts[("fanout", "5 readers, 4 msgs")] == 5 * 4
+    assert counts[("catchup", "2 MiB")] == 2
+    assert all(r.usage.server_cpu is not None for r in results)
+    assert all(r.usage.commits is not None and r.usage.commits > 0 for r in results[:-1])
+
+    table = report(results, args)
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| relay")]
+    assert [(target.strip(), variant.strip()) for target, variant in rows] == [
+        ("relay (sqlite)", variant) for _, variant in runs
+    ]
+    for scenario in ("append", "tokens", "fanout", "catchup"):
+        assert f"\n{scenario}: ratios compare" in table
