@@ -80,6 +80,35 @@ WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
 SELECT id, fork_offset FROM chain ORDER BY depth
 """
 
+_LOCK = f"""
+WITH locked AS (
+    SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE
+)
+SELECT locked.*, p.producer_id, p.epoch, p.last_seq
+FROM locked LEFT JOIN relay_producers p
+    ON p.stream_id = locked.id AND p.producer_id = ANY($2::text[])
+"""
+_WRITE = """
+WITH chunks AS (
+    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
+), streams AS (
+    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
+        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
+        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
+    FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
+                $11::bigint[], $12::bigint[]) AS u(id, tail, closed, at, seq, cid, cepoch, cseq)
+    WHERE s.id = u.id
+), producers AS (
+    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
+    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
+    ON CONFLICT (stream_id, producer_id) DO UPDATE
+    SET epoch = excluded.epoch, last_seq = excluded.last_seq
+)
+SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL
+"""
+"""A batch's writes in one statement (data-modifying CTEs all apply; one round trip)."""
+
 _DISCONNECTS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -435,9 +464,8 @@ class PostgresStore:
                     outcomes.append(await self._dispatch(conn, state, op))
                 except ProtocolError as exc:
                     outcomes.append(exc)
-            await self._write(conn, state)
-            if state.moved or state.removed:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(state))
+            notify = self._payload(state) if state.moved or state.removed else None
+            await self._write(conn, state, notify)
         return state, outcomes
 
     async def _dispatch(self, conn: asyncpg.Connection, state: _Batch, op: WriteOp) -> Any:
@@ -452,35 +480,25 @@ class PostgresStore:
                 return await self._do_reap(conn, state, now)
 
     async def _lock(self, conn: asyncpg.Connection, state: _Batch, batch: list[WriteOp]) -> None:
-        """Lock every stream the batch appends to, in id order, and load their producers."""
+        """Lock every stream the batch appends to, in id order, and load the state of the
+        producers it names on them: one round trip."""
         appends = [op for op in batch if isinstance(op, AppendOp)]
         if not appends:
             return
-        rows = await conn.fetch(
-            f"SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) ORDER BY id "
-            "FOR UPDATE",
-            sorted({op.path for op in appends}),
-        )
+        names = sorted({op.request.producer.producer_id for op in appends if op.request.producer})
+        rows = await conn.fetch(_LOCK, sorted({op.path for op in appends}), names)
         for row in rows:
-            meta = await _with_segments(conn, row_meta(row))
-            state.metas[meta.path] = meta
-        wanted = {
-            (state.metas[op.path].stream_id, op.request.producer.producer_id)
-            for op in appends
-            if op.request.producer and op.path in state.metas
-        }
-        if wanted:
-            ids, names = zip(*wanted, strict=True)
-            found = await conn.fetch(
-                "SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq FROM relay_producers p "
-                "JOIN unnest($1::bigint[], $2::text[]) AS w(id, name) "
-                "ON p.stream_id = w.id AND p.producer_id = w.name",
-                list(ids),
-                list(names),
-            )
-            state.producers = dict.fromkeys(wanted)
-            for row in found:
-                state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
+            meta = state.metas.get(row["path"])
+            if meta is None:
+                meta = await _with_segments(conn, row_meta(row))
+                state.metas[meta.path] = meta
+            if row["producer_id"] is not None:
+                key = (meta.stream_id, row["producer_id"])
+                state.producers[key] = ProducerState(row["epoch"], row["last_seq"])
+        for op in appends:  # named but never seen on a locked stream: known to be absent
+            locked = state.metas.get(op.path)
+            if op.request.producer and locked is not None:
+                state.producers.setdefault((locked.stream_id, op.request.producer.producer_id))
 
     async def _producer(
         self, conn: asyncpg.Connection, state: _Batch, key: tuple[int, str]
@@ -496,48 +514,41 @@ class PostgresStore:
             state.producers[key] = ProducerState(row[0], row[1]) if row else None
         return state.producers[key]
 
-    async def _write(self, conn: asyncpg.Connection, state: _Batch) -> None:
-        """All of the batch's appends as one statement per table."""
+    async def _write(
+        self, conn: asyncpg.Connection, state: _Batch, notify: str | None = None
+    ) -> None:
+        """Everything staged (rows, stream updates, producer states) and the batch's NOTIFY,
+        as one statement: one round trip however many streams the batch touched."""
         rows = state.rows.drain()
-        if rows:
-            await conn.executemany(
-                "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
-                "VALUES ($1, $2, $3, $4)",
-                rows,
-            )
-            state.written += len(rows)
-        if state.stream_updates:
-            metas = list(state.stream_updates.values())
-            await conn.execute(
-                "UPDATE relay_streams s SET tail = u.tail, closed = u.closed, "
-                "last_access = greatest(s.last_access, u.at), last_append = u.at, "
-                "stream_seq = u.seq, closed_by_id = u.cid, closed_by_epoch = u.cepoch, "
-                "closed_by_seq = u.cseq FROM unnest($1::bigint[], $2::bigint[], $3::bool[], "
-                "$4::float8[], $5::text[], $6::text[], $7::bigint[], $8::bigint[]) "
-                "AS u(id, tail, closed, at, seq, cid, cepoch, cseq) WHERE s.id = u.id",
-                [m.stream_id for m in metas],
-                [m.tail for m in metas],
-                [m.closed for m in metas],
-                [m.last_access for m in metas],
-                [m.stream_seq for m in metas],
-                [m.closed_by.producer_id if m.closed_by else None for m in metas],
-                [m.closed_by.epoch if m.closed_by else None for m in metas],
-                [m.closed_by.seq if m.closed_by else None for m in metas],
-            )
-            state.stream_updates.clear()
-        if state.producer_writes:
-            keys = list(state.producer_writes)
-            await conn.execute(
-                "INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq) "
-                "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) "
-                "ON CONFLICT (stream_id, producer_id) DO UPDATE "
-                "SET epoch = excluded.epoch, last_seq = excluded.last_seq",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [state.producer_writes[k].epoch for k in keys],
-                [state.producer_writes[k].last_seq for k in keys],
-            )
-            state.producer_writes.clear()
+        metas = list(state.stream_updates.values())
+        keys = list(state.producer_writes)
+        if not rows and not metas and not keys and notify is None:
+            return
+        producers = [state.producer_writes[k] for k in keys]
+        await conn.execute(
+            _WRITE,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [m.stream_id for m in metas],
+            [m.tail for m in metas],
+            [m.closed for m in metas],
+            [m.last_access for m in metas],
+            [m.stream_seq for m in metas],
+            [m.closed_by.producer_id if m.closed_by else None for m in metas],
+            [m.closed_by.epoch if m.closed_by else None for m in metas],
+            [m.closed_by.seq if m.closed_by else None for m in metas],
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [p.epoch for p in producers],
+            [p.last_seq for p in producers],
+            CHANNEL,
+            notify,
+        )
+        state.written += len(rows)
+        state.stream_updates.clear()
+        state.producer_writes.clear()
 
     def _payload(self, state: _Batch) -> str:
         """``origin|id:tail:flag,...``; flag 0 open, 1 closed, d removed; ``*``: re-check all."""
