@@ -186,3 +186,27 @@ async def test_expiry_ends_readers_parked_at_every_relay(
         await parked(http, b, 1)
         responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
         assert [r.status for r in responses] == [404, 404]
+
+
+async def test_a_long_poll_right_after_another_relays_ack_always_gets_the_write(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    """Read-your-writes across relays for live readers: relay B may park a reader on what it
+    already knows, but a write acknowledged by A must reach it (here or via NOTIFY), never a
+    20 s timeout."""
+    a, b = relays
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{a.url}/v1/stream/ryw", headers=TEXT) as created:
+            offset = created.headers["Stream-Next-Offset"]
+        for i in range(20):
+            async with http.get(f"{b.url}/v1/stream/ryw", params={"offset": offset}) as seen:
+                assert seen.headers["Stream-Next-Offset"] == offset  # B knows this tail
+            body = f"<{i}>".encode()
+            async with http.post(f"{a.url}/v1/stream/ryw", data=body, headers=TEXT) as r:
+                assert r.status == 204
+            params = {"offset": offset, "live": "long-poll"}
+            async with asyncio.timeout(10):
+                async with http.get(f"{b.url}/v1/stream/ryw", params=params) as response:
+                    assert response.status == 200
+                    assert await response.read() == body
+                    offset = response.headers["Stream-Next-Offset"]

@@ -568,3 +568,61 @@ async def test_producer_state_is_read_under_the_lock_of_a_stream_created_mid_bat
         monkeypatch.undo()
         await relay_a.close()
         await relay_b.close()
+
+
+async def test_live_readers_park_on_what_the_relay_already_knows_and_nothing_else(
+    pg_url: str,
+) -> None:
+    """``tracked`` spares a parking reader the lookup only where a commit it has not seen
+    would still wake it: an open, TTL-less stream at exactly the known tail, while LISTEN is
+    up; its view follows local commits and other relays' notifications."""
+    here = PostgresStore(pg_url)
+    there = PostgresStore(pg_url)
+    await here.open()
+    await there.open()
+    recorder = Recorder()
+    here.set_listener(recorder)
+    try:
+        async with asyncio.timeout(5):
+            while not here._listening:  # the LISTEN connection is up
+                await asyncio.sleep(0.01)
+        created = await here.create(plain("known"), NOW)
+        assert here.tracked("known", 0, NOW) == created.meta  # learnt from its own commit
+        await here.append("known", text(b"abc"), NOW)
+        assert here.tracked("known", 0, NOW) is None  # not the tail any more
+        assert here.tracked("known", 3, NOW) is not None
+        await there.append("known", text(b"de"), NOW)  # another relay's commit
+        assert await recorder.next() == (created.meta.stream_id, 5, False)
+        assert here.tracked("known", 3, NOW) is None
+        assert here.tracked("known", 5, NOW) is not None
+        await there.delete("known", NOW)
+        assert await recorder.next() == (created.meta.stream_id, "deleted")
+        assert here.tracked("known", 5, NOW) is None
+        await here.create(CreateRequest("ttl", "text/plain", Expiry(ttl=60), False, b""), NOW)
+        assert here.tracked("ttl", 0, NOW) is None  # reads must slide its TTL: ask the store
+    finally:
+        await here.close()
+        await there.close()
+
+
+async def test_nothing_is_tracked_while_notifications_may_be_missed(pg_url: str) -> None:
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    store = PostgresStore(proxied, command_timeout=2)
+    await store.open()
+    store.set_listener(Recorder())
+    try:
+        async with asyncio.timeout(5):
+            while not store._listening:
+                await asyncio.sleep(0.01)
+        await store.create(plain("blind"), NOW)
+        assert store.tracked("blind", 0, NOW) is not None
+        await proxy.cut()
+        async with asyncio.timeout(15):
+            while store._listening:  # the lost LISTEN connection is noticed
+                await asyncio.sleep(0.05)
+        assert store.tracked("blind", 0, NOW) is None
+    finally:
+        await proxy.restore()
+        await store.close()
+        await proxy.cut()

@@ -46,7 +46,11 @@ async def get(request: web.Request) -> web.StreamResponse:
         # Section 5.7/5.8 make the offset mandatory for live reads (the official suite checks).
         raise BadRequest("offset_required", "live reads need an offset, e.g. offset=-1")
     start = parse_read_offset(raw_offset)
-    meta = await ctx.store.head(path, ctx.clock(), touch=True)
+    meta = None
+    if live == "long-poll" and start.position is not None:  # a re-poll at the tail
+        meta = ctx.store.tracked(path, start.position, ctx.clock())
+    if meta is None:
+        meta = await ctx.store.head(path, ctx.clock(), touch=True)
     position = meta.tail if start.position is None else start.position
     if position > meta.tail:
         raise BadRequest("offset_beyond_tail", "offset is past the end of the stream")

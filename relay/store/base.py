@@ -96,6 +96,15 @@ class Store(Protocol):
         """
         ...
 
+    def tracked(self, path: str, position: int, now: float) -> StreamMeta | None:
+        """The stream, from what this process already knows, for a live reader about to park
+        at ``position`` (its tail); None when only the store can tell.
+
+        A store may answer only where any commit it has not seen yet will still wake the
+        reader (so never for catch-up reads, which must see every acknowledged write).
+        """
+        ...
+
     async def read(self, meta: StreamMeta, start: int, end: int) -> bytes:
         """The bytes in ``[start, end)`` of ``meta``'s stream, stitched across fork segments.
 

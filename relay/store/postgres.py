@@ -216,6 +216,55 @@ class _Batch:
     written: int = 0
 
 
+class _Known:
+    """Streams as of the last commit or notification this relay saw: never fresher than the
+    database, but any later commit reaches it (local commits, NOTIFY) while LISTEN is up."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.by_path: dict[str, StreamMeta] = {}
+        self._paths: dict[int, str] = {}
+        self._gone: set[int] = set()  # removed ids: a lookup that began earlier must not revive one
+        self._limit = limit
+
+    def put(self, meta: StreamMeta) -> None:
+        if meta.stream_id in self._gone:
+            return
+        known = self.by_path.get(meta.path)
+        if known is not None and known.stream_id > meta.stream_id:
+            return  # a lookup that began before the path was re-created
+        if known is not None and known.stream_id == meta.stream_id:
+            # Tails only grow and closing is final: keep whichever view saw more.
+            if known.tail > meta.tail or known.closed > meta.closed:
+                closed = known.closed or meta.closed
+                meta = replace(meta, tail=max(known.tail, meta.tail), closed=closed)
+        elif len(self.by_path) >= self._limit:
+            self.clear()
+        self.by_path[meta.path] = meta
+        self._paths[meta.stream_id] = meta.path
+
+    def moved(self, stream_id: int, tail: int, closed: bool) -> None:
+        path = self._paths.get(stream_id)
+        known = self.by_path.get(path) if path is not None else None
+        if known is not None and known.stream_id == stream_id:
+            self.by_path[known.path] = replace(
+                known, tail=max(known.tail, tail), closed=known.closed or closed
+            )
+
+    def removed(self, stream_id: int) -> None:
+        if len(self._gone) >= self._limit:
+            self.clear()
+        self._gone.add(stream_id)
+        path = self._paths.pop(stream_id, None)
+        known = self.by_path.get(path) if path is not None else None
+        if known is not None and known.stream_id == stream_id:
+            del self.by_path[known.path]
+
+    def clear(self) -> None:
+        self.by_path.clear()
+        self._paths.clear()
+        self._gone.clear()
+
+
 class PostgresStore:
     """Streams in Postgres (see the module docstring)."""
 
@@ -241,6 +290,8 @@ class PostgresStore:
         self._max_fork_scan = max_fork_scan
         self._origin = uuid.uuid4().hex[:12]
         self._events: StoreEvents | None = None
+        self._known = _Known()
+        self._listening = False  # _known is trusted only while notifications flow
         self._listen_task: asyncio.Task[None] | None = None
         self._compact_task: asyncio.Task[None] | None = None
         self._compact_idle = compact_idle_seconds
@@ -354,6 +405,27 @@ class PostgresStore:
             return replace(meta, last_access=max(meta.last_access, now))
         return meta
 
+    def tracked(self, path: str, position: int, now: float) -> StreamMeta | None:
+        """The stream for a live reader parking at ``position``, without a database round trip.
+
+        Only when this relay's view says ``position`` is the tail of an open stream without a
+        TTL: a commit it has not seen yet (another relay's, its NOTIFY in flight) wakes the
+        parked reader, so nothing is missed. Anything else goes to the database.
+        """
+        if not self._listening:
+            return None
+        meta = self._known.by_path.get(path)
+        if (
+            meta is None
+            or meta.tail != position
+            or meta.closed
+            or meta.soft_deleted
+            or meta.ttl is not None
+            or is_expired(meta, now)
+        ):
+            return None
+        return meta
+
     async def _shared_load(self, path: str) -> StreamMeta | None:
         """Load a stream's row, one query serving every caller that asked before it began.
 
@@ -381,7 +453,10 @@ class PostgresStore:
             while batch := self._lookups[path]:
                 self._lookups[path] = []
                 try:
+                    listening = self._listening
                     meta = await self._load_pooled(path)
+                    if meta is not None and listening and self._listening:
+                        self._known.put(meta)
                 except Exception as exc:
                     for waiter in batch:
                         if not waiter.done():
@@ -439,8 +514,11 @@ class PostgresStore:
                 raise
             # Committed: from here on the outcomes stand, whatever else happens.
             self._stats["rows_written"] += state.written
-            if self._events is not None:
-                for stream_id in state.removed:
+            for meta in state.metas.values():
+                self._known.put(meta)
+            for stream_id in state.removed:
+                self._known.removed(stream_id)
+                if self._events is not None:
                     self._events.deleted(stream_id)
             return outcomes
         raise AssertionError("unreachable")
@@ -721,7 +799,10 @@ class PostgresStore:
             try:
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
-                # Whatever committed while we were not listening: let readers re-check.
+                # Whatever committed while we were not listening: forget what we knew and let
+                # readers re-check.
+                self._known.clear()
+                self._listening = True
                 self._wake_watched()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
@@ -734,6 +815,8 @@ class PostgresStore:
             except (*_DISCONNECTS, asyncpg.PostgresError):
                 await asyncio.sleep(delay)  # lost while subscribing: connect again
             finally:
+                self._listening = False
+                self._known.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
 
@@ -743,12 +826,15 @@ class PostgresStore:
         if origin == self._origin or events is None:
             return
         if body == "*":
+            self._known.clear()
             self._wake_watched()
             return
         for sid, tail, flag in _split(body):
             if flag == "d":
+                self._known.removed(sid)
                 events.deleted(sid)
             else:
+                self._known.moved(sid, tail, flag == "1")
                 events.remote_commit(sid, tail, flag == "1")
 
     def _wake_watched(self) -> None:

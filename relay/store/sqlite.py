@@ -240,6 +240,10 @@ class SqliteStore:
             return _with_access(meta, now)
         return meta
 
+    def tracked(self, path: str, position: int, now: float) -> StreamMeta | None:
+        """None: ``head`` already answers from the in-memory cache, kept by the only writer."""
+        return None
+
     async def read(self, meta: StreamMeta, start: int, end: int) -> bytes:
         if start >= end:
             return b""
