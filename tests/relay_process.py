@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -61,3 +63,15 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:
+    """A stream's whole content over HTTP, chunk by chunk until up to date."""
+    out, offset = bytearray(), "-1"
+    while True:
+        async with session.get(url, params={"offset": offset}) as r:
+            assert r.status == 200
+            out += await r.read()
+            offset = r.headers["Stream-Next-Offset"]
+            if r.headers.get("Stream-Up-To-Date") == "true":
+                return bytes(out)

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, read_all
 
 PRODUCERS = 8
 RECORD = 32
@@ -81,7 +81,7 @@ async def test_kill_9_loses_no_acknowledged_append(
 
         relay.start()
         async with aiohttp.ClientSession() as session:
-            data = await _read_all(session, stream)
+            data = await read_all(session, stream)
             assert len(data) % RECORD == 0, "a partial append is visible"
             for (p, seq), end in acked.items():
                 assert data[end - RECORD : end] == record(p, seq)
@@ -95,7 +95,7 @@ async def test_kill_9_loses_no_acknowledged_append(
                         stream, data=record(p, seq), headers=_hdrs(p, seq)
                     ) as r:
                         assert r.status in (200, 204)
-            data = await _read_all(session, stream)
+            data = await read_all(session, stream)
             for p in range(PRODUCERS):
                 assert data.count(record(p, next_seq[p])) == 1
     finally:
@@ -114,14 +114,3 @@ def _hdrs(producer: int, seq: int) -> dict[str, str]:
 def _position(offset: str) -> int:
     """White-box: Relay's offsets end in the byte position (see protocol/offsets.py)."""
     return int(offset.rsplit("_", 1)[1])
-
-
-async def _read_all(session: aiohttp.ClientSession, url: str) -> bytes:
-    out, offset = bytearray(), "-1"
-    while True:
-        async with session.get(url, params={"offset": offset}) as r:
-            assert r.status == 200
-            out += await r.read()
-            offset = r.headers["Stream-Next-Offset"]
-            if r.headers.get("Stream-Up-To-Date") == "true":
-                return bytes(out)

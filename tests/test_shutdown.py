@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 
 from relay.hub import Hub
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, read_all
 
 EXIT_BOUND = 5.0  # seconds; a correctness bound (a hung stop takes 10 s or more), not a benchmark
 PRODUCERS = 24
@@ -165,17 +165,6 @@ def _headers(producer: int, seq: int) -> dict[str, str]:
     }
 
 
-async def _read_all(session: aiohttp.ClientSession, url: str) -> bytes:
-    out, offset = bytearray(), "-1"
-    while True:
-        async with session.get(url, params={"offset": offset}) as r:
-            assert r.status == 200
-            out += await r.read()
-            offset = r.headers["Stream-Next-Offset"]
-            if r.headers.get("Stream-Up-To-Date") == "true":
-                return bytes(out)
-
-
 @both_stores
 async def test_sigterm_under_append_load_answers_every_accepted_append(
     tmp_path: Path, relay_args: tuple[str, ...]
@@ -238,7 +227,7 @@ async def test_sigterm_under_append_load_answers_every_accepted_append(
         relay.start()
         async with aiohttp.ClientSession() as session:
             for i, url in enumerate(streams):
-                data = await _read_all(session, url)
+                data = await read_all(session, url)
                 mine = range(i, PRODUCERS, STREAMS)
                 records = data.decode().split(";")[:-1]
                 for p in mine:
