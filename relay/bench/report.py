@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
+import asyncpg
 
 from relay.bench.targets import Target
 
@@ -27,6 +28,7 @@ class Snapshot:
     server_cpu: float | None
     generator_cpu: float
     counters: dict[str, float]
+    wal: int | None  # Postgres WAL position, bytes
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Usage:
     commits: float | None
     rows: float | None
     appends: float | None
+    wal: int | None  # WAL bytes Postgres wrote meanwhile (any database of that server)
 
     @property
     def generator_share(self) -> float:
@@ -45,7 +48,17 @@ class Usage:
 
 async def snapshot(client: aiohttp.ClientSession, target: Target) -> Snapshot:
     counters = await _store_counters(client, target) if target.has_metrics else {}
-    return Snapshot(time.perf_counter(), target.cpu_seconds(), time.process_time(), counters)
+    wal = await _wal_position(target.database_url) if target.database_url else None
+    return Snapshot(time.perf_counter(), target.cpu_seconds(), time.process_time(), counters, wal)
+
+
+async def _wal_position(url: str) -> int:
+    """How far Postgres's write-ahead log has come: the write amplification of tokens."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+    finally:
+        await conn.close()
 
 
 def usage(before: Snapshot, after: Snapshot) -> Usage:
@@ -64,6 +77,7 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         commits=delta("relay_store_commits"),
         rows=delta("relay_store_rows_written"),
         appends=delta("relay_store_appends"),
+        wal=None if before.wal is None or after.wal is None else after.wal - before.wal,
     )
 
 
@@ -139,7 +153,8 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
-    header += ["gen CPU", "commits/op", "rows/op", "batch", "held rate", "/ reference", "/ bare"]
+    header += ["gen CPU", "commits/op", "rows/op", "batch", "WAL B/op", "held rate"]
+    header += ["/ reference", "/ bare"]
     header += ["notes"]
     rows = [header]
     for result in results:
@@ -188,6 +203,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
     commits = "-" if u.commits is None else f"{u.commits / per_op:.3f}"
     rows = "-" if u.rows is None else f"{u.rows / per_op:.3f}"
     batch = "-" if not u.commits or u.appends is None else f"{u.appends / u.commits:.1f}"
+    wal = "-" if u.wal is None else f"{u.wal / per_op:,.0f}"
     rate = f"{result.rate:,.0f} {result.unit}/s"
     if result.mib:
         rate = f"{result.mib / u.wall:,.0f} MiB/s"
@@ -204,6 +220,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         commits,
         rows,
         batch,
+        wal,
         "-" if result.held is None else f"{result.held:.0%}",
         vs_reference,
         vs_bare,

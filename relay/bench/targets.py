@@ -60,6 +60,8 @@ class Target:
     url: str
     pid: int | None
     has_metrics: bool
+    database_url: str = ""
+    """Where a relay target keeps its streams (Postgres), to read the WAL position."""
 
     def cpu_seconds(self) -> float | None:
         """User plus system time of the whole server process (all threads) so far."""
@@ -109,7 +111,8 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
         )
         try:
             await _wait_ready(base, proc, label)
-            yield Target(spec.name, label, base, proc.pid, spec.name == "relay")
+            database = spec.database_url if spec.name == "relay" else ""
+            yield Target(spec.name, label, base, proc.pid, spec.name == "relay", database)
         finally:
             proc.terminate()
             try:
