@@ -104,7 +104,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     from relay.app import begin_shutdown, make_app
     from relay.http.context import CONTEXT
     from relay.store.base import StoreStartupError
-    from relay.workers import Worker, watch_parent
+    from relay.workers import Worker, unblock_stop_signals, watch_parent
 
     log = structlog.get_logger("relay")
     app = make_app(config)
@@ -124,6 +124,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
         stop = asyncio.Event()
         _on_stop_signals(stop, exit_on_repeat=worker is None)
         if worker is not None:
+            unblock_stop_signals()  # a stop sent while we started is taken now, gracefully
             watch_parent(stop)
             await worker.start(app[CONTEXT].metrics.render)
         site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)

@@ -28,7 +28,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 
 import aiohttp
 import structlog
@@ -66,72 +65,89 @@ class WorkerSpec:
 # ---- the parent -------------------------------------------------------------------------
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_PARENT_SIGNALS = STOP_SIGNALS | {signal.SIGCHLD}
+
+
 def supervise(config: Config) -> int:
-    """Start ``config.workers`` workers and wait for all of them; 0 only after a clean stop."""
+    """Start ``config.workers`` workers and wait for all of them; 0 only after a clean stop.
+
+    The parent blocks its signals and takes them one at a time with ``sigwait`` (no handler
+    can interrupt a log line or a reap); workers unblock them first thing.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
     with (
         tempfile.TemporaryDirectory(prefix="relay-workers-") as rendezvous,
         _port_for_workers(config.host, config.port) as port,
     ):
         environ = _worker_environ(replace(config, port=port))
         group = _Group()
-        signal.signal(signal.SIGTERM, group.on_signal)
-        signal.signal(signal.SIGINT, group.on_signal)
         for index in range(config.workers):
             spec = WorkerSpec(index, Path(rendezvous))
             command = [sys.executable, "-m", "relay", "serve", WORKER_FLAG, spec.flag_value()]
             # stdin is a pipe we never write: its EOF tells a worker the parent is gone.
             group.add(subprocess.Popen(command, env=environ, stdin=subprocess.PIPE), index)
-        if group.stopping:  # a signal came while some workers were not started yet
-            group.forward(group.stopping)
         log.info("workers started", workers=config.workers, port=port, pid=os.getpid())
-        failed = group.wait()
-    log.info("stopped", failed=failed)
-    return 1 if failed else 0
+        while group.alive:
+            signum = signal.sigwait(_PARENT_SIGNALS)
+            if signum == signal.SIGCHLD:
+                group.reap()
+            else:
+                group.on_signal(signum)
+    log.info("stopped", failed=group.failed)
+    return 1 if group.failed else 0
+
+
+def unblock_stop_signals() -> None:
+    """Undo the parent's signal mask, which a worker inherits across exec. Called once the
+    worker's own handlers are in place, so a stop sent while it started is held until then
+    and taken gracefully."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
 
 
 class _Group:
-    """The worker processes, reaped here only (never by ``Popen.poll``, which would race)."""
+    """The worker processes, reaped here only (never by ``Popen.poll``)."""
 
     def __init__(self) -> None:
         self.alive: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
-        self.stopping = 0  # the signal that began the stop, 0 while running
+        self.stopping = False
+        self.failed = False  # a worker failed, or exited without being asked to
 
     def add(self, proc: subprocess.Popen[bytes], index: int) -> None:
         self.alive[proc.pid] = (index, proc)
 
-    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         if self.stopping:
-            log.warning("second signal, killing workers", signal=signal.Signals(signum).name)
+            log.warning("second signal, killing workers", signal=name)
             self.forward(signal.SIGKILL)
             return
-        log.info("stopping workers", signal=signal.Signals(signum).name)
-        self.stopping = signum
+        log.info("stopping workers", signal=name)
+        self.stopping = True
         self.forward(signum)
 
     def forward(self, signum: int) -> None:
-        for pid in list(self.alive):
+        for pid in self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def wait(self) -> bool:
-        """Reap every worker; True when any failed or exited without being asked to."""
-        failed = False
+    def reap(self) -> None:
+        """Collect every worker that has exited (one SIGCHLD may stand for several)."""
         while self.alive:
-            pid, status = os.wait()  # a signal runs its handler, then the wait resumes
-            if pid not in self.alive:
-                continue
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
             index, proc = self.alive.pop(pid)
             proc.returncode = code = os.waitstatus_to_exitcode(status)
             if proc.stdin is not None:
                 proc.stdin.close()
             if code == 0 and self.stopping:
                 continue
-            failed = True
-            log.error("worker exited", worker=index, code=code, stopping=bool(self.stopping))
+            self.failed = True
+            log.error("worker exited", worker=index, code=code, stopping=self.stopping)
             if not self.stopping:
-                self.stopping = signal.SIGTERM
+                self.stopping = True
                 self.forward(signal.SIGTERM)
-        return failed
 
 
 @contextlib.contextmanager
