@@ -81,6 +81,15 @@ async def parked(relay: RelayProcess, count: int) -> None:
             await asyncio.sleep(0.02)
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow, or none in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def test_workers_without_postgres_refuse_to_start(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "relay", "serve", "--workers", "2", "--data-dir", str(tmp_path)],
@@ -201,7 +210,7 @@ async def test_sigterm_stops_every_worker_gracefully_and_the_parent_exits_0(
         code = await asyncio.to_thread(relay.proc.wait, EXIT_BOUND * 3)
     assert code == 0
     assert time.monotonic() - started < EXIT_BOUND
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert not [pid for pid in workers if running(pid)]
 
 
 async def test_a_dead_worker_stops_the_others_and_the_parent_exits_1(
@@ -213,4 +222,14 @@ async def test_a_dead_worker_stops_the_others_and_the_parent_exits_1(
     os.kill(first, signal.SIGKILL)
     code = await asyncio.to_thread(relay.proc.wait, EXIT_BOUND * 3)
     assert code == 1
-    assert not [pid for pid in rest if Path(f"/proc/{pid}").exists()]
+    assert not [pid for pid in rest if running(pid)]
+
+
+async def test_workers_stop_when_the_parent_is_killed(relay: RelayProcess) -> None:
+    """kill -9 of the parent closes the workers' stdin pipes; they stop on their own."""
+    await samples(relay)
+    workers = relay.children()
+    relay.kill()
+    async with asyncio.timeout(EXIT_BOUND):
+        while any(running(pid) for pid in workers):
+            await asyncio.sleep(0.05)
