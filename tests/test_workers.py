@@ -157,8 +157,11 @@ async def test_appends_spread_over_both_workers_and_metrics_add_up(relay: RelayP
     assert got[("relay_appended_bytes_total", frozenset())] == len(sent)
     posts = frozenset({("method", "POST"), ("status", "204")})
     assert got[("relay_http_requests_total", posts)] == sum(served)
-    async with aiohttp.ClientSession() as http, http.get(stream, params={"offset": "-1"}) as r:
-        assert await r.read() == sent
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stream, params={"offset": "-1"}) as r:
+            assert await r.read() == sent
+        async with http.get(f"{relay.url}/metrics/local") as r:
+            assert r.status == 404  # private: only on each worker's loopback port
 
 
 async def test_a_long_poll_on_one_worker_wakes_on_an_append_through_the_other(
