@@ -66,12 +66,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    worker = request.app[CONTEXT].worker
+    if worker is None:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "worker": worker.index})  # who served this
 
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    return web.Response(body=ctx.metrics.render(), content_type="text/plain")
+    body = ctx.metrics.render()
+    if ctx.worker is not None:
+        body = await ctx.worker.add_up(body)
+    return web.Response(body=body, content_type="text/plain")
 
 
 @web.middleware

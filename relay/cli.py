@@ -15,6 +15,8 @@ from relay import config as config_mod
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from relay.workers import WorkerSpec
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve streams under /v1/stream/. Every flag can also be set as RELAY_<NAME>.",
     )
     config_mod.add_arguments(serve)
+    serve.add_argument("--worker-of", dest="worker_of", default=None, help=argparse.SUPPRESS)
     migrate = commands.add_parser("migrate", help="apply Postgres schema migrations and exit")
     config_mod.add_arguments(migrate)
     bench = commands.add_parser(
@@ -53,17 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         return _migrate(config)
-    return _serve(config)
+    worker = None
+    if args.worker_of is not None:
+        from relay.workers import WorkerSpec
+
+        worker = WorkerSpec.parse(args.worker_of)
+    return _serve(config, worker)
 
 
 DRAIN_SECONDS = 0.5
 """How long a stop lets open connections finish and close before closing idle ones."""
 
 
-def _serve(config: config_mod.Config) -> int:
+def _serve(config: config_mod.Config, worker: WorkerSpec | None = None) -> int:
+    """Serve in this process, or (``--workers`` > 1) supervise that many worker processes."""
     from relay.logging import configure
 
     configure(config.log_level, config.log_format)
+    if worker is None and config.workers > 1:
+        from relay.workers import supervise
+
+        return supervise(config)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -72,24 +85,33 @@ def _serve(config: config_mod.Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve_until_signalled(config))
+        return runner.run(_serve_until_signalled(config, worker))
 
 
-async def _serve_until_signalled(config: config_mod.Config) -> int:
+async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal exits at once.
 
     The stop closes the listener, refuses requests still arriving on open connections (503),
     answers parked readers, lets in-flight requests finish (up to ``shutdown_timeout``), and
     only then closes the store, whose committer commits what is queued.
+
+    A worker (``spec``) shares the port with its siblings (SO_REUSEPORT), serves its own
+    samples on a private port, and stops when its parent's pipe closes too.
     """
     import structlog
     from aiohttp import web
 
     from relay.app import begin_shutdown, make_app
+    from relay.http.context import CONTEXT
     from relay.store.base import StoreStartupError
+    from relay.workers import Worker, unblock_stop_signals, watch_parent
 
     log = structlog.get_logger("relay")
     app = make_app(config)
+    worker = None
+    if spec is not None:
+        log = log.bind(worker=spec.index)
+        worker = app[CONTEXT].worker = Worker(spec, config.workers)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
     )
@@ -99,26 +121,34 @@ async def _serve_until_signalled(config: config_mod.Config) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        stop = asyncio.Event()
+        _on_stop_signals(stop, exit_on_repeat=worker is None)
+        if worker is not None:
+            unblock_stop_signals()  # a stop sent while we started is taken now, gracefully
+            watch_parent(stop)
+            await worker.start(app[CONTEXT].metrics.render)
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
         await site.start()
         log.info("listening", url=site.name)
-        stop = asyncio.Event()
-        _on_stop_signals(stop)
         await stop.wait()
         begin_shutdown(app)
         await site.stop()
         await _drain(runner, DRAIN_SECONDS)
     finally:
         await runner.cleanup()
+        if worker is not None:
+            await worker.close()
     log.info("stopped")
     return 0
 
 
-def _on_stop_signals(stop: asyncio.Event) -> None:
+def _on_stop_signals(stop: asyncio.Event, *, exit_on_repeat: bool = True) -> None:
     """The first SIGTERM/SIGINT sets ``stop``; the next one exits without any cleanup.
 
     Exiting at once is safe: every acknowledged append is already durable, exactly as
-    after a kill -9.
+    after a kill -9. A worker ignores repeats: Ctrl-C or systemd's stop signals the whole
+    group and the parent forwards the same signal, so one stop reaches it twice; a second
+    stop is the parent's to act on (it kills the workers).
     """
     import structlog
 
@@ -127,6 +157,8 @@ def _on_stop_signals(stop: asyncio.Event) -> None:
     def handle(signum: int) -> None:
         name = signal.Signals(signum).name
         if stop.is_set():
+            if not exit_on_repeat:
+                return
             log.warning("second signal, exiting now", signal=name)
             os._exit(128 + signum)
         log.info("stopping", signal=name)

@@ -72,6 +72,12 @@ def _log_format(text: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "address to listen on"),
     Setting("port", _port, 4437, "TCP port to listen on (0 picks a free one)"),
+    Setting(
+        "workers",
+        _positive_int,
+        1,
+        "processes serving the port (SO_REUSEPORT), one per core; more than 1 needs Postgres",
+    ),
     Setting("data_dir", str, "./data", "directory of the embedded SQLite store"),
     Setting(
         "database_url",
@@ -171,6 +177,7 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 4437
+    workers: int = 1
     data_dir: str = "./data"
     database_url: str = ""
     long_poll_timeout: float = 30.0
@@ -191,6 +198,12 @@ class Config:
     log_format: str = "console"
     db_timeout: float = 5.0
     shutdown_timeout: float = 10.0
+
+
+WORKERS_NEED_POSTGRES = (
+    "--workers > 1 needs --database-url: the embedded store is one process's"
+    " (its data directory is locked by one writer)"
+)
 
 
 def env_name(setting: str) -> str:
@@ -229,6 +242,8 @@ def load(
             values[setting.name] = setting.kind(str(raw))
         except ValueError as exc:
             raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
+    if values["workers"] > 1 and not values["database_url"]:
+        raise ConfigError(WORKERS_NEED_POSTGRES)
     known = {f.name for f in fields(Config)}
     assert known == set(values), "SETTINGS and Config disagree"
     return Config(**values)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from relay.store.base import Store
@@ -75,3 +79,49 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+AVERAGED = frozenset({"relay_store_batch_size_mean"})
+"""Gauges that are means: summed over workers they would mean nothing, so they are averaged."""
+
+
+class _Families(Collector):
+    """Hands already built families to ``generate_latest``, which then renders them."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def sum_expositions(texts: Sequence[str]) -> bytes:
+    """One exposition adding up several processes' own (``relay serve --workers``).
+
+    Counters, gauges and histogram buckets, sums and counts are summed per sample name and
+    label set; ``_created`` timestamps keep the earliest and the gauges in ``AVERAGED`` are
+    averaged. Families and samples keep the order they first appear in.
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            seen = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen.setdefault(key, []).append(sample.value)
+    for name, family in families.items():
+        for (sample_name, labels), found in values[name].items():
+            if sample_name.endswith("_created"):
+                value = min(found)
+            elif sample_name in AVERAGED:
+                value = sum(found) / len(found)
+            else:
+                value = sum(found)
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry()
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

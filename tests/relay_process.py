@@ -49,6 +49,20 @@ class RelayProcess:
                 time.sleep(0.05)
         raise RuntimeError("relay did not become healthy")
 
+    def children(self) -> list[int]:
+        """Pids of the relay's child processes (``--workers`` > 1), from ``/proc``."""
+        assert self.proc is not None
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:  # gone while we looked
+                continue
+            ppid = int(text.rpartition(")")[2].split()[1])  # the name may hold spaces or ")"
+            if ppid == self.proc.pid:
+                found.append(int(stat.parent.name))
+        return found
+
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flush; what was acknowledged must survive."""
         if self.proc is not None and self.proc.poll() is None:

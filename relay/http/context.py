@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -14,6 +15,9 @@ from relay.config import Config
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.store.base import Store
+
+if TYPE_CHECKING:
+    from relay.workers import Worker
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Context:
     debug: bool = False  # log a line per request (skipped, arguments and all, otherwise)
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
+    worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)

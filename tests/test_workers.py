@@ -1,0 +1,238 @@
+"""``relay serve --workers 2`` on one Postgres database: real processes sharing one port.
+
+Which worker served a request is told by ``/health`` on the same keep-alive connection (each
+client session here holds one connection), so tests open connections until both workers have
+served instead of trusting the kernel's spread. Parked readers are awaited through the summed
+``relay_live_readers`` gauge, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.config import WORKERS_NEED_POSTGRES
+from relay.metrics import Metrics, sum_expositions
+from tests.relay_process import RelayProcess
+
+TEXT = {"Content-Type": "text/plain"}
+WORKERS = 2
+MAX_CONNECTIONS = 200  # all on one worker would be a 2**-199 chance with an even spread
+EXIT_BOUND = 5.0  # seconds; a hung stop takes 10 s or more
+
+
+@pytest.fixture
+def relay(pg_url: str, tmp_path: Path) -> Iterator[RelayProcess]:
+    process = RelayProcess(
+        tmp_path / "unused",
+        "--database-url",
+        pg_url,
+        "--workers",
+        str(WORKERS),
+        "--long-poll-timeout",
+        "20",
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@asynccontextmanager
+async def connection(relay: RelayProcess) -> AsyncIterator[tuple[aiohttp.ClientSession, int]]:
+    """A session holding one keep-alive connection, and the worker at its other end."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        async with http.get(f"{relay.url}/health") as response:
+            worker: int = (await response.json())["worker"]
+        yield http, worker
+
+
+async def samples(relay: RelayProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The public ``/metrics``, waiting out the 503 it answers while a worker is starting."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+        while True:
+            async with http.get(f"{relay.url}/metrics") as response:
+                if response.status == 200:
+                    text = await response.text()
+                    break
+            await asyncio.sleep(0.05)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def parked(relay: RelayProcess, count: int) -> None:
+    async with asyncio.timeout(10):
+        while (await samples(relay)).get(("relay_live_readers", frozenset()), 0) < count:
+            await asyncio.sleep(0.02)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow, or none in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_workers_without_postgres_refuse_to_start(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--workers", "2", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"relay: {WORKERS_NEED_POSTGRES}"
+    assert "--workers > 1 needs --database-url" in WORKERS_NEED_POSTGRES
+
+
+def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
+    one, two = Metrics(), Metrics()
+    one.observe_request("POST", 204, 0.003)
+    two.observe_request("POST", 204, 0.3)
+    two.observe_request("GET", 200, 0.003)
+    one.live_readers.set(2)
+    two.live_readers.set(3)
+    text = sum_expositions([one.render().decode(), two.render().decode()]).decode()
+    got = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    post = frozenset({("method", "POST"), ("status", "204")})
+    assert got[("relay_http_requests_total", post)] == 2
+    assert got[("relay_http_requests_total", frozenset({("method", "GET"), ("status", "200")}))]
+    assert got[("relay_live_readers", frozenset())] == 5
+    bucket = frozenset({("method", "POST"), ("le", "0.005")})
+    assert got[("relay_http_request_seconds_bucket", bucket)] == 1
+    assert got[("relay_http_request_seconds_count", frozenset({("method", "POST")}))] == 2
+    assert got[("relay_http_request_seconds_sum", frozenset({("method", "POST")}))] == 0.303
+    created = ("relay_http_requests_created", post)
+    firsts = [
+        s.value
+        for m in (one, two)
+        for f in text_string_to_metric_families(m.render().decode())
+        for s in f.samples
+        if (s.name, frozenset(s.labels.items())) == created
+    ]
+    assert got[created] == min(firsts)  # a timestamp: the earliest, not a sum
+    assert sum_expositions([one.render().decode()]) == one.render()
+
+
+async def test_appends_spread_over_both_workers_and_metrics_add_up(relay: RelayProcess) -> None:
+    stream = f"{relay.url}/v1/stream/spread"
+    async with aiohttp.ClientSession() as http, http.put(stream, headers=TEXT) as created:
+        assert created.status == 201
+    served = [0] * WORKERS
+    sent = b""
+    for i in range(MAX_CONNECTIONS):
+        async with connection(relay) as (http, worker):
+            body = f"{i:04d};".encode()
+            async with http.post(stream, data=body, headers=TEXT) as response:
+                assert response.status == 204
+            sent += body
+            served[worker] += 1
+        if i >= 20 and all(served):
+            break
+    assert all(served), served
+
+    got = await samples(relay)
+    assert got[("relay_store_appends_total", frozenset())] == sum(served)
+    assert got[("relay_appended_bytes_total", frozenset())] == len(sent)
+    posts = frozenset({("method", "POST"), ("status", "204")})
+    assert got[("relay_http_requests_total", posts)] == sum(served)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stream, params={"offset": "-1"}) as r:
+            assert await r.read() == sent
+        async with http.get(f"{relay.url}/metrics/local") as r:
+            assert r.status == 404  # private: only on each worker's loopback port
+
+
+async def test_a_long_poll_on_one_worker_wakes_on_an_append_through_the_other(
+    relay: RelayProcess,
+) -> None:
+    stream = f"{relay.url}/v1/stream/cross"
+    async with aiohttp.ClientSession() as http, http.put(stream, headers=TEXT) as created:
+        tail = created.headers["Stream-Next-Offset"]
+    async with connection(relay) as (reader, reader_worker):
+        for _ in range(MAX_CONNECTIONS):
+            async with connection(relay) as (writer, writer_worker):
+                if writer_worker == reader_worker:
+                    continue
+                waiting = asyncio.create_task(
+                    reader.get(stream, params={"offset": tail, "live": "long-poll"})
+                )
+                await parked(relay, 1)  # else the POST may land first: a catch-up, not a wake
+                async with writer.post(stream, data=b"across", headers=TEXT) as response:
+                    assert response.status == 204
+                async with await asyncio.wait_for(waiting, 15) as woken:
+                    assert woken.status == 200
+                    assert await woken.read() == b"across"
+                for http, worker in ((reader, reader_worker), (writer, writer_worker)):
+                    async with http.get(f"{relay.url}/health") as still:  # same connections
+                        assert (await still.json())["worker"] == worker
+                return
+    pytest.fail("every connection reached the same worker")
+
+
+async def test_sigterm_stops_every_worker_gracefully_and_the_parent_exits_0(
+    relay: RelayProcess,
+) -> None:
+    assert relay.proc is not None
+    await samples(relay)  # every worker is up
+    workers = relay.children()
+    assert len(workers) == WORKERS
+    stream = f"{relay.url}/v1/stream/stop"
+    async with aiohttp.ClientSession() as http:
+        async with http.put(stream, headers=TEXT) as created:
+            tail = created.headers["Stream-Next-Offset"]
+        polling = asyncio.create_task(
+            http.get(stream, params={"offset": tail, "live": "long-poll"})
+        )
+        await parked(relay, 1)
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        async with await polling as response:
+            assert response.status == 204  # answered as a timeout would, not cut off
+        code = await asyncio.to_thread(relay.proc.wait, EXIT_BOUND * 3)
+    assert code == 0
+    assert time.monotonic() - started < EXIT_BOUND
+    assert not [pid for pid in workers if running(pid)]
+
+
+async def test_a_dead_worker_stops_the_others_and_the_parent_exits_1(
+    relay: RelayProcess,
+) -> None:
+    assert relay.proc is not None
+    await samples(relay)
+    first, *rest = relay.children()
+    os.kill(first, signal.SIGKILL)
+    code = await asyncio.to_thread(relay.proc.wait, EXIT_BOUND * 3)
+    assert code == 1
+    assert not [pid for pid in rest if running(pid)]
+
+
+async def test_workers_stop_when_the_parent_is_killed(relay: RelayProcess) -> None:
+    """kill -9 of the parent closes the workers' stdin pipes; they stop on their own."""
+    await samples(relay)
+    workers = relay.children()
+    relay.kill()
+    async with asyncio.timeout(EXIT_BOUND):
+        while any(running(pid) for pid in workers):
+            await asyncio.sleep(0.05)
