@@ -626,3 +626,35 @@ async def test_nothing_is_tracked_while_notifications_may_be_missed(pg_url: str)
         await proxy.restore()
         await store.close()
         await proxy.cut()
+
+
+async def test_producer_state_is_read_after_waiting_for_another_relays_lock(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """A batch that waited for a stream's lock must judge producers by what the lock holder
+    committed: in READ COMMITTED a statement's snapshot predates its lock wait, so producer
+    state read in the locking statement itself would be stale and a retry stored twice."""
+    created = await store.create(plain("contended"), NOW)
+    sid = created.meta.stream_id
+    other = await asyncpg.connect(pg_url)  # another relay, mid-commit of the same append
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM relay_streams WHERE id = $1 FOR UPDATE", sid)
+        retry = AppendRequest("text/plain", b"token", producer=ProducerHeaders("llm", 0, 0))
+        pending = asyncio.create_task(store.append("contended", retry, NOW))
+        async with asyncio.timeout(10):  # our batch is now waiting for that lock
+            while not await other.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+            ):
+                await asyncio.sleep(0.01)
+        await other.execute("INSERT INTO relay_chunks VALUES ($1, 0, 5, 'token'::bytea)", sid)
+        await other.execute("UPDATE relay_streams SET tail = 5 WHERE id = $1", sid)
+        await other.execute("INSERT INTO relay_producers VALUES ($1, 'llm', 0, 0)", sid)
+        await tx.commit()
+        result = await asyncio.wait_for(pending, 10)
+    finally:
+        await other.close()
+    assert result.plan.duplicate and not result.plan.write
+    meta = await store.head("contended", NOW, touch=False)
+    assert await store.read(meta, 0, meta.tail) == b"token"

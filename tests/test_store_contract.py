@@ -324,3 +324,12 @@ async def test_fork_sub_offset_scans_are_bounded(backend: Backend) -> None:
             await store.create(
                 create("far", content_type=None, fork=ForkRequest("long", 0, 4)), NOW
             )
+
+
+async def test_an_append_batched_with_a_read_just_before_expiry_sees_the_slid_ttl(
+    store: Store,
+) -> None:
+    await store.create(create("slid", expiry=Expiry(ttl=10)), NOW)
+    await store.head("slid", NOW + 9, touch=True)  # queued: commits with the append below
+    appended = await store.append("slid", data(b"late"), NOW + 11)
+    assert appended.meta.tail == 4

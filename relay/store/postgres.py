@@ -80,14 +80,18 @@ WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
 SELECT id, fork_offset FROM chain ORDER BY depth
 """
 
-_LOCK = f"""
-WITH locked AS (
-    SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE
+_LOCK = (
+    f"SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) OR id = ANY($2::bigint[]) "
+    "ORDER BY id FOR UPDATE"
 )
-SELECT locked.*, p.producer_id, p.epoch, p.last_seq
-FROM locked LEFT JOIN relay_producers p
-    ON p.stream_id = locked.id AND p.producer_id = ANY($2::text[])
+"""Every row a batch changes up front, locked in one id-ordered pass so relays never deadlock."""
+_PRODUCERS = """
+SELECT stream_id, producer_id, epoch, last_seq FROM relay_producers
+WHERE stream_id = ANY($1::bigint[]) AND producer_id = ANY($2::text[])
 """
+"""Run after _LOCK, never inside it: in READ COMMITTED a statement's snapshot is taken before
+it waits for a lock, so producer state read by the locking statement could miss what the lock's
+previous holder (another relay) committed."""
 _WRITE = """
 WITH chunks AS (
     INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
@@ -529,14 +533,7 @@ class PostgresStore:
         state = _Batch()
         outcomes: list[Any] = []
         async with conn.transaction():
-            if touches:  # first, so a stream read before this batch is never reaped by it
-                await conn.execute(
-                    "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
-                    "FROM unnest($1::bigint[], $2::float8[]) AS t(id, at) WHERE s.id = t.id",
-                    [v[0] for v in touches.values()],
-                    [v[1] for v in touches.values()],
-                )
-            await self._lock(conn, state, batch)
+            await self._lock(conn, state, batch, touches)
             for op in batch:
                 try:
                     outcomes.append(await self._dispatch(conn, state, op))
@@ -557,26 +554,45 @@ class PostgresStore:
             case ReapOp(now):
                 return await self._do_reap(conn, state, now)
 
-    async def _lock(self, conn: asyncpg.Connection, state: _Batch, batch: list[WriteOp]) -> None:
-        """Lock every stream the batch appends to, in id order, and load the state of the
-        producers it names on them: one round trip."""
+    async def _lock(
+        self, conn: asyncpg.Connection, state: _Batch, batch: list[WriteOp], touches: Touches
+    ) -> None:
+        """Lock the streams the batch appends to and those it touches, in id order, apply the
+        touches (first, so a stream read before this batch is never reaped by it), then load
+        the state of the producers the appends name (a second statement, so it sees what the
+        lock's previous holder committed)."""
         appends = [op for op in batch if isinstance(op, AppendOp)]
-        if not appends:
+        paths = {op.path for op in appends}
+        if not paths and not touches:
             return
-        names = sorted({op.request.producer.producer_id for op in appends if op.request.producer})
-        rows = await conn.fetch(_LOCK, sorted({op.path for op in appends}), names)
-        for row in rows:
-            meta = state.metas.get(row["path"])
-            if meta is None:
+        touched = sorted({stream_id for stream_id, _ in touches.values()})
+        for row in await conn.fetch(_LOCK, sorted(paths), touched):
+            if row["path"] in paths:
                 meta = await _with_segments(conn, row_meta(row))
                 state.metas[meta.path] = meta
-            if row["producer_id"] is not None:
-                key = (meta.stream_id, row["producer_id"])
-                state.producers[key] = ProducerState(row["epoch"], row["last_seq"])
-        for op in appends:  # named but never seen on a locked stream: known to be absent
-            locked = state.metas.get(op.path)
-            if op.request.producer and locked is not None:
-                state.producers.setdefault((locked.stream_id, op.request.producer.producer_id))
+        if touches:
+            await conn.execute(
+                "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
+                "FROM unnest($1::bigint[], $2::float8[]) AS t(id, at) WHERE s.id = t.id",
+                [v[0] for v in touches.values()],
+                [v[1] for v in touches.values()],
+            )
+            for path, (_, when) in touches.items():
+                locked = state.metas.get(path)
+                if locked is not None and when > locked.last_access:
+                    state.metas[path] = replace(locked, last_access=when)
+        wanted = {
+            (state.metas[op.path].stream_id, op.request.producer.producer_id)
+            for op in appends
+            if op.request.producer and op.path in state.metas
+        }
+        if not wanted:
+            return
+        ids = sorted({key[0] for key in wanted})
+        names = sorted({key[1] for key in wanted})
+        state.producers = dict.fromkeys(wanted)  # named but not found: known to be absent
+        for row in await conn.fetch(_PRODUCERS, ids, names):
+            state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
 
     async def _producer(
         self, conn: asyncpg.Connection, state: _Batch, key: tuple[int, str]
