@@ -135,6 +135,8 @@ class Committer:
 
     def pending_touch(self, path: str, stream_id: int) -> float | None:
         """The latest access not yet committed (queued or in flight), so reads never miss it."""
+        if not self.touches and not self._inflight:
+            return None
         times = [
             entry[1]
             for entry in (self.touches.get(path), self._inflight.get(path))
