@@ -131,14 +131,9 @@ async def delete(request: web.Request) -> web.Response:
     ctx = context(request)
     path = stream_path(request.raw_path, ctx.config.max_path_length)
     with ctx.limits.admit_write():
-        await asyncio.shield(_delete_and_publish(ctx, path))
+        # The store tells the hub about the removal itself, after the commit.
+        await ctx.store.delete(path, ctx.clock())
     return web.Response(status=204)
-
-
-async def _delete_and_publish(ctx: Context, path: str) -> StreamMeta:
-    meta = await ctx.store.delete(path, ctx.clock())
-    ctx.hub.deleted(meta.stream_id)
-    return meta
 
 
 async def head(request: web.Request) -> web.Response:
