@@ -123,12 +123,14 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     try:
         stop = asyncio.Event()
         _on_stop_signals(stop, exit_on_repeat=worker is None)
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
+        await site.start()
         if worker is not None:
             unblock_stop_signals()  # a stop sent while we started is taken now, gracefully
             watch_parent(stop)
+            # After the public site: once every worker's private port is known (the summed
+            # /metrics answers 200), every worker is serving the public port.
             await worker.start(app[CONTEXT].metrics.render)
-        site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
-        await site.start()
         log.info("listening", url=site.name)
         await stop.wait()
         begin_shutdown(app)

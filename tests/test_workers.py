@@ -44,6 +44,8 @@ def relay(pg_url: str, tmp_path: Path) -> Iterator[RelayProcess]:
         "20",
     )
     process.start()
+    # /health answers once any worker serves; the summed /metrics once all of them do.
+    asyncio.run(samples(process))
     try:
         yield process
     finally:
