@@ -144,6 +144,10 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     return 0
 
 
+REPEAT_WINDOW = 0.1
+"""Seconds within which a repeated stop signal is taken as the same stop, delivered twice."""
+
+
 def _on_stop_signals(stop: asyncio.Event, *, exit_on_repeat: bool = True) -> None:
     """The first SIGTERM/SIGINT sets ``stop``; the next one exits without any cleanup.
 
@@ -156,17 +160,23 @@ def _on_stop_signals(stop: asyncio.Event, *, exit_on_repeat: bool = True) -> Non
 
     log = structlog.get_logger("relay")
 
+    loop = asyncio.get_running_loop()
+    first = 0.0
+
     def handle(signum: int) -> None:
+        nonlocal first
         name = signal.Signals(signum).name
         if stop.is_set():
-            if not exit_on_repeat:
+            # One stop delivered twice (``timeout`` or a wrapper signals the process and its
+            # group, microseconds apart) is not an operator asking again.
+            if not exit_on_repeat or loop.time() - first < REPEAT_WINDOW:
                 return
             log.warning("second signal, exiting now", signal=name)
             os._exit(128 + signum)
         log.info("stopping", signal=name)
+        first = loop.time()
         stop.set()
 
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, handle, signum)
 

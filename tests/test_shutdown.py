@@ -22,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from relay.cli import REPEAT_WINDOW
 from relay.hub import Hub
 from tests.relay_process import RelayProcess, read_all
 
@@ -300,6 +301,9 @@ async def test_second_signal_exits_at_once_while_a_stop_waits(
                 while _listening(relay.port):  # the stop has begun once the listener is gone
                     await asyncio.sleep(0.02)
                 assert relay.proc.poll() is None, "the stop did not wait for the stuck append"
+                await asyncio.sleep(
+                    2 * REPEAT_WINDOW
+                )  # a second stop, not the first delivered twice
                 started = time.monotonic()
                 relay.proc.send_signal(signal.SIGTERM)
                 code, elapsed = await _exit_code(relay, started)
@@ -309,3 +313,14 @@ async def test_second_signal_exits_at_once_while_a_stop_waits(
                 stuck.close()
     finally:
         relay.stop()
+
+
+def test_one_stop_delivered_twice_at_once_is_still_graceful(tmp_path: Path) -> None:
+    """``timeout``, and wrappers that signal both a process and its group, deliver one stop
+    twice within microseconds: that is not a second stop, and must not skip the graceful one."""
+    relay = RelayProcess(tmp_path / "data")
+    relay.start()
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGTERM)
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(timeout=EXIT_BOUND) == 0  # a graceful stop exits 0, os._exit 143
