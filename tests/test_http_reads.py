@@ -173,3 +173,22 @@ async def test_sse_text_events_never_split_a_character(tmp_path: Path) -> None:
                 values = [v[1:] if v.startswith(b" ") else v for v in lines]
                 received += b"\n".join(values).decode()  # strict: a split character raises
         assert received == text.replace("\r\n", "\n")
+
+
+async def test_an_sse_reader_far_behind_still_reconnects_on_the_interval(tmp_path: Path) -> None:
+    """A slow reader catching up on a long stream must not hold one response forever: the
+    response ends on the reconnect interval after a control event, and the reader resumes."""
+    config = Config(data_dir=str(tmp_path), max_chunk_bytes=1024, sse_reconnect_interval=0.3)
+    total = 4 * 1024 * 1024
+    async with TestClient(TestServer(make_app(config))) as client:
+        await client.put(STREAM, headers=TEXT)
+        for _ in range(total // (256 * 1024)):
+            await client.post(STREAM, headers=TEXT, data=b"x" * (256 * 1024))
+        response = await client.get(STREAM, params={"offset": "-1", "live": "sse"})
+        body = bytearray()
+        async with asyncio.timeout(30):
+            while chunk := await response.content.read(4096):
+                body += chunk
+                await asyncio.sleep(0.002)  # slower than the relay writes
+        assert body.count(b"x") < total  # ended before catching up
+        assert body.rstrip().rsplit(b"\n\n", 1)[-1].startswith(b"event: control")

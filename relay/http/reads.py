@@ -295,9 +295,9 @@ async def _sse(
                     await _send(request, response, event, ctx.config.write_timeout)
                 if closed:
                     break
-                if position < tail:
-                    continue
                 remaining = ends_at - loop.time()
+                if position < tail and remaining > 0:
+                    continue  # catching up; a reader far behind still reconnects on time
                 if remaining <= 0 or not await sub.wait_beyond(position, remaining):
                     break
     except ConnectionResetError:
