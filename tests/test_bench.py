@@ -21,6 +21,8 @@ TINY = [
     "--messages", "4",
     "--message-rate", "40",
     "--catchup-mib", "2",
+    "--streams", "3",
+    "--parked", "7",
 ]  # fmt: skip
 
 
@@ -37,6 +39,7 @@ def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
         ("tokens", "2 sessions, sse"),
         ("fanout", "5 readers, 4 msgs"),
         ("catchup", "2 MiB"),
+        ("memory", "3 streams, 7 readers"),
     ]
     assert all(r.lost == 0 for r in results)
     counts = {(r.scenario, r.variant): r.operations for r in results}
@@ -44,13 +47,15 @@ def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
     assert counts[("tokens", "2 sessions, sse")] == 2 * 10
     assert counts[("fanout", "5 readers, 4 msgs")] == 5 * 4
     assert counts[("catchup", "2 MiB")] == 2
+    assert counts[("memory", "3 streams, 7 readers")] == 7
+    assert results[-1].note.startswith("RSS ")
     assert all(r.usage.server_cpu is not None for r in results)
-    assert all(r.usage.commits is not None and r.usage.commits > 0 for r in results[:-1])
+    assert all(r.usage.commits is not None and r.usage.commits > 0 for r in results[:-2])
 
     table = report(results, args)
     rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| relay")]
     assert [(target.strip(), variant.strip()) for target, variant in rows] == [
         ("relay (sqlite)", variant) for _, variant in runs
     ]
-    for scenario in ("append", "tokens", "fanout", "catchup"):
+    for scenario in ("append", "tokens", "fanout", "catchup", "memory"):
         assert f"\n{scenario}: ratios compare" in table

@@ -109,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--json", action="store_true", help="tokens: JSON-mode streams")
     add("--readers", type=int, default=defaults.readers, help="fanout: parked long-poll readers")
+    add("--streams", type=int, default=defaults.streams, help="memory: streams")
+    add(
+        "--parked",
+        type=int,
+        default=defaults.parked,
+        help="memory: parked long-poll readers, spread over --streams",
+    )
     add(
         "--messages",
         "--fanout-appends",
@@ -135,6 +142,8 @@ def options(args: argparse.Namespace) -> Options:
         messages=args.messages,
         message_rate=args.message_rate,
         catchup_mib=args.catchup_mib,
+        streams=args.streams,
+        parked=args.parked,
     )
 
 
@@ -179,7 +188,7 @@ async def _client(opts: Options) -> AsyncIterator[aiohttp.ClientSession]:
     ``identity`` keeps servers from compressing: the reference would otherwise gzip what the
     relay sends plain.
     """
-    limit = max(opts.connections, 2 * max(opts.sessions), opts.readers) + 32
+    limit = max(opts.connections, 2 * max(opts.sessions), opts.readers, opts.parked) + 32
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with aiohttp.ClientSession(

@@ -146,6 +146,7 @@ HEADLINES = {
     "tokens": Headline("p99", False),
     "fanout": Headline("p99", False),
     "catchup": Headline("MiB/s", True),
+    "memory": Headline("p99", False),
 }
 
 

@@ -47,6 +47,10 @@ class Options:
     messages: int = 25
     message_rate: float = 5.0
     catchup_mib: int = 64
+    streams: int = 1000
+    """memory: streams the parked readers spread over."""
+    parked: int = 5000
+    """memory: parked long-poll readers."""
 
 
 class BenchError(RuntimeError):
@@ -434,6 +438,61 @@ async def catchup(client: aiohttp.ClientSession, target: Target, opts: Options) 
     ]
 
 
-SCENARIOS = {"append": append, "tokens": tokens, "fanout": fanout, "catchup": catchup}
+async def memory(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
+    """The server's resident set with many streams and many parked long-poll readers, then
+    one append per stream that must wake every reader with exactly its stream's byte."""
+    urls = [_stream_url(target, "memory") for _ in range(opts.streams)]
+    tails = [await _create(client, url, "text/plain") for url in urls]
+    streams_only = target.resident_mib()
+    readers = [
+        asyncio.create_task(_one_long_poll(client, urls[i % opts.streams], tails[i % opts.streams]))
+        for i in range(opts.parked)
+    ]
+    await _parked(client, target, opts.parked)
+    before = await snapshot(client, target)
+    parked = target.resident_mib()
+    start = time.perf_counter()
+    for index, url in enumerate(urls):
+        await _post(client, url, bytes([65 + index % 26]), {"Content-Type": "text/plain"})
+    got = await asyncio.gather(*readers)
+    latencies = [arrived - start for arrived, _ in got]
+    spent = usage(before, await snapshot(client, target))
+    lost = sum(body != bytes([65 + i % opts.streams % 26]) for i, (_, body) in enumerate(got))
+    rss = "-" if parked is None else f"RSS {parked:,.0f} MiB parked ({streams_only:,.0f} before)"
+    return [
+        Result(
+            "memory",
+            target,
+            f"{opts.streams} streams, {opts.parked} readers",
+            opts.parked,
+            "reader",
+            spent,
+            latencies,
+            lost=lost,
+            note=rss,
+        )
+    ]
+
+
+async def _one_long_poll(
+    client: aiohttp.ClientSession, url: str, offset: str
+) -> tuple[float, bytes]:
+    params = {"offset": offset, "live": "long-poll"}
+    while True:
+        async with client.get(url, params=params) as response:
+            body = await response.read()
+            if response.status == 200 and body:
+                return time.perf_counter(), body
+            if response.status not in (200, 204):
+                raise BenchError(f"long-poll {url}: {response.status}")
+
+
+SCENARIOS = {
+    "append": append,
+    "tokens": tokens,
+    "fanout": fanout,
+    "catchup": catchup,
+    "memory": memory,
+}
 BARE_SCENARIOS = ("append",)
 """The bare server stores nothing, so it is only a ceiling for appends."""

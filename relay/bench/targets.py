@@ -63,6 +63,16 @@ class Target:
     database_url: str = ""
     """Where a relay target keeps its streams (Postgres), to read the WAL position."""
 
+    def resident_mib(self) -> float | None:
+        """The server process's resident set (VmRSS), in MiB."""
+        if self.pid is None:
+            return None
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return None
+
     def cpu_seconds(self) -> float | None:
         """User plus system time of the whole server process (all threads) so far."""
         return process_cpu_seconds(self.pid) if self.pid is not None else None
