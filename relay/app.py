@@ -97,10 +97,12 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(request, NotFound("no such resource"))
     except Exception as exc:
         response = error_response(request, exc)
-    elapsed = time.perf_counter() - started
-    ctx.metrics.observe_request(request.method, response.status, elapsed)
     if ctx.stopping:
         response.force_close()  # clients reconnect elsewhere rather than race our close
+    if not response.prepared:
+        await _write_bounded(request, response, ctx.config.write_timeout)
+    elapsed = time.perf_counter() - started
+    ctx.metrics.observe_request(request.method, response.status, elapsed)
     if ctx.debug:
         log.debug(
             "request",
@@ -126,6 +128,29 @@ def begin_shutdown(app: web.Application) -> None:
 async def _on_shutdown(app: web.Application) -> None:
     """For runners other than ``relay serve`` (tests, embedding), which skip the first step."""
     begin_shutdown(app)
+
+
+FLUSH_POLL_SECONDS = 0.05
+
+
+async def _write_bounded(request: web.Request, response: web.StreamResponse, limit: float) -> None:
+    """Send the whole response here, within ``limit`` seconds, instead of leaving it to
+    aiohttp after the handler returns, where a client that never reads would hold the
+    connection and up to a chunk of buffered bytes forever."""
+    transport = request.transport
+    timer = asyncio.get_running_loop().call_later(limit, transport.abort) if transport else None
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+        # write_eof returns once the body is handed to the transport; a large one may still
+        # be waiting there for the client to read it.
+        while transport is not None and transport.get_write_buffer_size():
+            await asyncio.sleep(FLUSH_POLL_SECONDS)
+    except ConnectionError:
+        pass  # the client went away, or stopped reading and was cut off
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def check_host(request: web.Request) -> None:

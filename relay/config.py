@@ -140,7 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
         "write_timeout",
         _positive_float,
         30.0,
-        "seconds one SSE write may wait on a client that stops reading before it is dropped",
+        "seconds a response body (or one SSE event) may take to reach a client that stops "
+        "reading before the connection is dropped",
     ),
     Setting(
         "reap_interval",

@@ -4,6 +4,7 @@ bounded work however the stream is shaped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -192,3 +193,27 @@ async def test_an_sse_reader_far_behind_still_reconnects_on_the_interval(tmp_pat
                 await asyncio.sleep(0.002)  # slower than the relay writes
         assert body.count(b"x") < total  # ended before catching up
         assert body.rstrip().rsplit(b"\n\n", 1)[-1].startswith(b"event: control")
+
+
+async def test_a_catch_up_reader_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    """A plain GET's body is sent within --write-timeout too: a client that stops reading must
+    not hold its connection and a chunk of buffered bytes forever."""
+    config = Config(data_dir=str(tmp_path), write_timeout=0.3, max_chunk_bytes=16 << 20)
+    body = 16 * (900 << 10)
+    async with TestClient(TestServer(make_app(config))) as client:
+        await client.put("/v1/stream/big", headers=TEXT)
+        for _ in range(16):  # far more than the kernel and transport buffers together
+            await client.post("/v1/stream/big", data=b"x" * (900 << 10), headers=TEXT)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        try:
+            writer.write(b"GET /v1/stream/big?offset=-1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(4 * config.write_timeout)  # not reading meanwhile
+            received = 0
+            async with asyncio.timeout(10):
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await reader.read(1 << 20):  # EOF: the relay cut us off
+                        received += len(chunk)
+            assert received < body  # it did not wait for us to read it all
+        finally:
+            writer.close()
