@@ -43,6 +43,7 @@ def make_store(config: Config) -> Store:
             config.database_url,
             max_batch_ops=config.max_batch_ops,
             max_batch_bytes=config.max_batch_bytes,
+            max_fork_scan=config.max_fork_scan_bytes,
             command_timeout=config.db_timeout,
         )
     from relay.store.sqlite import SqliteStore
@@ -51,6 +52,7 @@ def make_store(config: Config) -> Store:
         config.data_dir,
         max_batch_ops=config.max_batch_ops,
         max_batch_bytes=config.max_batch_bytes,
+        max_fork_scan=config.max_fork_scan_bytes,
     )
 
 

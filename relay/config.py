@@ -99,6 +99,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_body_bytes", _positive_int, 16 * 1024 * 1024, "largest accepted request body"),
     Setting("max_chunk_bytes", _positive_int, 1024 * 1024, "most bytes one GET returns"),
+    Setting(
+        "max_fork_scan_bytes",
+        _positive_int,
+        16 * 1024 * 1024,
+        "most source bytes a fork's Stream-Fork-Sub-Offset may scan (400 beyond)",
+    ),
     Setting("max_path_length", _positive_int, 1024, "longest accepted stream path, in bytes"),
     Setting(
         "max_batch_ops",
@@ -185,6 +191,7 @@ class Config:
     sse_reconnect_interval: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_chunk_bytes: int = 1024 * 1024
+    max_fork_scan_bytes: int = 16 * 1024 * 1024
     max_path_length: int = 1024
     max_batch_ops: int = 1024
     max_batch_bytes: int = 16 * 1024 * 1024

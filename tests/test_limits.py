@@ -164,3 +164,28 @@ async def test_put_and_delete_go_through_admission(
     for task in pending:
         assert (await task).status == 204
     assert limits_of(client).writes == 0
+
+
+async def test_a_fork_sub_offset_scans_at_most_the_configured_bytes(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path), max_fork_scan_bytes=100_000)
+    json_type = {"Content-Type": "application/json"}
+    async with TestClient(TestServer(make_app(config))) as client:
+        big = b'"' + b"m" * 60_000 + b'"'
+        source = await client.put(
+            "/v1/stream/src", data=b"[" + b",".join([big] * 4) + b"]", headers=json_type
+        )
+        assert source.status == 201
+        zero = "0000000000000000_0000000000000000"
+
+        async def fork(name: str, messages: int) -> int:
+            headers = {
+                **json_type,
+                "Stream-Forked-From": "/v1/stream/src",
+                "Stream-Fork-Offset": zero,
+                "Stream-Fork-Sub-Offset": str(messages),
+            }
+            response = await client.put(f"/v1/stream/{name}", headers=headers)
+            return response.status
+
+        assert await fork("near", 1) == 201
+        assert await fork("far", 4) == 400  # past 100,000 bytes of the source
