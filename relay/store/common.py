@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import Any
 
 from protocol.append import AppendPlan
@@ -26,6 +27,17 @@ META_COLUMNS = (
 """The stream row as every query returns it; :func:`row_meta` reads it back."""
 
 FORK_SCAN_WINDOW = 64 * 1024
+
+
+def numbered_sql(backend: str) -> list[tuple[int, str]]:
+    """``sql/<backend>/NNN_name.sql`` as (NNN, text), in order: a backend's migrations."""
+    folder = resources.files("relay.store") / "sql" / backend
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql") and entry.name[:1].isdigit()
+    ]
+    return sorted(found)
 
 
 def row_meta(row: Any) -> StreamMeta:

@@ -51,6 +51,7 @@ from relay.store.common import (
     META_COLUMNS,
     StagedRows,
     after_append,
+    numbered_sql,
     purge_chain_sql,
     resolve_fork,
     row_meta,
@@ -68,7 +69,6 @@ COMPACT_CANDIDATES = 100
 RETRIES = 3
 MIGRATION_LOCK = 0x52454C4159  # pg_advisory_lock key: "RELAY"
 
-_META = META_COLUMNS
 _PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
 _CHAIN = """
 WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
@@ -81,8 +81,8 @@ SELECT id, fork_offset FROM chain ORDER BY depth
 """
 
 _LOCK = (
-    f"SELECT {_META} FROM relay_streams WHERE path = ANY($1::text[]) OR id = ANY($2::bigint[]) "
-    "ORDER BY id FOR UPDATE"
+    f"SELECT {META_COLUMNS} FROM relay_streams "
+    "WHERE path = ANY($1::text[]) OR id = ANY($2::bigint[]) ORDER BY id FOR UPDATE"
 )
 """Every row a batch changes up front, locked in one id-ordered pass so relays never deadlock."""
 _PRODUCERS = """
@@ -151,12 +151,7 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 
 def _migrations() -> list[tuple[int, str]]:
     """``sql/postgres/NNN_name.sql``, in order: how an existing database reaches the newest."""
-    folder = resources.files("relay.store") / "sql" / "postgres"
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql") and entry.name[:1].isdigit():
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(found)
+    return numbered_sql("postgres")
 
 
 def _schema() -> str:
@@ -707,7 +702,7 @@ class PostgresStore:
             "INSERT INTO relay_streams (path, content_type, tail, closed, ttl, expires_at, "
             "last_access, created_at, last_append, source_id, forked_from, fork_offset) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8, $9, $10) "
-            f"ON CONFLICT (path) DO NOTHING RETURNING {_META}",
+            f"ON CONFLICT (path) DO NOTHING RETURNING {META_COLUMNS}",
             request.path,
             outcome.content_type,
             outcome.fork_offset + len(outcome.data),
@@ -748,7 +743,7 @@ class PostgresStore:
     async def _do_reap(self, conn: asyncpg.Connection, state: _Batch, now: float) -> int:
         await self._write(conn, state)
         rows = await conn.fetch(
-            f"SELECT {_META} FROM relay_streams WHERE NOT soft_deleted AND ("
+            f"SELECT {META_COLUMNS} FROM relay_streams WHERE NOT soft_deleted AND ("
             "(expires_at IS NOT NULL AND expires_at <= $1) OR "
             "(ttl IS NOT NULL AND last_access + ttl <= $1)) "
             "ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED",
@@ -794,7 +789,7 @@ class PostgresStore:
     ) -> StreamMeta | None:
         suffix = " FOR UPDATE" if lock else ""
         row = await conn.fetchrow(
-            f"SELECT {_META} FROM relay_streams WHERE path = $1{suffix}", path
+            f"SELECT {META_COLUMNS} FROM relay_streams WHERE path = $1{suffix}", path
         )
         return await _with_segments(conn, row_meta(row)) if row else None
 

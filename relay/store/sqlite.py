@@ -19,7 +19,6 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +47,7 @@ from relay.store.common import (
     META_COLUMNS,
     StagedRows,
     after_append,
+    numbered_sql,
     purge_chain_sql,
     resolve_fork,
     row_meta,
@@ -55,7 +55,6 @@ from relay.store.common import (
     stitch,
 )
 
-_META_COLUMNS = META_COLUMNS
 _PURGE_CHAIN = purge_chain_sql("streams", "?")
 CACHE_LIMIT = 100_000
 
@@ -72,13 +71,7 @@ class _Batch:
 
 def migrations() -> list[tuple[int, str]]:
     """``sql/sqlite/NNN_name.sql`` in order; the applied version is ``PRAGMA user_version``."""
-    folder = resources.files("relay.store") / "sql" / "sqlite"
-    found = [
-        (int(entry.name.split("_", 1)[0]), entry.read_text())
-        for entry in folder.iterdir()
-        if entry.name.endswith(".sql") and entry.name[:1].isdigit()
-    ]
-    return sorted(found)
+    return numbered_sql("sqlite")
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -371,7 +364,7 @@ class SqliteStore:
         row = conn.execute(
             "INSERT INTO streams (path, content_type, tail, closed, ttl, expires_at, "
             "last_access, created_at, source_id, forked_from, fork_offset) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_META_COLUMNS}",
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {META_COLUMNS}",
             (
                 path,
                 plan.content_type,
@@ -448,7 +441,7 @@ class SqliteStore:
     def _do_reap(self, conn: sqlite3.Connection, state: _Batch, now: float) -> int:
         self._flush_rows(conn, state)
         rows = conn.execute(
-            f"SELECT {_META_COLUMNS} FROM streams WHERE soft_deleted = 0 AND ("
+            f"SELECT {META_COLUMNS} FROM streams WHERE soft_deleted = 0 AND ("
             "(expires_at IS NOT NULL AND expires_at <= ?) OR "
             "(ttl IS NOT NULL AND last_access + ttl <= ?))",
             (now, now),
@@ -500,9 +493,7 @@ class SqliteStore:
         return meta
 
     def _load(self, conn: sqlite3.Connection, path: str) -> StreamMeta | None:
-        row = conn.execute(
-            f"SELECT {_META_COLUMNS} FROM streams WHERE path = ?", (path,)
-        ).fetchone()
+        row = conn.execute(f"SELECT {META_COLUMNS} FROM streams WHERE path = ?", (path,)).fetchone()
         return self._with_segments(conn, row_meta(row)) if row else None
 
     def _with_segments(self, conn: sqlite3.Connection, meta: StreamMeta) -> StreamMeta:
