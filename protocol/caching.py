@@ -7,6 +7,16 @@ SSE_CACHE_CONTROL = "no-cache"
 CATCH_UP_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300"
 
 
+def private(cache_control: str) -> str:
+    """The same freshness, for the requester's cache only: what an authenticated read answers
+    unless its grant is public (a shared cache must not hand it to someone else)."""
+    if cache_control == NO_STORE:
+        return cache_control
+    if cache_control.startswith("public"):
+        return "private" + cache_control[len("public") :]
+    return "private, " + cache_control
+
+
 def etag(stream_id: int, start: int, end: int, closed: bool) -> str:
     """``"{stream}:{start}:{end}"``, with ``:c`` once the range is the end of a closed stream.
 

@@ -13,6 +13,8 @@ from aiohttp import web
 from protocol import headers as h
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from protocol.model import Segment, StreamMeta
+from relay.auth.authorizer import Authorizer
+from relay.auth.http import authorize_stream
 from relay.config import Config
 from relay.http import reads, writes
 from relay.http.context import CONTEXT, Context, Limits
@@ -59,12 +61,27 @@ def make_store(config: Config) -> Store:
 async def stream(request: web.Request) -> web.StreamResponse:
     handler = _STREAM_HANDLERS.get(request.method)
     if handler is None:
-        # Checked before OPTIONS and 405 too: the reserved __ds prefix is 404 for every method.
-        stream_path(request.raw_path, request.app[CONTEXT].config.max_path_length)
-        if request.method == "OPTIONS":
-            return web.Response(status=204, headers={"Allow": ", ".join(ALLOWED_METHODS)})
-        raise MethodNotAllowed(request.method, ALLOWED_METHODS)
+        return _without_handler(request)
     return await handler(request)
+
+
+async def guarded_stream(request: web.Request) -> web.StreamResponse:
+    """``stream`` behind access control: the route used only when it is on, so serving
+    without it costs nothing. OPTIONS (CORS preflight) stays open: browsers send no
+    credentials with it."""
+    handler = _STREAM_HANDLERS.get(request.method)
+    if handler is None:
+        return _without_handler(request)
+    await authorize_stream(request)
+    return await handler(request)
+
+
+def _without_handler(request: web.Request) -> web.Response:
+    # Checked before OPTIONS and 405 too: the reserved __ds prefix is 404 for every method.
+    stream_path(request.raw_path, request.app[CONTEXT].config.max_path_length)
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers={"Allow": ", ".join(ALLOWED_METHODS)})
+    raise MethodNotAllowed(request.method, ALLOWED_METHODS)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -170,8 +187,8 @@ def check_host(request: web.Request) -> None:
 
 def _cors_and_security(config: Config) -> object:
     allowed = {o.strip() for o in config.cors_origins.split(",") if o.strip()}
-    expose = ", ".join(h.RESPONSE_HEADERS)
-    allow_headers = ", ".join(h.REQUEST_HEADERS)
+    expose = ", ".join((*h.RESPONSE_HEADERS, "WWW-Authenticate"))
+    allow_headers = ", ".join((*h.REQUEST_HEADERS, "Authorization"))
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         out = response.headers
@@ -206,6 +223,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     the_store = store if store is not None else make_store(config)
     hub = Hub(max_bytes=config.hub_memory_bytes)
     metrics_ = Metrics()
+    auth = Authorizer(config, metrics_.auth_failed) if config.auth_enabled else None
     ctx = Context(
         config=config,
         store=the_store,
@@ -215,10 +233,14 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         limits=Limits(
             config.max_inflight_writes, config.max_live_readers, config.max_inflight_write_bytes
         ),
+        auth=auth,
     )
     app[CONTEXT] = ctx
     app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]
-    app.router.add_route("*", r"/v1/stream/{path:[\s\S]*}", stream)  # any char, even newline
+    # any char, even newline
+    app.router.add_route(
+        "*", r"/v1/stream/{path:[\s\S]*}", stream if auth is None else guarded_stream
+    )
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(_on_shutdown)
@@ -237,12 +259,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         return await ctx.store.read(meta, start, end)
 
     ctx.hub.set_fetch(fetch)
+    if ctx.auth is not None:
+        await ctx.auth.open()
     reaper = asyncio.create_task(_reap_forever(ctx), name="reaper")
-    log.info("relay started", store=type(ctx.store).__name__)
+    log.info("relay started", store=type(ctx.store).__name__, auth=ctx.auth is not None)
     yield
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
+    if ctx.auth is not None:
+        await ctx.auth.close()
     await ctx.store.close()
 
 

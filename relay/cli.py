@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-of", dest="worker_of", default=None, help=argparse.SUPPRESS)
     migrate = commands.add_parser("migrate", help="apply Postgres schema migrations and exit")
     config_mod.add_arguments(migrate)
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke a credential on Postgres (every relay on the database stops it in seconds)",
+        description="Add a row to relay_revocations: a JWT by its jti, or a key by its id"
+        " (the kid of a JWT signing key, or an API key's id).",
+    )
+    config_mod.add_arguments(revoke)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--jti", dest="revoke_jti", help="a JWT's jti claim")
+    which.add_argument("--kid", dest="revoke_kid", help="a signing key's kid or an API key's id")
     bench = commands.add_parser(
         "bench", help="compare the relay with a bare aiohttp server and the reference server"
     )
@@ -56,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         return _migrate(config)
+    if args.command == "revoke":
+        return _revoke(config, args.revoke_jti, args.revoke_kid)
+    try:
+        config_mod.check_serving(config)
+    except config_mod.ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     worker = None
     if args.worker_of is not None:
         from relay.workers import WorkerSpec
@@ -107,7 +124,11 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     from relay.workers import Worker, unblock_stop_signals, watch_parent
 
     log = structlog.get_logger("relay")
-    app = make_app(config)
+    try:
+        app = make_app(config)
+    except config_mod.ConfigError as exc:  # a credential file that cannot be used
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     worker = None
     if spec is not None:
         log = log.bind(worker=spec.index)
@@ -202,6 +223,23 @@ def _migrate(config: config_mod.Config) -> int:
 
     applied = asyncio.run(migrate(config.database_url))
     print(f"schema at version {applied}")
+    return 0
+
+
+def _revoke(config: config_mod.Config, jti: str | None, kid: str | None) -> int:
+    if not config.database_url:
+        print(
+            "relay: revoke needs --database-url (without Postgres, list revocations in the"
+            " --auth-revocations file)",
+            file=sys.stderr,
+        )
+        return 2
+    from relay.store.postgres import revoke
+
+    kind, value = ("jti", jti) if jti is not None else ("kid", kid)
+    assert value is not None
+    asyncio.run(revoke(config.database_url, kind, value))
+    print(f"revoked {kind} {value}")
     return 0
 
 

@@ -7,6 +7,7 @@ with a message naming the setting. Nothing else in Relay reads ``os.environ``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -53,6 +54,15 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("must be 0..65535")
     return value
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _log_level(text: str) -> str:
@@ -175,6 +185,39 @@ SETTINGS: tuple[Setting, ...] = (
         10.0,
         "seconds a stop waits for in-flight requests before cutting them off",
     ),
+    Setting(
+        "auth_api_keys",
+        str,
+        "",
+        "JSON file of API keys (SHA-256 hashes and their grants); reloaded when it changes",
+    ),
+    Setting("auth_jwt_keys", str, "", "JWK Set file of keys that sign accepted JWTs"),
+    Setting(
+        "auth_jwks_url",
+        str,
+        "",
+        "URL of a JWK Set, fetched in the background and on an unknown kid",
+    ),
+    Setting("auth_audience", str, "", "required JWT aud (unchecked when empty)"),
+    Setting("auth_issuer", str, "", "required JWT iss (unchecked when empty)"),
+    Setting(
+        "auth_clock_skew",
+        _non_negative_float,
+        30.0,
+        "seconds of clock skew allowed when checking JWT exp and nbf",
+    ),
+    Setting(
+        "auth_revocations",
+        str,
+        "",
+        'JSON file {"revoked": [{"jti": ...} | {"kid": ...}]}; reloaded when it changes',
+    ),
+    Setting(
+        "insecure_no_auth",
+        _boolean,
+        False,
+        "serve a non-loopback address without any credentials (anyone may do anything)",
+    ),
 )
 
 
@@ -206,12 +249,49 @@ class Config:
     log_format: str = "console"
     db_timeout: float = 5.0
     shutdown_timeout: float = 10.0
+    auth_api_keys: str = ""
+    auth_jwt_keys: str = ""
+    auth_jwks_url: str = ""
+    auth_audience: str = ""
+    auth_issuer: str = ""
+    auth_clock_skew: float = 30.0
+    auth_revocations: str = ""
+    insecure_no_auth: bool = False
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Credentials are checked once any key source is configured."""
+        return bool(self.auth_api_keys or self.auth_jwt_keys or self.auth_jwks_url)
 
 
 WORKERS_NEED_POSTGRES = (
     "--workers > 1 needs --database-url: the embedded store is one process's"
     " (its data directory is locked by one writer)"
 )
+
+
+NEEDS_AUTH = (
+    "--host {host} is not a loopback address and no credentials are configured: set"
+    " --auth-api-keys, --auth-jwt-keys or --auth-jwks-url, or pass --insecure-no-auth to let"
+    " anyone who can reach it read, write and delete every stream"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a hostname, or empty (every interface)
+
+
+def check_serving(config: Config) -> None:
+    """Refuse to serve without credentials anywhere but loopback, unless told to."""
+    if not config.auth_enabled and not config.insecure_no_auth and not is_loopback(config.host):
+        raise ConfigError(NEEDS_AUTH.format(host=config.host or "''"))
 
 
 def env_name(setting: str) -> str:
@@ -222,6 +302,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting; defaults stay None so the environment can apply."""
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
+        if setting.kind is _boolean:  # a bare switch; the environment takes true/false
+            parser.add_argument(
+                flag,
+                dest=setting.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{setting.help} (env {env_name(setting.name)}=true)",
+            )
+            continue
         parser.add_argument(
             flag,
             dest=setting.name,

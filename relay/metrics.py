@@ -10,6 +10,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from relay.auth.errors import REASONS, Reason
 from relay.store.base import Store
 
 
@@ -58,6 +59,13 @@ class Metrics:
         self.live_readers = Gauge(
             "relay_live_readers", "Parked long-poll and SSE readers", registry=self.registry
         )
+        auth_failures = Counter(
+            "relay_auth_failures",
+            "Requests refused by access control (and live readers cut off), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._auth_failures = {reason: auth_failures.labels(reason) for reason in REASONS}
 
         # Children bound once per (method, status): a label lookup per request is measurable.
         self._bound: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -73,6 +81,9 @@ class Metrics:
             )
         bound[0].inc()
         bound[1].observe(seconds)
+
+    def auth_failed(self, reason: Reason) -> None:
+        self._auth_failures[reason].inc()
 
     def watch_store(self, store: Store) -> None:
         self.registry.register(_StoreCollector(store))

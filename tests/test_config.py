@@ -101,4 +101,4 @@ def test_migrate_without_a_database_url_explains_itself(
 
 def test_migrate_applies_the_schema(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["migrate", "--database-url", pg_url]) == 0
-    assert "schema at version 1" in capsys.readouterr().out
+    assert "schema at version 2" in capsys.readouterr().out

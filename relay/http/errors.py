@@ -28,6 +28,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.offsets import format_offset
+from relay.auth.errors import Forbidden, Unauthorized
 
 log = structlog.get_logger("relay.http")
 
@@ -53,6 +54,15 @@ def _stale(exc: BaseException) -> dict[str, str]:
     return {h.PRODUCER_EPOCH: str(exc.current_epoch)}
 
 
+def _challenge(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, Unauthorized)
+    return {"WWW-Authenticate": INVALID_TOKEN if exc.given else CHALLENGE}
+
+
+CHALLENGE = 'Bearer realm="relay"'
+INVALID_TOKEN = 'Bearer realm="relay", error="invalid_token"'
+
+
 def _allow(exc: BaseException) -> dict[str, str]:
     assert isinstance(exc, MethodNotAllowed)
     return {"Allow": ", ".join(exc.allow)}
@@ -65,6 +75,8 @@ def _retry(exc: BaseException) -> dict[str, str]:
 
 ERROR_TABLE: dict[type[BaseException], tuple[int, HeaderFn]] = {
     BadRequest: (400, _none),
+    Unauthorized: (401, _challenge),
+    Forbidden: (403, _none),
     StaleEpoch: (403, _stale),
     NotFound: (404, _none),
     MethodNotAllowed: (405, _allow),

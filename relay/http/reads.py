@@ -13,6 +13,8 @@ from protocol.errors import BadRequest, NotFound, ProtocolError
 from protocol.lifecycle import deadline
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
+from relay.auth.authorizer import ACCESS, Access
+from relay.auth.errors import Unauthorized
 from relay.http.context import Context, context
 from relay.http.paths import stream_path
 from relay.hub import Subscription
@@ -54,14 +56,19 @@ async def get(request: web.Request) -> web.StreamResponse:
     position = meta.tail if start.position is None else start.position
     if position > meta.tail:
         raise BadRequest("offset_beyond_tail", "offset is past the end of the stream")
+    access = request.get(ACCESS) if ctx.auth is not None else None
     if live == "sse":
-        return await _sse(request, ctx, meta, position)
+        return await _sse(request, ctx, meta, position, access)
     if live == "long-poll":
-        return await _long_poll(request, ctx, meta, position, is_now=start.is_now)
-    if start.is_now:
-        return _tail_response(meta, status=200, cursor_value=None)
-    chunk = await _read_chunk(ctx, meta, position)
-    return _chunk_response(request, ctx, meta, chunk, cursor_value=None)
+        response = await _long_poll(request, ctx, meta, position, access, is_now=start.is_now)
+    elif start.is_now:
+        response = _tail_response(meta, status=200, cursor_value=None)
+    else:
+        chunk = await _read_chunk(ctx, meta, position)
+        response = _chunk_response(request, ctx, meta, chunk, cursor_value=None)
+    if access is not None and not access.public:
+        response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
+    return response
 
 
 async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
@@ -176,7 +183,13 @@ def _tail_response(meta: StreamMeta, *, status: int, cursor_value: str | None) -
 
 
 async def _long_poll(
-    request: web.Request, ctx: Context, meta: StreamMeta, position: int, *, is_now: bool
+    request: web.Request,
+    ctx: Context,
+    meta: StreamMeta,
+    position: int,
+    access: Access | None,
+    *,
+    is_now: bool,
 ) -> web.Response:
     if position < meta.tail and not is_now:
         chunk = await _read_chunk(ctx, meta, position)
@@ -187,7 +200,9 @@ async def _long_poll(
     ctx.metrics.live_readers.inc()
     try:
         with ctx.hub.subscribe(meta.stream_id) as sub:
-            found = await _wait_for_data(ctx, sub, meta, position, ctx.config.long_poll_timeout)
+            found = await _wait_for_data(
+                ctx, sub, meta, position, ctx.config.long_poll_timeout, access
+            )
     finally:
         ctx.limits.exit_reader()
         ctx.metrics.live_readers.dec()
@@ -200,25 +215,54 @@ async def _long_poll(
 
 
 async def _wait_for_data(
-    ctx: Context, sub: Subscription, meta: StreamMeta, position: int, timeout: float
+    ctx: Context,
+    sub: Subscription,
+    meta: StreamMeta,
+    position: int,
+    timeout: float,
+    access: Access | None = None,
 ) -> Chunk | None:
     """Park until data past ``position`` commits; None on timeout.
 
     Subscribing happens before re-reading the stream's state, so a commit landing between
-    the first read and the subscription is never missed.
+    the first read and the subscription is never missed. A reader holding a credential
+    re-checks it at every wake and every few seconds (401 once revoked or expired).
     """
     if sub.known_tail() is None:  # a watch already following the stream needs no re-check
         current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
         if current.stream_id != meta.stream_id:
             raise NotFound()
         sub.note_tail(current.tail, current.closed)
-    if not await sub.wait_beyond(position, timeout):
+    if access is None:
+        woke = await sub.wait_beyond(position, timeout)
+    else:
+        woke = await _wait_checking(ctx, sub, position, timeout, access)
+    if not woke:
         return None
     if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it
         current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
         if current.stream_id != meta.stream_id:
             raise NotFound("stream was deleted")
     return await _take(ctx, sub, meta, position)
+
+
+async def _wait_checking(
+    ctx: Context, sub: Subscription, position: int, timeout: float, access: Access
+) -> bool:
+    """``sub.wait_beyond`` in slices of at most ``recheck_seconds``, re-checking the
+    credential after each; raises Unauthorized once it is no longer valid."""
+    auth = ctx.auth
+    assert auth is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        woke = await sub.wait_beyond(position, min(remaining, auth.recheck_seconds))
+        auth.recheck(access.principal)
+        if woke:
+            return True
+        if ctx.stopping or remaining <= auth.recheck_seconds:
+            return False
 
 
 async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int) -> Chunk:
@@ -234,12 +278,14 @@ async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int
 
 
 async def _sse(
-    request: web.Request, ctx: Context, meta: StreamMeta, position: int
+    request: web.Request, ctx: Context, meta: StreamMeta, position: int, access: Access | None
 ) -> web.StreamResponse:
     """Stream events until the stream closes, is deleted, or the reconnect interval passes.
 
     Each data event goes out in one write together with its control event, so a reader never
-    sees data without the offset that follows it.
+    sees data without the offset that follows it. A reader holding a credential re-checks it
+    before every event and every few seconds while idle; the stream ends once it is revoked
+    or expired.
     """
     json_mode = h.is_json(meta.content_type)
     binary = not h.is_text_like(meta.content_type)
@@ -249,7 +295,9 @@ async def _sse(
         status=200,
         headers={
             "Content-Type": "text/event-stream",
-            "Cache-Control": caching.SSE_CACHE_CONTROL,
+            "Cache-Control": caching.SSE_CACHE_CONTROL
+            if access is None or access.public
+            else caching.private(caching.SSE_CACHE_CONTROL),
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
         },
     )
@@ -269,6 +317,8 @@ async def _sse(
             sub.note_tail(current.tail, current.closed)
             announced = False  # a control event for the current position went out
             while not sub.deleted:
+                if access is not None and not _still_allowed(ctx, access):
+                    break
                 tail = sub.known_tail() or position
                 event = b""
                 if position < tail:
@@ -298,7 +348,16 @@ async def _sse(
                 remaining = ends_at - loop.time()
                 if position < tail and remaining > 0:
                     continue  # catching up; a reader far behind still reconnects on time
-                if remaining <= 0 or not await sub.wait_beyond(position, remaining):
+                if remaining <= 0:
+                    break
+                if access is None:
+                    if not await sub.wait_beyond(position, remaining):
+                        break
+                    continue
+                assert ctx.auth is not None
+                every = ctx.auth.recheck_seconds
+                woke = await sub.wait_beyond(position, min(remaining, every))
+                if not woke and (ctx.stopping or remaining <= every):
                     break
     except ConnectionResetError:
         pass  # the reader went away; it resumes from the last control event's offset
@@ -306,6 +365,15 @@ async def _sse(
         ctx.limits.exit_reader()
         ctx.metrics.live_readers.dec()
     return response
+
+
+def _still_allowed(ctx: Context, access: Access) -> bool:
+    assert ctx.auth is not None
+    try:
+        ctx.auth.recheck(access.principal)
+    except Unauthorized:
+        return False
+    return True
 
 
 async def _send(

@@ -201,6 +201,20 @@ async def migrate(url: str) -> int:
         await conn.close()
 
 
+async def revoke(url: str, kind: str, value: str) -> None:
+    """``relay revoke``: add a credential to ``relay_revocations`` (polled by every relay)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+        await conn.execute(
+            "INSERT INTO relay_revocations (kind, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            kind,
+            value,
+        )
+    finally:
+        await conn.close()
+
+
 @dataclass
 class _Batch:
     """What one transaction has staged, and what the listeners learn once it commits."""
