@@ -92,6 +92,7 @@ class Authorizer:
         self._cache: dict[str, Principal] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
+        self._db: Any = None  # an asyncpg connection, imported only with Postgres
         self._refetch: asyncio.Task[None] | None = None
         self._last_refetch = -float("inf")
         if config.auth_api_keys:
@@ -146,7 +147,8 @@ class Authorizer:
         """Start the background refreshers; the first JWKS fetch is waited for (briefly)."""
         if self._files:
             self._tasks.append(asyncio.create_task(self._poll_files(), name="auth-files"))
-        if self._database_url:
+        if self._database_url:  # read once before serving: a revoked credential never gets in
+            await self._read_db_revocations()
             self._tasks.append(asyncio.create_task(self._poll_db(), name="auth-revocations"))
         if self._jwks_url:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -162,36 +164,39 @@ class Authorizer:
                 await task
         if self._session is not None:
             await self._session.close()
+        if self._db is not None:
+            await self._db.close()
 
     async def _poll_files(self) -> None:
         while True:
             await asyncio.sleep(self.poll_seconds)
             self.reload_changed_files()
 
-    async def _poll_db(self) -> None:
-        """Mirror ``relay_revocations`` every few seconds, on a connection of its own."""
+    async def _read_db_revocations(self) -> None:
+        """Mirror ``relay_revocations`` on a connection of our own, reconnecting when lost."""
         import asyncpg
 
-        conn: asyncpg.Connection | None = None
+        if self._db is None or self._db.is_closed():
+            self._db = None
+            self._db = await asyncpg.connect(self._database_url, timeout=10)
+        rows = await self._db.fetch("SELECT kind, value FROM relay_revocations", timeout=10)
+        jtis = frozenset(r["value"] for r in rows if r["kind"] == "jti")
+        kids = frozenset(r["value"] for r in rows if r["kind"] == "kid")
+        if (jtis, kids) != (self._db_revoked.jtis, self._db_revoked.kids):
+            self._set_db_revoked(Revoked(jtis, kids))
+
+    async def _poll_db(self) -> None:
         while True:
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await asyncpg.connect(self._database_url, timeout=10)
-                rows = await conn.fetch("SELECT kind, value FROM relay_revocations", timeout=10)
-                jtis = frozenset(r["value"] for r in rows if r["kind"] == "jti")
-                kids = frozenset(r["value"] for r in rows if r["kind"] == "kid")
-                if (jtis, kids) != (self._db_revoked.jtis, self._db_revoked.kids):
-                    self._set_db_revoked(Revoked(jtis, kids))
-            except asyncio.CancelledError:
-                if conn is not None:
-                    conn.terminate()
-                raise
-            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-                log.warning("revocation table not read, keeping the last copy", error=str(exc))
-                if conn is not None:
-                    conn.terminate()
-                conn = None
             await asyncio.sleep(self.db_poll_seconds)
+            try:
+                await self._read_db_revocations()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # lost, dropped, refused: this loop must outlive it
+                log.warning("revocation table not read, keeping the last copy", error=repr(exc))
+                if self._db is not None:
+                    self._db.terminate()
+                    self._db = None
 
     async def _fetch_jwks(self) -> None:
         assert self._session is not None and self._jwks_url is not None
