@@ -54,6 +54,7 @@ class Setup:
 def auth_setup(backend: Backend, root: Path, **settings: Any) -> Setup:
     """Files and a Config with access control on: keys ed-1/ed-2, an admin API key for test
     setup, and ``revoked-jti`` revoked."""
+    root.mkdir(parents=True, exist_ok=True)
     write_json(root / "jwks.json", jwks("ed-1", "ed-2"))
     admin = api_key_entry(ADMIN_KEY, "admin-1", [{"path": "**", "actions": ALL}])
     write_json(root / "api-keys.json", {"keys": [admin]})
@@ -65,9 +66,7 @@ def auth_setup(backend: Backend, root: Path, **settings: Any) -> Setup:
         auth_api_keys=str(root / "api-keys.json"),
         auth_revocations=str(root / "revoked.json"),
         auth_audience=AUDIENCE,
-        long_poll_timeout=0.3,
-        sse_reconnect_interval=0.3,
-        **settings,
+        **{"long_poll_timeout": 0.3, "sse_reconnect_interval": 0.3, **settings},
     )
     return Setup(root, config)
 

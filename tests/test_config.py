@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from relay import cli
-from relay.config import SETTINGS, Config, ConfigError, env_name, parse
+from relay.config import SETTINGS, Config, ConfigError, check_serving, env_name, parse
 
 
 @pytest.mark.parametrize(
@@ -102,3 +103,68 @@ def test_migrate_without_a_database_url_explains_itself(
 def test_migrate_applies_the_schema(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["migrate", "--database-url", pg_url]) == 0
     assert "schema at version 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, False),
+        ({"RELAY_INSECURE_NO_AUTH": "true"}, True),
+        ({"RELAY_INSECURE_NO_AUTH": "0"}, False),
+    ],
+)
+def test_a_boolean_setting_reads_the_environment(environ: dict[str, str], expected: bool) -> None:
+    assert parse([], environ).insecure_no_auth is expected
+    # ``--workers`` hands settings on as str(value): the boolean survives the round trip.
+    assert parse([], {"RELAY_INSECURE_NO_AUTH": str(expected)}).insecure_no_auth is expected
+
+
+def test_a_boolean_flag_is_a_bare_switch() -> None:
+    assert parse(["--insecure-no-auth"], {"RELAY_INSECURE_NO_AUTH": "false"}).insecure_no_auth
+    with pytest.raises(ConfigError, match="RELAY_INSECURE_NO_AUTH"):
+        parse([], {"RELAY_INSECURE_NO_AUTH": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["--host", "0.0.0.0"], True),
+        (["--host", "::"], True),
+        (["--host", "relay.internal"], True),
+        (["--host", "0.0.0.0", "--insecure-no-auth"], False),
+        (["--host", "0.0.0.0", "--auth-api-keys", "/etc/relay/keys.json"], False),
+        (["--host", "0.0.0.0", "--auth-jwks-url", "https://idp.example/jwks"], False),
+        (["--host", "127.0.0.1"], False),
+        (["--host", "127.0.0.5"], False),
+        (["--host", "::1"], False),
+        (["--host", "localhost"], False),
+    ],
+)
+def test_serving_beyond_loopback_needs_credentials(argv: list[str], refused: bool) -> None:
+    config = parse(argv, {})
+    if refused:
+        with pytest.raises(ConfigError, match="--insecure-no-auth"):
+            check_serving(config)
+    else:
+        check_serving(config)
+
+
+def test_serve_on_every_interface_without_keys_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RELAY_AUTH_API_KEYS", "RELAY_AUTH_JWT_KEYS", "RELAY_AUTH_JWKS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("RELAY_INSECURE_NO_AUTH", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "0.0.0.0" in err and "--auth-api-keys" in err and "--insecure-no-auth" in err
+
+
+def test_an_unusable_key_file_stops_serve_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a"}]}')
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--auth-api-keys", str(keys)]
+    assert cli.main(argv) == 2
+    assert str(keys) in capsys.readouterr().err
