@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from durable_streams import DurableStream, stream
+from durable_streams import DurableStream, DurableStreamError, stream
 
+from tests.auth_helpers import AUDIENCE, jwks, token, write_json
 from tests.relay_process import RelayProcess
 
 
@@ -60,3 +61,43 @@ def test_client_tails_live_appends(relay: RelayProcess) -> None:
     reader.join(timeout=20)
     assert not reader.is_alive()
     assert received == [{"live": i} for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    """A relay with access control on, trusting the test key ed-1."""
+    root = Path(tmp_path_factory.mktemp("guarded"))
+    write_json(root / "jwks.json", jwks("ed-1"))
+    flags = ("--auth-jwt-keys", str(root / "jwks.json"), "--auth-audience", AUDIENCE)
+    process = RelayProcess(root / "data", "--long-poll-timeout", "1", *flags)
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_client_passes_a_token_and_a_wrong_one_is_refused(guarded: RelayProcess) -> None:
+    url = f"{guarded.url}/v1/stream/chat/python-client"
+    writer = token([{"path": "chat/**", "actions": ["admin", "append"]}])
+    reader = token([{"path": "chat/**", "actions": ["read"]}])
+    with pytest.raises(DurableStreamError) as refused:
+        DurableStream.create(url, content_type="application/json")
+    assert refused.value.status == 401
+    with pytest.raises(DurableStreamError) as refused:
+        DurableStream.create(
+            url, content_type="application/json", headers={"Authorization": f"Bearer {reader}"}
+        )
+    assert refused.value.status == 403
+    # A callable header value is resolved per request (how a client refreshes its token).
+    with DurableStream.create(
+        url, content_type="application/json", headers={"Authorization": lambda: f"Bearer {writer}"}
+    ) as handle:
+        for i in range(5):
+            handle.append({"token": i})
+    with stream(url, live=False, headers={"Authorization": f"Bearer {reader}"}) as response:
+        assert response.read_json() == [{"token": i} for i in range(5)]
+    with (
+        pytest.raises(DurableStreamError) as refused,
+        stream(url, live=False, headers={"Authorization": "Bearer wrong"}) as response,
+    ):
+        response.read_json()
+    assert refused.value.status == 401

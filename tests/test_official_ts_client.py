@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.auth_helpers import ALL, AUDIENCE, jwks, token, write_json
 from tests.relay_process import RelayProcess
 
 OFFICIAL = Path(__file__).resolve().parent.parent / "conformance" / "official"
@@ -44,3 +45,24 @@ def test_typescript_producer_and_live_reader(relay: RelayProcess) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok: 301 items" in result.stdout
+
+
+def test_typescript_client_with_a_token(tmp_path: Path) -> None:
+    """Access control on: the client passes a JWT through its ``headers`` option, and the
+    script checks that a wrong or missing token is refused."""
+    write_json(tmp_path / "jwks.json", jwks("ed-1"))
+    flags = ("--auth-jwt-keys", str(tmp_path / "jwks.json"), "--auth-audience", AUDIENCE)
+    process = RelayProcess(tmp_path / "data", "--long-poll-timeout", "2", *flags)
+    process.start()
+    try:
+        result = subprocess.run(
+            ["node", "ts-client-check.mjs", process.url, token([{"path": "*", "actions": ALL}])],
+            cwd=OFFICIAL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        process.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: 301 items live and in catch-up, with a token" in result.stdout
