@@ -1,5 +1,9 @@
 # Relay: durable stream relay. Embedded store under /data by default;
 # set RELAY_DATABASE_URL to keep streams in Postgres instead.
+# Access control: the container listens on 0.0.0.0, so the relay refuses to start until it is
+# given credentials: mount a key file and set RELAY_AUTH_API_KEYS (or RELAY_AUTH_JWT_KEYS /
+# RELAY_AUTH_JWKS_URL), as deploy/docker-compose.yml does. Only behind something that already
+# authenticates every request may you set RELAY_INSECURE_NO_AUTH=true instead.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -326,3 +326,10 @@ async def test_private_jwks_verify_with_their_public_half(tmp_path: Path) -> Non
     write_json(tmp_path / "k.json", {"keys": [{**private, "kid": "ed-1"}]})
     auth = Authorizer(Config(auth_jwt_keys=str(tmp_path / "k.json"), auth_audience=AUDIENCE))
     await auth.authenticate(f"Bearer {token()}")
+
+
+async def test_the_shipped_example_key_file_works_as_documented() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "api-keys.example.json"
+    auth = Authorizer(Config(auth_api_keys=str(example)))
+    principal = await auth.authenticate("Bearer relay-dev-key-change-me")
+    assert principal.grant_for("admin", "any/stream") is not None

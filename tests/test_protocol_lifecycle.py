@@ -159,3 +159,26 @@ def test_read_cache_control_never_outlives_the_stream(
     has_deadline: bool, left: float | None, header: str
 ) -> None:
     assert caching.read_cache_control(has_deadline, left) == header
+
+
+@pytest.mark.parametrize(
+    ("shared", "private"),
+    [
+        pytest.param(
+            "public, max-age=60, stale-while-revalidate=300",
+            "private, max-age=60, stale-while-revalidate=300",
+            id="catch-up",
+        ),
+        pytest.param(
+            "public, max-age=5, stale-while-revalidate=5",
+            "private, max-age=5, stale-while-revalidate=5",
+            id="near-expiry",
+        ),
+        pytest.param("no-store", "no-store", id="open-tail"),
+        pytest.param("no-cache", "private, no-cache", id="sse"),
+    ],
+)
+def test_authenticated_reads_keep_their_freshness_for_the_requester_only(
+    shared: str, private: str
+) -> None:
+    assert caching.private(shared) == private
