@@ -56,7 +56,7 @@ ACCESS = web.RequestKey("relay_access", Access)
 class Authorizer:
     """Verifies bearer tokens (JWTs and API keys) and decides actions on stream paths.
 
-    Verified credentials are cached by token text until they expire, so a producer sending
+    Verified credentials are cached by header text until they expire, so a producer sending
     many appends with one bearer verifies its signature once; revocation and expiry are
     checked on every use, and any change to the key sources empties the cache.
     """
@@ -236,16 +236,17 @@ class Authorizer:
         """The principal behind an ``Authorization: Bearer`` header, or Unauthorized."""
         if authorization is None:
             raise self.fail("missing")
-        match = _BEARER.fullmatch(authorization)
-        if match is None or len(authorization) > MAX_TOKEN_BYTES:
-            raise self.fail("malformed")
-        token = match.group(1)
-        principal = self._cache.get(token)
+        principal = self._cache.get(authorization)  # keyed by the whole header: no parsing
         if principal is None:
-            principal = await self._verify(token)
+            match = (
+                _BEARER.fullmatch(authorization) if len(authorization) <= MAX_TOKEN_BYTES else None
+            )
+            if match is None:
+                raise self.fail("malformed")
+            principal = await self._verify(match.group(1))
             if len(self._cache) >= CACHE_ENTRIES:
                 self._cache.clear()
-            self._cache[token] = principal
+            self._cache[authorization] = principal
         reason = self.invalid_reason(principal)
         if reason is not None:
             raise self.fail(reason)

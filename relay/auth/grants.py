@@ -8,7 +8,7 @@ file and in a JWT's ``grants`` claim. Paths are relative to ``/v1/stream/`` and 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from protocol.errors import BadRequest
@@ -19,6 +19,7 @@ ACTIONS: frozenset[str] = frozenset({"read", "append", "admin"})
 READ: Action = "read"
 APPEND: Action = "append"
 ADMIN: Action = "admin"
+DECISIONS_PER_PRINCIPAL = 256
 
 
 class GrantError(ValueError):
@@ -72,9 +73,28 @@ class Principal:
     expires_at: float | None = None
     kind: Literal["anonymous", "api_key", "jwt"] = "jwt"
 
+    _decided: dict[tuple[str, str], Grant | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
     def grant_for(self, action: Action, path: str) -> Grant | None:
         """The first grant allowing ``action`` on ``path`` (stream-root-relative), preferring
-        a public one so a read that may be shared is marked so."""
+        a public one so a read that may be shared is marked so.
+
+        Remembered per principal (a producer appends to one path many times, and a glob
+        match costs more than the rest of the check); grants never change under a principal.
+        """
+        key = (action, path)
+        try:
+            return self._decided[key]
+        except KeyError:
+            pass
+        if len(self._decided) >= DECISIONS_PER_PRINCIPAL:
+            self._decided.clear()
+        found = self._decided[key] = self._grant_for(action, path)
+        return found
+
+    def _grant_for(self, action: Action, path: str) -> Grant | None:
         found = None
         for grant in self.grants:
             if action in grant.actions and grant.matches(path):
