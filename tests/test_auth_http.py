@@ -277,3 +277,14 @@ async def test_without_key_sources_nothing_is_asked(
     assert (await client.put(url("chat/open"), data=b"hi", headers=TEXT)).status == 201
     r = await client.get(url("chat/open"), params={"offset": "-1"})
     assert r.status == 200 and r.headers["Cache-Control"].startswith("public")
+
+
+async def test_the_reserved_prefix_is_left_to_its_own_routes(
+    backend: Backend, aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """``__ds/`` is outside the stream route's access control (its API authorizes itself):
+    it answers 404 to everyone, as with access control off."""
+    client, _ = await auth_client(aiohttp_client, backend, tmp_path)
+    for headers in ({}, bearer(ADMIN_KEY)):
+        r = await client.get(url("__ds/subscriptions"), headers=headers)
+        assert r.status == 404 and "WWW-Authenticate" not in r.headers
