@@ -40,7 +40,8 @@ log = structlog.get_logger("relay.auth")
 
 MAX_TOKEN_BYTES = 8192
 CACHE_ENTRIES = 10_000
-_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
+# RFC 6750's b64token is stricter; any visible ASCII is taken, so an API key of any shape works.
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([!-~]+) *")
 
 
 @dataclass(frozen=True, slots=True)
