@@ -86,6 +86,7 @@ class Authorizer:
         self._api_key_ids: frozenset[str] = frozenset()
         self._file_keys = KeySet()
         self._url_keys = KeySet()
+        self._url_doc: Any = None
         self._keys = KeySet()
         self._file_revoked = Revoked()
         self._db_revoked = Revoked()
@@ -121,7 +122,10 @@ class Authorizer:
         self._cache.clear()
 
     def _set_url_keys(self, doc: Any) -> None:
+        if doc == self._url_doc:
+            return  # the periodic refresh usually finds nothing new: keep verified tokens
         self._url_keys = parse_jwks(doc, strict=False)
+        self._url_doc = doc
         self._keys = self._file_keys.merged(self._url_keys)
         self._cache.clear()
 
