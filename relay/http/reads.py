@@ -18,6 +18,10 @@ from relay.http.paths import stream_path
 from relay.hub import Subscription
 
 LIVE_MODES = ("long-poll", "sse")
+# nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
+# SSE: a buffering proxy reads events as fast as Relay writes them and spools them for a slow
+# reader, up to a gigabyte on disk, so --write-timeout never sees that reader stall.
+ACCEL_BUFFERING = "X-Accel-Buffering"
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +272,7 @@ async def _sse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": caching.SSE_CACHE_CONTROL,
+            ACCEL_BUFFERING: "no",
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
         },
     )
