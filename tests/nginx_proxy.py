@@ -8,6 +8,7 @@ when it is missing the tests fail rather than skip.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -18,7 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.relay_process import free_port
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from tests.relay_process import RelayProcess, free_port
 
 DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "relay.conf"
 
@@ -27,6 +32,8 @@ LISTEN = "listen 80;"
 UPSTREAM = "server 127.0.0.1:4437;"
 CACHE_PATH = "/var/cache/nginx/relay "
 ACCESS_LOG = "/var/log/nginx/relay-access.log "
+
+N = 20  # identical concurrent requests in a crowd
 
 LOG_LINE = re.compile(
     r'"(?P<method>\S+) (?P<target>\S+) [^"]*" (?P<status>\d+) '
@@ -177,3 +184,53 @@ class Nginx:
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A relay and the nginx in front of it."""
+
+    relay: RelayProcess
+    nginx: Nginx
+
+    def stream(self, name: str) -> str:
+        return f"{self.nginx.url}/v1/stream/{name}"
+
+    def upstream_count(self, target: str, requests: int) -> int:
+        """How many of the ``requests`` logged for ``target`` reached Relay."""
+        hits = self.nginx.logged(target, requests)
+        assert len(hits) == requests, hits
+        return sum(hit.upstream for hit in hits)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> Reply:
+    async with session.request(method, url, headers=headers, data=data) as response:
+        return Reply(response.status, response.headers, await response.read())
+
+
+async def crowd(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str] | None = None,
+    count: int = N,
+) -> list[Reply]:
+    """``count`` identical GETs at once."""
+    return await asyncio.gather(*(call(session, "GET", url, headers) for _ in range(count)))
+
+
+def target(url: str) -> str:
+    """The request-target nginx logs for ``url``."""
+    return URL(url, encoded=True).raw_path_qs

@@ -13,45 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
-from multidict import CIMultiDictProxy
-from yarl import URL
 
-from tests.nginx_proxy import Nginx
+from tests.nginx_proxy import Edge, N, Nginx, call, crowd, target
 from tests.relay_process import RelayProcess
 
-N = 20
 LONG_POLL_TIMEOUT = 6  # past nginx's default lock age (5 s): the deploy file's own bounds must hold
 CHUNK = 1024
 TEXT = {"Content-Type": "text/plain"}
-
-
-@dataclass(frozen=True)
-class Edge:
-    """A relay and the nginx in front of it."""
-
-    relay: RelayProcess
-    nginx: Nginx
-
-    def stream(self, name: str) -> str:
-        return f"{self.nginx.url}/v1/stream/{name}"
-
-    def upstream_count(self, target: str, requests: int) -> int:
-        """How many of the ``requests`` logged for ``target`` reached Relay."""
-        hits = self.nginx.logged(target, requests)
-        assert len(hits) == requests, hits
-        return sum(hit.upstream for hit in hits)
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +45,6 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     finally:
         nginx.stop()
         relay.stop()
-
-
-async def call(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    headers: dict[str, str] | None = None,
-    data: bytes | None = None,
-) -> Reply:
-    async with session.request(method, url, headers=headers, data=data) as response:
-        return Reply(response.status, response.headers, await response.read())
-
-
-async def crowd(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> list[Reply]:
-    """N identical GETs at once."""
-    return await asyncio.gather(*(call(session, "GET", url, headers) for _ in range(N)))
-
-
-def target(url: str) -> str:
-    """The request-target nginx logs for ``url``."""
-    return URL(url, encoded=True).raw_path_qs
 
 
 async def make_stream(
