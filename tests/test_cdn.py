@@ -278,3 +278,23 @@ async def test_a_cached_body_is_never_given_to_another_credential(edge: Edge) ->
         assert {r.headers["X-Cache-Status"] for r in again} == {"HIT"}
         # Three credentials (bob, alice, none) → three trips; alice's second crowd → none.
         assert edge.upstream_count(target(read), 4 * N) == 3
+
+
+async def test_revalidation_uses_relays_etag(edge: Edge) -> None:
+    """A client's If-None-Match is answered 304 from the store; an expired entry is
+    revalidated with Relay's ETag, and a 304 from Relay keeps the stored body."""
+    url = edge.stream("etag")
+    async with aiohttp.ClientSession() as session:
+        tail = await make_stream(session, url, b"abc")
+        chunk = f"{url}?offset=-1"
+        first = await call(session, "GET", chunk)
+        conditional = await call(session, "GET", chunk, {"If-None-Match": first.headers["ETag"]})
+        assert (conditional.status, conditional.headers["X-Cache-Status"]) == (304, "HIT")
+
+        at_tail = f"{url}?offset={tail}"  # stored for one second
+        await call(session, "GET", at_tail)
+        await asyncio.sleep(2.5)  # past that second, rounded up to nginx's whole seconds
+        again = await call(session, "GET", at_tail)
+        assert (again.status, again.body) == (200, b"")
+        assert again.headers["X-Cache-Status"] == "REVALIDATED"
+        assert edge.upstream_count(target(chunk), 2) == 1
