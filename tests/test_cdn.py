@@ -303,3 +303,21 @@ async def test_revalidation_uses_relays_etag(edge: Edge) -> None:
         assert (again.status, again.body) == (200, b"")
         assert again.headers["X-Cache-Status"] == "REVALIDATED"
         assert edge.upstream_count(target(chunk), 2) == 1
+
+
+async def test_a_deleted_stream_is_404_once_its_entries_expire(edge: Edge) -> None:
+    """HEAD knows at once; the stored answer at the tail lasts its one second, then 404. (A
+    stored chunk of data would last its max-age, 60 s: the rules allow it, so not shown.)"""
+    url = edge.stream("deleted")
+    async with aiohttp.ClientSession() as session:
+        tail = await make_stream(session, url, b"bye")
+        at_tail = f"{url}?offset={tail}"
+        assert (await call(session, "GET", at_tail)).status == 200
+        assert (await call(session, "DELETE", url)).status == 204
+        deleted_at = time.monotonic()
+        assert (await call(session, "HEAD", url)).status == 404
+        while (reply := await call(session, "GET", at_tail)).status != 404:
+            assert reply.headers["X-Cache-Status"] == "HIT"
+            assert time.monotonic() - deleted_at < 3, "a deleted stream's tail outlived its second"
+            await asyncio.sleep(0.1)
+        assert reply.headers["Cache-Control"] == "no-store"
