@@ -64,7 +64,8 @@ def tail_cache_control(has_deadline: bool, seconds_left: float | None) -> str:
     second apart in nginx), so a crowd at the tail would queue. One second in shared caches
     lets them all leave together; browsers keep nothing. A late reader given the stored
     answer loses no data: its next read (a long-poll with the new cursor, a new cache key)
-    reaches Relay.
+    reaches Relay. Caches count whole seconds, so the second may last nearly two: a stream
+    with less than that left gets ``no-store``.
     """
     if has_deadline and (seconds_left is None or seconds_left < TAIL_SHARED_SECONDS + 1):
         return NO_STORE
