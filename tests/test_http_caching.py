@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from protocol import caching
@@ -23,7 +24,7 @@ TAIL = "public, max-age=0, s-maxage=1"
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     config = Config(data_dir=str(tmp_path), long_poll_timeout=0.2, max_chunk_bytes=2)
     async with TestClient(TestServer(make_app(config))) as client:
         await client.put(OPEN, headers=TEXT, data=b"abcd")
@@ -31,7 +32,7 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
         yield client
 
 
-async def tail_of(client: TestClient, path: str) -> str:
+async def tail_of(client: TestClient[web.Request, web.Application], path: str) -> str:
     head = await client.head(path)
     return head.headers["Stream-Next-Offset"]
 
@@ -60,7 +61,11 @@ async def tail_of(client: TestClient, path: str) -> str:
     ],
 )
 async def test_read_cache_control(
-    client: TestClient, path: str, query: str, status: int, cache_control: str
+    client: TestClient[web.Request, web.Application],
+    path: str,
+    query: str,
+    status: int,
+    cache_control: str,
 ) -> None:
     tail = await tail_of(client, path) if path != "/v1/stream/missing" else ""
     response = await client.get(f"{path}?{query.format(tail=tail)}")
@@ -68,13 +73,17 @@ async def test_read_cache_control(
     assert response.headers["Cache-Control"] == cache_control
 
 
-async def test_head_and_missing_head_are_not_stored(client: TestClient) -> None:
+async def test_head_and_missing_head_are_not_stored(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     assert (await client.head(OPEN)).headers["Cache-Control"] == "no-store"
     missing = await client.head("/v1/stream/missing")
     assert (missing.status, missing.headers["Cache-Control"]) == (404, "no-store")
 
 
-async def test_a_long_poll_from_now_woken_by_data_is_not_stored(client: TestClient) -> None:
+async def test_a_long_poll_from_now_woken_by_data_is_not_stored(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     """Its data is what arrived after "now"; a later "now" reader must not be handed it."""
     waiting = asyncio.create_task(client.get(OPEN, params={"offset": "now", "live": "long-poll"}))
     await asyncio.sleep(0.05)
@@ -84,7 +93,9 @@ async def test_a_long_poll_from_now_woken_by_data_is_not_stored(client: TestClie
     assert response.headers["Cache-Control"] == "no-store"
 
 
-async def test_sse_is_not_cached_nor_buffered_by_a_proxy(client: TestClient) -> None:
+async def test_sse_is_not_cached_nor_buffered_by_a_proxy(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     response = await client.get(CLOSED, params={"offset": "-1", "live": "sse"})
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["X-Accel-Buffering"] == "no"
