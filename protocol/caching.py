@@ -5,6 +5,9 @@ from __future__ import annotations
 NO_STORE = "no-store"
 SSE_CACHE_CONTROL = "no-cache"
 CATCH_UP_CACHE_CONTROL = "public, max-age=60, stale-while-revalidate=300"
+# An answer about an open tail: browsers must not keep it, shared caches for one second.
+TAIL_CACHE_CONTROL = "public, max-age=0, s-maxage=1"
+TAIL_SHARED_SECONDS = 1
 
 
 def private(cache_control: str) -> str:
@@ -43,10 +46,37 @@ def matches(if_none_match: str | None, tag: str) -> bool:
 
 
 def read_cache_control(has_deadline: bool, seconds_left: float | None) -> str:
-    """Catch-up and long-poll 200s are cacheable, but never past the stream's expiry."""
+    """Catch-up and long-poll 200s are cacheable, but never past the stream's expiry.
+
+    With a deadline, the stale-while-revalidate window fits in what is left after max-age:
+    a cache may answer from a stale entry during that window, so it must end by the deadline
+    too, or an expired stream's data would still be served.
+    """
     if has_deadline and seconds_left is not None:
-        max_age = max(0, min(60, int(seconds_left)))
+        left = int(seconds_left)
+        max_age = max(0, min(60, left))
         if max_age == 0:
             return NO_STORE
-        return f"public, max-age={max_age}, stale-while-revalidate={min(300, max_age)}"
+        stale = min(300, left - max_age)
+        if stale == 0:
+            return f"public, max-age={max_age}"
+        return f"public, max-age={max_age}, stale-while-revalidate={stale}"
     return CATCH_UP_CACHE_CONTROL
+
+
+def tail_cache_control(has_deadline: bool, seconds_left: float | None) -> str:
+    """For answers the next append makes out of date: an empty read at an open tail, and a
+    long-poll that timed out.
+
+    Not ``no-store``: a CDN that collapses identical requests (nginx's proxy_cache_lock) can
+    only hand one upstream answer to the requests waiting on it through its cache. An answer
+    it may not store releases the waiters one at a time, each going upstream in turn (half a
+    second apart in nginx), so a crowd at the tail would queue. One second in shared caches
+    lets them all leave together; browsers keep nothing. A late reader given the stored
+    answer loses no data: its next read (a long-poll with the new cursor, a new cache key)
+    reaches Relay. Caches count whole seconds, so the second may last nearly two: a stream
+    with less than that left gets ``no-store``.
+    """
+    if has_deadline and (seconds_left is None or seconds_left < TAIL_SHARED_SECONDS + 1):
+        return NO_STORE
+    return TAIL_CACHE_CONTROL

@@ -199,7 +199,8 @@ def _cors_and_security(config: Config) -> object:
             out["Access-Control-Allow-Origin"] = "*"
         elif origin in allowed:
             out["Access-Control-Allow-Origin"] = origin
-            out["Vary"] = "Origin"
+            vary = out.get("Vary")
+            out["Vary"] = f"{vary}, Origin" if vary else "Origin"  # keep what the handler set
         else:
             return
         out["Access-Control-Expose-Headers"] = expose

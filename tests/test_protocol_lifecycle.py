@@ -150,8 +150,12 @@ def test_etags_change_with_closure_and_range() -> None:
     ("has_deadline", "left", "header"),
     [
         (False, None, caching.CATCH_UP_CACHE_CONTROL),
-        (True, 3600.0, "public, max-age=60, stale-while-revalidate=60"),
-        (True, 30.5, "public, max-age=30, stale-while-revalidate=30"),
+        (True, 3600.0, "public, max-age=60, stale-while-revalidate=300"),
+        (True, 100.0, "public, max-age=60, stale-while-revalidate=40"),
+        # Fresh until the deadline and no stale window after it: a cache answering from a
+        # stale entry would serve an expired stream's data.
+        (True, 60.9, "public, max-age=60"),
+        (True, 30.5, "public, max-age=30"),
         (True, 0.5, "no-store"),
     ],
 )
@@ -159,6 +163,25 @@ def test_read_cache_control_never_outlives_the_stream(
     has_deadline: bool, left: float | None, header: str
 ) -> None:
     assert caching.read_cache_control(has_deadline, left) == header
+
+
+@pytest.mark.parametrize(
+    ("has_deadline", "left", "header"),
+    [
+        # An open tail: one second in shared caches (collapsed waiters leave together),
+        # nothing in browsers.
+        (False, None, "public, max-age=0, s-maxage=1"),
+        (True, 3600.0, "public, max-age=0, s-maxage=1"),
+        (True, 2.0, "public, max-age=0, s-maxage=1"),
+        # A cache counts whole seconds, so a second's lifetime may last nearly two.
+        (True, 1.9, "no-store"),
+        (True, 0.0, "no-store"),
+    ],
+)
+def test_tail_cache_control_is_one_shared_second_within_the_stream_life(
+    has_deadline: bool, left: float | None, header: str
+) -> None:
+    assert caching.tail_cache_control(has_deadline, left) == header
 
 
 @pytest.mark.parametrize(
@@ -174,7 +197,10 @@ def test_read_cache_control_never_outlives_the_stream(
             "private, max-age=5, stale-while-revalidate=5",
             id="near-expiry",
         ),
-        pytest.param("no-store", "no-store", id="open-tail"),
+        pytest.param("no-store", "no-store", id="expiring-tail"),
+        pytest.param(
+            "public, max-age=0, s-maxage=1", "private, max-age=0, s-maxage=1", id="open-tail"
+        ),
         pytest.param("no-cache", "private, no-cache", id="sse"),
     ],
 )

@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from protocol import headers as h
+from protocol.caching import NO_STORE
 from protocol.errors import (
     BadRequest,
     Conflict,
@@ -112,6 +113,9 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
         else:
             code = "unavailable" if status == 503 else "overloaded"
             message = str(exc)
+    # RFC 9110 lets caches keep some errors (404, 410) with no header saying so; a CDN would
+    # then answer 404 for a stream created a moment later.
+    extra = {**extra, "Cache-Control": NO_STORE}
     if request.method == "HEAD":
         return web.Response(status=status, headers=extra)
     body = orjson.dumps({"error": {"code": code, "message": message}})

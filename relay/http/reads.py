@@ -20,6 +20,10 @@ from relay.http.paths import stream_path
 from relay.hub import Subscription
 
 LIVE_MODES = ("long-poll", "sse")
+# nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
+# SSE: a buffering proxy reads events as fast as Relay writes them and spools them for a slow
+# reader, up to a gigabyte on disk, so --write-timeout never sees that reader stall.
+ACCEL_BUFFERING = "X-Accel-Buffering"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +66,7 @@ async def get(request: web.Request) -> web.StreamResponse:
     if live == "long-poll":
         response = await _long_poll(request, ctx, meta, position, access, is_now=start.is_now)
     elif start.is_now:
-        response = _tail_response(meta, status=200, cursor_value=None)
+        response = _tail_response(ctx, meta, status=200, cursor_value=None, now=True)
     else:
         chunk = await _read_chunk(ctx, meta, position)
         response = _chunk_response(request, ctx, meta, chunk, cursor_value=None)
@@ -141,6 +145,8 @@ def _chunk_response(
     meta: StreamMeta,
     chunk: Chunk,
     cursor_value: str | None,
+    *,
+    now: bool = False,
 ) -> web.Response:
     tag = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed)
     out = {
@@ -154,23 +160,37 @@ def _chunk_response(
         out[h.STREAM_CLOSED] = "true"
     if cursor_value is not None and not chunk.closed:
         out[h.STREAM_CURSOR] = cursor_value
-    if chunk.start == chunk.end and not chunk.closed:
-        out["Cache-Control"] = caching.NO_STORE  # an open tail changes with the next append
-    else:
-        expires = deadline(meta)
-        left = None if expires is None else expires - ctx.clock()
-        out["Cache-Control"] = caching.read_cache_control(expires is not None, left)
+    out["Cache-Control"] = _cache_control(
+        ctx, meta, open_tail=chunk.start == chunk.end and not chunk.closed, now=now
+    )
     if caching.matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=out)
     return web.Response(status=200, headers=out, body=_render(meta, chunk.data))
 
 
-def _tail_response(meta: StreamMeta, *, status: int, cursor_value: str | None) -> web.Response:
+def _cache_control(ctx: Context, meta: StreamMeta, *, open_tail: bool, now: bool) -> str:
+    """What a cache may do with a read's answer (protocol/caching.py has the reasons).
+
+    An answer to ``offset=now`` is never stored: the key stays the same while the tail moves,
+    so a stored answer would hand a later reader an old "now".
+    """
+    if now:
+        return caching.NO_STORE
+    expires = deadline(meta)
+    left = None if expires is None else expires - ctx.clock()
+    if open_tail:
+        return caching.tail_cache_control(expires is not None, left)
+    return caching.read_cache_control(expires is not None, left)
+
+
+def _tail_response(
+    ctx: Context, meta: StreamMeta, *, status: int, cursor_value: str | None, now: bool
+) -> web.Response:
     """An answer carrying no data: ``offset=now``, or a long-poll that found nothing new."""
     out = {
         h.STREAM_NEXT_OFFSET: format_offset(meta.tail),
         h.STREAM_UP_TO_DATE: "true",
-        "Cache-Control": caching.NO_STORE,
+        "Cache-Control": _cache_control(ctx, meta, open_tail=not meta.closed, now=now),
     }
     if meta.closed:
         out[h.STREAM_CLOSED] = "true"
@@ -195,7 +215,7 @@ async def _long_poll(
         chunk = await _read_chunk(ctx, meta, position)
         return _chunk_response(request, ctx, meta, chunk, _cursor(ctx, request))
     if meta.closed:
-        return _tail_response(meta, status=204, cursor_value=None)
+        return _tail_response(ctx, meta, status=204, cursor_value=None, now=is_now)
     ctx.limits.enter_reader()
     ctx.metrics.live_readers.inc()
     try:
@@ -210,8 +230,10 @@ async def _long_poll(
         latest = replace(meta, tail=found.end if found else meta.tail)
         if found is not None and found.closed:
             latest = replace(latest, closed=True)
-        return _tail_response(latest, status=204, cursor_value=_cursor(ctx, request))
-    return _chunk_response(request, ctx, meta, found, _cursor(ctx, request))
+        return _tail_response(
+            ctx, latest, status=204, cursor_value=_cursor(ctx, request), now=is_now
+        )
+    return _chunk_response(request, ctx, meta, found, _cursor(ctx, request), now=is_now)
 
 
 async def _wait_for_data(
@@ -298,6 +320,7 @@ async def _sse(
             "Cache-Control": caching.SSE_CACHE_CONTROL
             if access is None or access.public
             else caching.private(caching.SSE_CACHE_CONTROL),
+            ACCEL_BUFFERING: "no",
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
         },
     )
