@@ -62,6 +62,23 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _host_list(text: str) -> str:
+    hosts = [h.strip().lower() for h in text.split(",") if h.strip()]
+    for host in hosts:
+        if "/" in host or ":" in host or " " in host:
+            raise ValueError("must be host names (or *.domain), comma-separated")
+    return ",".join(hosts)
+
+
 def _log_format(text: str) -> str:
     fmt = text.strip().lower()
     if fmt not in ("console", "json"):
@@ -175,6 +192,33 @@ SETTINGS: tuple[Setting, ...] = (
         10.0,
         "seconds a stop waits for in-flight requests before cutting them off",
     ),
+    Setting(
+        "webhook_allow_loopback",
+        _bool,
+        True,
+        "allow http webhooks to localhost / 127.0.0.x (development); false forbids them",
+    ),
+    Setting(
+        "webhook_allowed_hosts",
+        _host_list,
+        "",
+        "if set, the only webhook hosts allowed (comma-separated; *.example.com for subdomains)",
+    ),
+    Setting("webhook_timeout", _positive_float, 10.0, "seconds one webhook call may take in all"),
+    Setting("webhook_concurrency", _positive_int, 64, "webhook calls in flight at once, per relay"),
+    Setting(
+        "subscription_poll_interval",
+        _positive_float,
+        0.25,
+        "seconds between looks for due subscription deliveries (retries, other relays' wakes)",
+    ),
+    Setting(
+        "public_url",
+        str,
+        "",
+        "base URL clients use to reach this relay (callback and JWKS URLs); default: the "
+        "request's own",
+    ),
 )
 
 
@@ -206,6 +250,12 @@ class Config:
     log_format: str = "console"
     db_timeout: float = 5.0
     shutdown_timeout: float = 10.0
+    webhook_allow_loopback: bool = True
+    webhook_allowed_hosts: str = ""
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 64
+    subscription_poll_interval: float = 0.25
+    public_url: str = ""
 
 
 WORKERS_NEED_POSTGRES = (

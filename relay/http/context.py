@@ -17,6 +17,7 @@ from relay.metrics import Metrics
 from relay.store.base import Store
 
 if TYPE_CHECKING:
+    from relay.subscriptions.service import Subscriptions
     from relay.workers import Worker
 
 
@@ -92,6 +93,7 @@ class Context:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
+    subscriptions: Subscriptions | None = None  # sections 6-7 (relay/subscriptions)
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)

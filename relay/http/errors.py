@@ -25,6 +25,7 @@ from protocol.errors import (
     SequenceGap,
     StaleEpoch,
     StreamClosed,
+    Unauthorized,
     Unavailable,
 )
 from protocol.offsets import format_offset
@@ -65,6 +66,7 @@ def _retry(exc: BaseException) -> dict[str, str]:
 
 ERROR_TABLE: dict[type[BaseException], tuple[int, HeaderFn]] = {
     BadRequest: (400, _none),
+    Unauthorized: (401, _none),
     StaleEpoch: (403, _stale),
     NotFound: (404, _none),
     MethodNotAllowed: (405, _allow),
@@ -93,16 +95,18 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
         log.exception("unhandled error", method=request.method, path=request.path)
         status, code, message = 500, "internal", "internal server error"
         extra: dict[str, str] = {}
+        details: dict[str, object] = {}
     else:
         status, extra = found
         if isinstance(exc, ProtocolError):
-            code, message = exc.code, exc.message
+            code, message, details = exc.code, exc.message, exc.details()
         else:
+            details = {}
             code = "unavailable" if status == 503 else "overloaded"
             message = str(exc)
     if request.method == "HEAD":
         return web.Response(status=status, headers=extra)
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = orjson.dumps({"error": {"code": code, "message": message, **details}})
     return web.Response(status=status, headers=extra, body=body, content_type="application/json")
 
 
