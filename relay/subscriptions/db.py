@@ -41,7 +41,9 @@ class Database(Protocol):
 
     async def close(self) -> None: ...
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
+    def transaction(self, *, write: bool = True) -> contextlib.AbstractAsyncContextManager[Tx]:
+        """``write=False`` promises only reads (SQLite then takes no write lock)."""
+        ...
 
 
 _PLACEHOLDER = re.compile(r"\?")
@@ -115,9 +117,9 @@ class SqliteDatabase:
             raise Unavailable(f"embedded store busy: {exc}") from exc
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def transaction(self, *, write: bool = True) -> AsyncIterator[Tx]:
         async with self._lock:
-            await self.run(_fetch, "BEGIN IMMEDIATE", ())
+            await self.run(_fetch, "BEGIN IMMEDIATE" if write else "BEGIN", ())
             try:
                 yield _SqliteTx(self)
             except BaseException:
@@ -171,7 +173,7 @@ class PostgresDatabase:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def transaction(self, *, write: bool = True) -> AsyncIterator[Tx]:
         assert self._pool is not None, "database not open"
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():

@@ -74,6 +74,7 @@ class Subscriptions:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.randbytes(4).hex()}"
         self._append_json = append_json
         self._rng = random.Random()
+        self._subs: set[str] = set()  # live subscriptions, as this relay last saw them
         self._patterns: dict[str, Matcher] = {}
         self._linked: dict[str, set[str]] = {}
         self._misses: set[str] = set()  # paths no pattern matches (cleared on pattern changes)
@@ -127,6 +128,7 @@ class Subscriptions:
 
     def indexed(self, sub_id: str, pattern: str | None, paths: list[str]) -> None:
         """Record a subscription this relay just created or changed."""
+        self._subs.add(sub_id)
         if pattern is not None:
             self._patterns[sub_id] = compile_glob(pattern)
             self._misses.clear()
@@ -134,6 +136,7 @@ class Subscriptions:
             self._linked.setdefault(path, set()).add(sub_id)
 
     def unindexed(self, sub_id: str) -> None:
+        self._subs.discard(sub_id)
         self._patterns.pop(sub_id, None)
         for subs in self._linked.values():
             subs.discard(sub_id)
@@ -143,6 +146,7 @@ class Subscriptions:
         linked: dict[str, set[str]] = {}
         for sub_id, path in links:
             linked.setdefault(path, set()).add(sub_id)
+        self._subs = set(patterns)
         self._patterns = {s: compile_glob(p) for s, p in patterns.items() if p is not None}
         self._linked = linked
         self._misses.clear()
@@ -164,8 +168,12 @@ class Subscriptions:
                 now = self.clock()
                 if now >= self._next_sweep:
                     self._next_sweep = now + self.settings.sweep_interval
-                    await self._sweep(now)
-                await self._take(self.clock())
+                    if self._subs:
+                        await self._sweep(now)
+                    else:  # nothing to deliver; only learn of other relays' subscriptions
+                        await self._reload_index()
+                if self._subs:
+                    await self._take(self.clock())
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -241,7 +241,7 @@ class SubscriptionState:
             return View(created, await _links(tx, sub_id)), True
 
     async def get(self, sub_id: str) -> View:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(write=False) as tx:
             sub = await _live(tx, sub_id)
             return View(sub, await _links(tx, sub_id))
 
@@ -481,7 +481,7 @@ class SubscriptionState:
 
     async def pending_idle(self) -> list[str]:
         """Idle subscriptions with pending work (a wake the append hook did not issue)."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(write=False) as tx:
             rows = await tx.fetch(
                 "SELECT DISTINCT sub.id FROM relay_subscriptions sub "
                 "JOIN relay_subscription_links l ON l.subscription_id = sub.id "
@@ -505,7 +505,7 @@ class SubscriptionState:
 
     async def index(self) -> tuple[dict[str, str | None], list[tuple[str, str]]]:
         """Live subscriptions' patterns and every link: the append hook's in-memory filter."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(write=False) as tx:
             subs = await tx.fetch(
                 "SELECT id, pattern FROM relay_subscriptions WHERE deleted_at IS NULL"
             )
@@ -517,7 +517,7 @@ class SubscriptionState:
         return {r[0]: r[1] for r in subs}, [(r[0], r[1]) for r in links]
 
     async def failed_count(self) -> int:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(write=False) as tx:
             rows = await tx.fetch(
                 "SELECT count(*) FROM relay_subscriptions "
                 "WHERE deleted_at IS NULL AND status = 'failed'"
