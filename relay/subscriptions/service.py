@@ -42,6 +42,9 @@ log = structlog.get_logger("relay.subscriptions")
 AppendJson = Callable[[str, bytes], Awaitable[None]]
 MISS_CACHE_LIMIT = 10_000
 DISCOVERY_HORIZON_SECONDS = 60.0
+# A taken delivery is this relay's for the webhook timeout plus this margin (to record the
+# outcome); after that another relay (or this one, restarted) takes it over as a new wake.
+CLAIM_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ class Subscriptions:
         room = self.outbound.free_slots - len(self._deliveries)
         if room <= 0:
             return
-        hold = self.settings.webhook_timeout + 30.0
+        hold = self.settings.webhook_timeout + CLAIM_MARGIN_SECONDS
         for delivery in await self.state.take_deliveries(self.owner, now, room, hold):
             task = asyncio.create_task(self._deliver(delivery))
             self._deliveries.add(task)
