@@ -1,4 +1,4 @@
-"""The ``relay`` command: ``serve``, ``migrate`` and ``bench``."""
+"""The ``relay`` command: ``serve``, ``migrate``, ``rotate-webhook-key`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-of", dest="worker_of", default=None, help=argparse.SUPPRESS)
     migrate = commands.add_parser("migrate", help="apply Postgres schema migrations and exit")
     config_mod.add_arguments(migrate)
+    rotate = commands.add_parser(
+        "rotate-webhook-key",
+        help="add a new webhook signing key; the old one stays published for a day",
+    )
+    config_mod.add_arguments(rotate)
     bench = commands.add_parser(
         "bench", help="compare the relay with a bare aiohttp server and the reference server"
     )
@@ -56,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         return _migrate(config)
+    if args.command == "rotate-webhook-key":
+        from relay.subscriptions.keys import rotate_command
+
+        return rotate_command(config)
     worker = None
     if args.worker_of is not None:
         from relay.workers import WorkerSpec

@@ -430,3 +430,29 @@ async def test_subscriptions_and_signing_keys_survive_a_restart(backend: Backend
         finally:
             await server.close()
     assert kids[0] == kids[1]
+
+
+async def test_key_rotation_publishes_both_keys_and_signs_with_the_new_one(
+    relay: Relay, backend: Backend
+) -> None:
+    from relay import cli
+
+    old = [k["kid"] for k in (await relay.jwks())["keys"]]
+    where = (
+        ["--database-url", backend.url] if backend.url else ["--data-dir", str(backend.data_dir)]
+    )
+    assert await asyncio.to_thread(cli.main, ["rotate-webhook-key", *where]) == 0
+
+    async def rotated() -> list[str]:
+        kids = [k["kid"] for k in (await relay.jwks())["keys"]]
+        return kids if len(kids) == 2 else []
+
+    kids = await eventually(rotated)
+    assert kids[0] == old[0] and kids[1] != old[0]  # the old key is still published
+    async with Receiver() as receiver:
+        await relay.put_sub("rot", hook(receiver.url, pattern="rot/*"))
+        assert (await relay.get_sub("rot"))["webhook"]["signing"]["kid"] == kids[1]
+        await relay.create_stream("rot/1", b'{"a":1}')
+        got = await receiver.wait_for(1)
+        assert got.signature is not None and f"kid={kids[1]}," in got.signature
+        assert verify(got, await relay.jwks())

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from protocol import subscriptions as rules
+from relay.config import Config
 from relay.subscriptions.db import Database, Tx
 
 TOKEN_SECRET_KID = "callback-token-secret"
@@ -45,7 +46,7 @@ class Keys:
     def __init__(self, signing: list[SigningKey], token_secret: bytes) -> None:
         assert signing, "at least one signing key"
         self.published = sorted(signing, key=lambda k: (k.created_at, k.kid))
-        self.active = self.published[-1]
+        self.active = self.published[-1]  # the newest; retired keys are never newer
         self.token_secret = token_secret
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
@@ -87,16 +88,20 @@ async def _insert_signing(tx: Tx, now: float) -> str:
 
 async def load(db: Database, now: float) -> Keys:
     """The keys in force, generating the first ones if the database has none."""
-    async with db.transaction() as tx:
-        await _ensure(tx, now)
-        rows = await tx.fetch(
-            "SELECT kind, material, created_at FROM relay_subscription_keys "
-            "WHERE retire_at IS NULL OR retire_at > ?",
-            now,
-        )
-    secret = next(bytes(r[1]) for r in rows if r[0] == "hmac")
-    signing = [_key(bytes(r[1]), r[2]) for r in rows if r[0] == "ed25519"]
-    return Keys(signing, secret)
+    for write in (False, True):
+        async with db.transaction(write=write) as tx:
+            if write:
+                await _ensure(tx, now)
+            rows = await tx.fetch(
+                "SELECT kind, material, created_at, retire_at FROM relay_subscription_keys "
+                "WHERE retire_at IS NULL OR retire_at > ?",
+                now,
+            )
+        secret = next((bytes(r[1]) for r in rows if r[0] == "hmac"), None)
+        signing = [_key(bytes(r[1]), r[2]) for r in rows if r[0] == "ed25519"]
+        if secret is not None and any(r[0] == "ed25519" and r[3] is None for r in rows):
+            return Keys(signing, secret)
+    raise AssertionError("keys were just ensured")
 
 
 async def rotate(db: Database, now: float, overlap: float = ROTATION_OVERLAP_SECONDS) -> str:
@@ -108,3 +113,36 @@ async def rotate(db: Database, now: float, overlap: float = ROTATION_OVERLAP_SEC
             now + overlap,
         )
         return await _insert_signing(tx, now)
+
+
+def rotate_command(config: Config) -> int:
+    """``relay rotate-webhook-key``: add a signing key in the relay's database. Running relays
+    sign with it from their next sweep (about a second); the old key stays in the JWKS for
+    a day so receivers can still verify what it signed."""
+    import asyncio
+    import time
+    from pathlib import Path
+
+    from relay.subscriptions.db import PostgresDatabase, SqliteDatabase
+
+    async def run() -> str:
+        db: Database
+        if config.database_url:
+            from relay.store.postgres import migrate
+
+            await migrate(config.database_url)
+            db = PostgresDatabase(config.database_url, config.db_timeout)
+        else:
+            path = Path(config.data_dir) / "relay.sqlite3"
+            if not path.exists():
+                raise SystemExit(f"relay: no embedded store at {path}; start the relay once first")
+            db = SqliteDatabase(path)
+        await db.open()
+        try:
+            await load(db, time.time())  # the first key, if there was none
+            return await rotate(db, time.time())
+        finally:
+            await db.close()
+
+    print(f"new webhook signing key {asyncio.run(run())}")
+    return 0

@@ -175,6 +175,7 @@ class Subscriptions:
                         await self._sweep(now)
                     else:  # nothing to deliver; only learn of other relays' subscriptions
                         await self._reload_index()
+                    self.keys = await keyring.load(self.db, now)  # rotations made elsewhere
                 if self._subs:
                     await self._take(self.clock())
             except asyncio.CancelledError:
@@ -207,7 +208,6 @@ class Subscriptions:
             if await self.state.try_wake(sub_id, self.clock()):
                 self.metrics.wakes.inc()
         await self._reload_index()
-        self.keys = await keyring.load(self.db, now)
         self.metrics.failed.set(await self.state.failed_count())
 
     async def _take(self, now: float) -> None:
