@@ -103,6 +103,10 @@ class Subscriptions:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        try:
+            await self.state.release_deliveries(self.owner)
+        except Exception:  # the database is gone: the claims run out by themselves
+            log.warning("could not hand back unfinished deliveries", exc_info=True)
         await self.outbound.close()
         await self.db.close()
 

@@ -444,6 +444,15 @@ class SubscriptionState:
             )  # fmt: skip
             return True
 
+    async def release_deliveries(self, owner: str) -> None:
+        """On a graceful stop: hand this relay's unfinished deliveries back at once (same
+        wake), instead of leaving them until their claim runs out."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE relay_subscriptions SET owner = NULL, owner_until = NULL WHERE owner = ?",
+                owner,
+            )
+
     async def _current(self, tx: Tx, delivery: Delivery, owner: str) -> Subscription | None:
         sub = await _load(tx, delivery.view.sub.id)
         if (
