@@ -456,3 +456,27 @@ async def test_key_rotation_publishes_both_keys_and_signs_with_the_new_one(
         got = await receiver.wait_for(1)
         assert got.signature is not None and f"kid={kids[1]}," in got.signature
         assert verify(got, await relay.jwks())
+
+
+async def test_concurrent_creates_through_two_relays_agree(pg_url: str, tmp_path: Any) -> None:
+    """Two relays on one database, the same PUT racing through both: one 201, the rest 200."""
+    servers = []
+    try:
+        for name in ("a", "b"):
+            config = Config(data_dir=str(tmp_path / name), database_url=pg_url)
+            server = TestServer(make_app(config, PostgresStore(pg_url)), host="127.0.0.1")
+            await server.start_server()
+            servers.append(server)
+        body = hook("http://127.0.0.1:9/hook", pattern="race/*")
+        async with aiohttp.ClientSession() as http:
+
+            async def put(server: TestServer) -> int:
+                url = f"http://127.0.0.1:{server.port}/v1/stream/__ds/subscriptions/race"
+                async with http.put(url, json=body) as r:
+                    return r.status
+
+            statuses = await asyncio.gather(*(put(servers[i % 2]) for i in range(6)))
+        assert sorted(statuses) == [200] * 5 + [201]
+    finally:
+        for server in servers:
+            await server.close()

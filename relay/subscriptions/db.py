@@ -24,6 +24,14 @@ from protocol.errors import Unavailable
 Row = Sequence[Any]
 
 
+class Contention(Unavailable):
+    """Another relay's transaction got in the way (unique violation, deadlock,
+    serialization failure): nothing was written; safe to try again (503 with Retry-After)."""
+
+    def __init__(self) -> None:
+        super().__init__("concurrent subscription change; retry", retry_after=1)
+
+
 class Tx(Protocol):
     """One open transaction."""
 
@@ -149,6 +157,13 @@ _LOST = (
 )
 
 
+_CONTENTION = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
 class PostgresDatabase:
     """A small pool of its own, beside the stream store's (which its committer owns)."""
 
@@ -178,5 +193,7 @@ class PostgresDatabase:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
                 yield _PgTx(conn)
+        except _CONTENTION as exc:
+            raise Contention() from exc
         except _LOST as exc:
             raise Unavailable("database unavailable") from exc

@@ -72,7 +72,7 @@ class Outbound:
         self._timeout = aiohttp.ClientTimeout(
             total=timeout, connect=min(timeout, 5.0), sock_connect=min(timeout, 5.0)
         )
-        self._resolver = GuardedResolver(policy, resolver)
+        self._inner_resolver = resolver
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
@@ -83,7 +83,7 @@ class Outbound:
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(
-            resolver=self._resolver,
+            resolver=GuardedResolver(self.policy, self._inner_resolver),  # needs the loop
             use_dns_cache=False,
             limit=self._concurrency,
             force_close=True,  # no connection kept to a host whose name may rebind

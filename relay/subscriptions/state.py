@@ -22,7 +22,7 @@ from protocol import subscriptions as rules
 from protocol.glob import compile_glob
 from protocol.subscriptions import LinkState, SubscriptionConfig, TokenClaims, WakeRequest
 from relay.http.paths import PREFIX
-from relay.subscriptions.db import Database, Row, Tx
+from relay.subscriptions.db import Contention, Database, Row, Tx
 
 _SUB_COLUMNS = (
     "id, kind, pattern, config, config_hash, base_url, created_at, deleted_at, generation, "
@@ -212,6 +212,14 @@ class SubscriptionState:
         """Create, or re-confirm an identical configuration; SubscriptionExists (409) if the
         id holds another. A tombstoned id is reused, its generation kept so old tokens stay
         fenced. Pattern matches are linked at their tails (6.2's eager backfill)."""
+        try:
+            return await self._create(sub_id, config, base_url, now)
+        except Contention:  # another relay created the same id at the same moment
+            return await self._create(sub_id, config, base_url, now)
+
+    async def _create(
+        self, sub_id: str, config: SubscriptionConfig, base_url: str, now: float
+    ) -> tuple[View, bool]:
         digest = config.hash()
         async with self.db.transaction() as tx:
             old = await _load(tx, sub_id)
@@ -292,7 +300,7 @@ class SubscriptionState:
     async def link_discovered(self, sub_ids: Iterable[str], path: str, acked: int) -> None:
         """6.2: a stream a pattern matches, seen appending, is linked before that append."""
         async with self.db.transaction() as tx:
-            for sub_id in sub_ids:
+            for sub_id in sorted(sub_ids):  # one lock order for every relay: no deadlocks
                 sub = await _load(tx, sub_id)
                 if sub is not None and not sub.deleted:
                     await _link(tx, sub_id, path, acked, explicit=False)
