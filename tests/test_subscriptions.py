@@ -480,3 +480,27 @@ async def test_concurrent_creates_through_two_relays_agree(pg_url: str, tmp_path
     finally:
         for server in servers:
             await server.close()
+
+
+async def test_a_stream_deleted_and_created_again_starts_its_cursor_over(relay: Relay) -> None:
+    async def done(_: Received, __: int) -> web.StreamResponse:
+        return web.json_response({"done": True})
+
+    async with Receiver(done) as receiver:
+        await relay.put_sub("again", hook(receiver.url, pattern="again/*"))
+        await relay.create_stream("again/1", b'{"long":"first incarnation"}')
+        await receiver.wait_for(1)
+
+        async def acked(offset: str) -> bool:
+            links = (await relay.get_sub("again"))["streams"]
+            return bool(links and links[0]["acked_offset"] == offset)
+
+        first_tail = (await receiver.wait_for(1)).body["streams"][0]["tail_offset"]
+        await eventually(lambda: acked(first_tail))
+        async with relay.http.delete(relay.stream("again/1")) as r:
+            assert r.status == 204
+        await relay.create_stream("again/1", b'{"s":2}')  # shorter than the old cursor
+        woken = (await receiver.wait_for(2)).body
+        stream = woken["streams"][0]
+        assert stream["acked_offset"] == format_offset(0) and stream["has_pending"]
+        await eventually(lambda: acked(stream["tail_offset"]))

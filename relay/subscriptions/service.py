@@ -207,6 +207,7 @@ class Subscriptions:
         expired, woken = await self.state.expire_leases(now)
         self.metrics.lease_expiries.inc(expired)
         self.metrics.wakes.inc(len(woken))
+        await self.state.follow_replaced_streams()
         await self.state.discover(now - DISCOVERY_HORIZON_SECONDS)
         for sub_id in await self.state.pending_idle():
             if await self.state.try_wake(sub_id, self.clock()):

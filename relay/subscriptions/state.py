@@ -138,11 +138,13 @@ async def _tail(tx: Tx, path: str) -> int:
 async def _link(tx: Tx, sub_id: str, path: str, acked: int, *, explicit: bool) -> None:
     column = "explicit" if explicit else "glob"
     await tx.execute(
-        f"INSERT INTO relay_subscription_links (subscription_id, path, {column}, acked) "
-        f"VALUES (?, ?, 1, ?) ON CONFLICT (subscription_id, path) DO UPDATE SET {column} = 1",
+        f"INSERT INTO relay_subscription_links (subscription_id, path, {column}, acked, "
+        "stream_id) VALUES (?, ?, 1, ?, (SELECT id FROM {streams} WHERE path = ? "
+        f"AND NOT soft_deleted)) ON CONFLICT (subscription_id, path) DO UPDATE SET {column} = 1",
         sub_id,
         path,
         acked,
+        PREFIX + path,
     )
 
 
@@ -519,6 +521,24 @@ class SubscriptionState:
                 since = max(created_at, horizon)
                 for path, _tail in await _matching_streams(tx, pattern, since, sub_id):
                     await _link(tx, sub_id, path, 0, explicit=False)
+
+    async def follow_replaced_streams(self) -> None:
+        """A linked stream deleted and created again at its path is a new stream: its cursor
+        starts over (the old offsets mean nothing in it). A link made before its stream
+        existed adopts the stream that appears, cursor unchanged."""
+        current = (
+            "(SELECT s.id FROM {streams} s WHERE s.path = '" + PREFIX + "' || "
+            "relay_subscription_links.path AND NOT s.soft_deleted)"
+        )
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                f"UPDATE relay_subscription_links SET acked = 0, snapshot = NULL, "
+                f"stream_id = {current} WHERE stream_id IS NOT NULL AND {current} <> stream_id"
+            )
+            await tx.execute(
+                f"UPDATE relay_subscription_links SET stream_id = {current} "
+                f"WHERE stream_id IS NULL AND {current} IS NOT NULL"
+            )
 
     async def index(self) -> tuple[dict[str, str | None], list[tuple[str, str]]]:
         """Live subscriptions' patterns and every link: the append hook's in-memory filter."""

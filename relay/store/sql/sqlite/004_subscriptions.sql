@@ -26,8 +26,9 @@ CREATE INDEX relay_subscriptions_due ON relay_subscriptions (due_at) WHERE due_a
 CREATE INDEX relay_subscriptions_lease ON relay_subscriptions (lease_until)
     WHERE lease_until IS NOT NULL;
 
--- One row per linked stream: the cursor (acked position, inclusive) and the tail the current
--- wake's snapshot saw. Paths are stream-root-relative.
+-- One row per linked stream: the cursor (acked position, inclusive), the tail the current
+-- wake's snapshot saw, and the id of the stream the cursor belongs to (a stream deleted and
+-- created again at the same path starts over). Paths are stream-root-relative.
 CREATE TABLE relay_subscription_links (
     subscription_id TEXT NOT NULL,
     path TEXT NOT NULL,
@@ -35,6 +36,7 @@ CREATE TABLE relay_subscription_links (
     glob INTEGER NOT NULL DEFAULT 0,
     acked INTEGER NOT NULL,
     snapshot INTEGER,
+    stream_id INTEGER,
     PRIMARY KEY (subscription_id, path)
 );
 CREATE INDEX relay_subscription_links_path ON relay_subscription_links (path);
