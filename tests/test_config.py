@@ -37,6 +37,17 @@ from relay.config import SETTINGS, Config, ConfigError, env_name, parse
         pytest.param(
             [], {"RELAY_MAX_CHUNK_BYTES": "4096"}, "max_chunk_bytes", 4096, id="env-chunk"
         ),
+        pytest.param([], {}, "webhook_allow_loopback", True, id="default-loopback-allowed"),
+        pytest.param(
+            ["--webhook-allow-loopback", "false"], {}, "webhook_allow_loopback", False, id="no-lo"
+        ),
+        pytest.param(
+            [],
+            {"RELAY_WEBHOOK_ALLOWED_HOSTS": " Hooks.Example.com, *.partner.io ,"},
+            "webhook_allowed_hosts",
+            "hooks.example.com,*.partner.io",
+            id="allowed-hosts-normalized",
+        ),
     ],
 )
 def test_settings_resolve_in_order(
@@ -58,6 +69,16 @@ def test_settings_resolve_in_order(
         pytest.param(["--log-level", "loud"], {}, "--log-level", id="level-unknown"),
         pytest.param([], {"RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT", id="format-unknown"),
         pytest.param(["--db-timeout", "-2"], {}, "--db-timeout", id="db-timeout"),
+        pytest.param(
+            ["--webhook-allow-loopback", "maybe"], {}, "--webhook-allow-loopback", id="bool"
+        ),
+        pytest.param(
+            ["--webhook-allowed-hosts", "https://x.example/"],
+            {},
+            "--webhook-allowed-hosts",
+            id="hosts-not-urls",
+        ),
+        pytest.param(["--webhook-concurrency", "0"], {}, "--webhook-concurrency", id="conc"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(
