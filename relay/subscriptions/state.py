@@ -389,13 +389,16 @@ class SubscriptionState:
         """Claim up to ``limit`` due deliveries for ``hold`` seconds. A webhook wake whose
         previous claim ran out is reissued as a new generation: whatever the dead relay may
         have sent is fenced, and the receiver gets a wake it can complete."""
-        out = []
+        out: list[Delivery] = []
+        due = (
+            "FROM relay_subscriptions WHERE deleted_at IS NULL AND due_at IS NOT NULL "
+            "AND due_at <= ? AND (owner_until IS NULL OR owner_until < ?)"
+        )
+        if not await self._any(f"SELECT 1 {due} LIMIT 1", now, now):
+            return out  # the usual answer, found without a write lock
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
-                f"SELECT {_SUB_COLUMNS} FROM relay_subscriptions WHERE deleted_at IS NULL "
-                "AND due_at IS NOT NULL AND due_at <= ? "
-                "AND (owner_until IS NULL OR owner_until < ?) ORDER BY due_at LIMIT ? "
-                "{skip_locked}",
+                f"SELECT {_SUB_COLUMNS} {due} ORDER BY due_at LIMIT ? {{skip_locked}}",
                 now,
                 now,
                 limit,
@@ -463,6 +466,11 @@ class SubscriptionState:
                 owner,
             )
 
+    async def _any(self, sql: str, *args: object) -> bool:
+        """Whether a read-only probe finds a row: the sweeps look before they lock."""
+        async with self.db.transaction(write=False) as tx:
+            return bool(await tx.fetch(sql, *args))
+
     async def _current(self, tx: Tx, delivery: Delivery, owner: str) -> Subscription | None:
         sub = await _load(tx, delivery.view.sub.id)
         if (
@@ -481,14 +489,15 @@ class SubscriptionState:
     async def expire_leases(self, now: float) -> tuple[int, list[str]]:
         """7.3: clear leases that ran out; wake again where work remains. Returns how many
         expired and which subscriptions were woken."""
-        woken = []
+        woken: list[str] = []
+        expired = (
+            "FROM relay_subscriptions WHERE deleted_at IS NULL AND wake_id IS NOT NULL "
+            "AND lease_until IS NOT NULL AND lease_until < ? AND due_at IS NULL"
+        )
+        if not await self._any(f"SELECT 1 {expired} LIMIT 1", now):
+            return 0, woken
         async with self.db.transaction() as tx:
-            rows = await tx.fetch(
-                f"SELECT {_SUB_COLUMNS} FROM relay_subscriptions WHERE deleted_at IS NULL "
-                "AND wake_id IS NOT NULL AND lease_until IS NOT NULL AND lease_until < ? "
-                "AND due_at IS NULL LIMIT 100 {skip_locked}",
-                now,
-            )
+            rows = await tx.fetch(f"SELECT {_SUB_COLUMNS} {expired} LIMIT 100 {{skip_locked}}", now)
             for row in rows:
                 sub = Subscription.from_row(row)
                 await _clear_wake(tx, sub.id)
@@ -530,6 +539,11 @@ class SubscriptionState:
             "(SELECT s.id FROM {streams} s WHERE s.path = '" + PREFIX + "' || "
             "relay_subscription_links.path AND NOT s.soft_deleted)"
         )
+        if not await self._any(
+            f"SELECT 1 FROM relay_subscription_links WHERE (stream_id IS NOT NULL AND "
+            f"{current} <> stream_id) OR (stream_id IS NULL AND {current} IS NOT NULL) LIMIT 1"
+        ):
+            return
         async with self.db.transaction() as tx:
             await tx.execute(
                 f"UPDATE relay_subscription_links SET acked = 0, snapshot = NULL, "
