@@ -504,3 +504,23 @@ async def test_a_stream_deleted_and_created_again_starts_its_cursor_over(relay: 
         stream = woken["streams"][0]
         assert stream["acked_offset"] == format_offset(0) and stream["has_pending"]
         await eventually(lambda: acked(stream["tail_offset"]))
+
+
+async def test_each_delivery_attempt_logs_one_line_without_secrets(relay: Relay) -> None:
+    from structlog.testing import capture_logs
+
+    async with Receiver() as receiver:
+        await relay.put_sub("log", hook(receiver.url, pattern="log/*"))
+        with capture_logs() as logs:
+            await relay.create_stream("log/1", b'{"a":1}')
+            got = await receiver.wait_for(1)
+
+            async def logged() -> list[dict[str, Any]]:
+                return [e for e in logs if e["event"] == "subscription delivery"]
+
+            lines = await eventually(logged)
+    line = lines[0]
+    assert line["subscription_id"] == "log" and line["host"] == "127.0.0.1"
+    assert line["attempt"] == 1 and line["outcome"] == "ok" and line["status"] == "200"
+    assert isinstance(line["ms"], float)
+    assert got.body["callback_token"] not in str(lines)
