@@ -272,6 +272,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
     await ctx.store.open()
     if ctx.subscriptions is not None:
+        # A database-wide count: under --workers, one worker reports it, or /metrics would
+        # add it up once per worker.
+        ctx.subscriptions.report_failed = ctx.worker is None or ctx.worker.index == 0
         await ctx.subscriptions.open()  # after the store: its migrations made our tables
     ctx.metrics.watch_store(ctx.store)
     ctx.store.set_listener(ctx.hub)

@@ -86,6 +86,7 @@ class Subscriptions:
         self._worker: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._next_sweep = 0.0
+        self.report_failed = True  # export the database-wide failed count from this relay
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -213,7 +214,8 @@ class Subscriptions:
             if await self.state.try_wake(sub_id, self.clock()):
                 self.metrics.wakes.inc()
         await self._reload_index()
-        self.metrics.failed.set(await self.state.failed_count())
+        if self.report_failed:
+            self.metrics.failed.set(await self.state.failed_count())
 
     async def _take(self, now: float) -> None:
         room = self.outbound.free_slots - len(self._deliveries)
