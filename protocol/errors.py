@@ -11,6 +11,14 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
 
+    def details(self) -> dict[str, object]:
+        """Extra fields for the JSON error object, beside code and message."""
+        return {}
+
+
+class Unauthorized(ProtocolError):
+    """A missing, forged or expired bearer token (401)."""
+
 
 class BadRequest(ProtocolError):
     """Malformed input (400)."""

@@ -63,3 +63,32 @@ def _match(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
         return result
 
     return at(0, 0)
+
+
+def covers(outer: str, inner: str) -> bool:
+    """Whether every path ``inner`` matches is also matched by ``outer``.
+
+    Used to ask whether a grant's pattern reaches every stream a subscription pattern could
+    link. Sound, not complete: a True is always right; a rare False for an exotic pair of
+    patterns only means a narrower grant is needed.
+    """
+    big, small = check_pattern(outer), check_pattern(inner)
+    seen: dict[tuple[int, int], bool] = {}
+
+    def at(i: int, j: int) -> bool:
+        key = (i, j)
+        if key not in seen:
+            if j == len(small):
+                result = all(segment == "**" for segment in big[i:])
+            elif i == len(big):
+                result = False
+            elif big[i] == "**":  # absorbs nothing more, or one more of inner's segments
+                result = at(i + 1, j) or at(i, j + 1)
+            elif small[j] == "**" or (big[i] != "*" and big[i] != small[j]):
+                result = False
+            else:  # "*" covers "*" and any literal; a literal covers itself
+                result = at(i + 1, j + 1)
+            seen[key] = result
+        return seen[key]
+
+    return at(0, 0)

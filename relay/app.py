@@ -13,6 +13,7 @@ from aiohttp import web
 from protocol import headers as h
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from protocol.model import Segment, StreamMeta
+from protocol.subscriptions import UrlPolicy
 from relay.auth.authorizer import Authorizer
 from relay.auth.http import authorize_stream
 from relay.config import Config
@@ -23,6 +24,10 @@ from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.store.base import Store
+from relay.subscriptions import routes as subscription_routes
+from relay.subscriptions.db import Database, PostgresDatabase, SqliteDatabase
+from relay.subscriptions.outbound import Outbound
+from relay.subscriptions.service import EngineSettings, Subscriptions
 
 log = structlog.get_logger("relay")
 
@@ -237,7 +242,10 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         auth=auth,
     )
     app[CONTEXT] = ctx
+    ctx.subscriptions = make_subscriptions(ctx)
     app.on_response_prepare.append(_cors_and_security(config))  # type: ignore[arg-type]
+    # Section 6: the reserved control prefix is routed before stream operations.
+    app.router.add_route("*", r"/v1/stream/__ds/{rest:[\s\S]*}", subscription_routes.control)
     # any char, even newline
     app.router.add_route(
         "*", r"/v1/stream/{path:[\s\S]*}", stream if auth is None else guarded_stream
@@ -249,9 +257,48 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     return app
 
 
+def make_subscriptions(ctx: Context) -> Subscriptions | None:
+    """Subscription state lives beside the streams: the same Postgres database, or the same
+    SQLite file. None (control routes answer 404) for any other store, such as test doubles."""
+    from relay.store.postgres import PostgresStore
+    from relay.store.sqlite import SqliteStore
+
+    config = ctx.config
+    db: Database
+    if isinstance(ctx.store, PostgresStore):
+        db = PostgresDatabase(ctx.store.url, config.db_timeout)
+    elif isinstance(ctx.store, SqliteStore):
+        db = SqliteDatabase(ctx.store.db_path)
+    else:
+        return None
+    allowed = tuple(h for h in config.webhook_allowed_hosts.split(",") if h)
+    outbound = Outbound(
+        UrlPolicy(allow_loopback=config.webhook_allow_loopback, allowed_hosts=allowed),
+        timeout=config.webhook_timeout,
+        concurrency=config.webhook_concurrency,
+    )
+
+    async def append_json(path: str, message: bytes) -> None:
+        await writes.append_json(ctx, path, message)
+
+    settings = EngineSettings(
+        poll_interval=config.subscription_poll_interval,
+        webhook_timeout=config.webhook_timeout,
+        public_url=config.public_url.rstrip("/"),
+    )
+    return Subscriptions(
+        db, outbound, ctx.metrics.subscriptions, append_json, settings, clock=ctx.clock
+    )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
     await ctx.store.open()
+    if ctx.subscriptions is not None:
+        # A database-wide count: under --workers, one worker reports it, or /metrics would
+        # add it up once per worker.
+        ctx.subscriptions.report_failed = ctx.worker is None or ctx.worker.index == 0
+        await ctx.subscriptions.open()  # after the store: its migrations made our tables
     ctx.metrics.watch_store(ctx.store)
     ctx.store.set_listener(ctx.hub)
 
@@ -268,6 +315,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
+    if ctx.subscriptions is not None:
+        await ctx.subscriptions.close()
     if ctx.auth is not None:
         await ctx.auth.close()
     await ctx.store.close()

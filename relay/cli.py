@@ -1,4 +1,4 @@
-"""The ``relay`` command: ``serve``, ``migrate`` and ``bench``."""
+"""The ``relay`` command: ``serve``, ``migrate``, ``rotate-webhook-key`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", dest="revoke_jti", help="a JWT's jti claim")
     which.add_argument("--kid", dest="revoke_kid", help="a signing key's kid or an API key's id")
+    rotate = commands.add_parser(
+        "rotate-webhook-key",
+        help="add a new webhook signing key; the old one stays published for a day",
+    )
+    config_mod.add_arguments(rotate)
     bench = commands.add_parser(
         "bench", help="compare the relay with a bare aiohttp server and the reference server"
     )
@@ -66,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "migrate":
         return _migrate(config)
+    if args.command == "rotate-webhook-key":
+        from relay.subscriptions.keys import rotate_command
+
+        return rotate_command(config)
     if args.command == "revoke":
         return _revoke(config, args.revoke_jti, args.revoke_kid)
     try:

@@ -72,6 +72,14 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _host_list(text: str) -> str:
+    hosts = [h.strip().lower() for h in text.split(",") if h.strip()]
+    for host in hosts:
+        if "/" in host or ":" in host or " " in host:
+            raise ValueError("must be host names (or *.domain), comma-separated")
+    return ",".join(hosts)
+
+
 def _log_format(text: str) -> str:
     fmt = text.strip().lower()
     if fmt not in ("console", "json"):
@@ -218,6 +226,33 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "serve a non-loopback address without any credentials (anyone may do anything)",
     ),
+    Setting(
+        "webhook_allow_loopback",
+        _boolean,
+        True,
+        "allow http webhooks to localhost / 127.0.0.x (development); false forbids them",
+    ),
+    Setting(
+        "webhook_allowed_hosts",
+        _host_list,
+        "",
+        "if set, the only webhook hosts allowed (comma-separated; *.example.com for subdomains)",
+    ),
+    Setting("webhook_timeout", _positive_float, 10.0, "seconds one webhook call may take in all"),
+    Setting("webhook_concurrency", _positive_int, 64, "webhook calls in flight at once, per relay"),
+    Setting(
+        "subscription_poll_interval",
+        _positive_float,
+        0.25,
+        "seconds between looks for due subscription deliveries (retries, other relays' wakes)",
+    ),
+    Setting(
+        "public_url",
+        str,
+        "",
+        "base URL clients use to reach this relay (callback and JWKS URLs); default: the "
+        "request's own",
+    ),
 )
 
 
@@ -262,6 +297,12 @@ class Config:
     def auth_enabled(self) -> bool:
         """Credentials are checked once any key source is configured."""
         return bool(self.auth_api_keys or self.auth_jwt_keys or self.auth_jwks_url)
+    webhook_allow_loopback: bool = True
+    webhook_allowed_hosts: str = ""
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 64
+    subscription_poll_interval: float = 0.25
+    public_url: str = ""
 
 
 WORKERS_NEED_POSTGRES = (
@@ -302,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting; defaults stay None so the environment can apply."""
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        if setting.kind is _boolean:  # a bare switch; the environment takes true/false
+        if setting.kind is _boolean and setting.default is False:
+            # An off-by-default boolean is a bare switch; the environment takes true/false.
             parser.add_argument(
                 flag,
                 dest=setting.name,

@@ -37,9 +37,45 @@ class _StoreCollector(Collector):
         )
 
 
+class SubscriptionMetrics:
+    """Subscription delivery (sections 6-7): wakes, attempts by outcome, latency, retries,
+    lease expiries, and subscriptions whose last webhook attempt failed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.wakes = Counter(
+            "relay_subscription_wakes", "Wakes issued by this relay", registry=registry
+        )
+        self.deliveries = Counter(
+            "relay_subscription_deliveries",
+            "Delivery attempts (webhook POSTs, pull-wake events) by type and outcome",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "relay_subscription_delivery_seconds",
+            "Time one delivery attempt took",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.retries = Counter(
+            "relay_subscription_retries", "Delivery attempts after a failed one", registry=registry
+        )
+        self.lease_expiries = Counter(
+            "relay_subscription_lease_expiries",
+            "Leases that ran out before their wake finished",
+            registry=registry,
+        )
+        self.failed = Gauge(
+            "relay_subscriptions_failed",
+            "Subscriptions whose last webhook delivery failed (retry scheduled)",
+            registry=registry,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.subscriptions = SubscriptionMetrics(self.registry)
         self.requests = Counter(
             "relay_http_requests",
             "HTTP requests by method and status",

@@ -279,12 +279,42 @@ async def test_without_key_sources_nothing_is_asked(
     assert r.status == 200 and r.headers["Cache-Control"].startswith("public")
 
 
-async def test_the_reserved_prefix_is_left_to_its_own_routes(
+async def test_subscription_routes_use_the_same_grants(
     backend: Backend, aiohttp_client: ClientFactory, tmp_path: Path
 ) -> None:
-    """``__ds/`` is outside the stream route's access control (its API authorizes itself):
-    it answers 404 to everyone, as with access control off."""
+    """Managing ``__ds/subscriptions/<id>`` needs admin there, plus read on everything the
+    subscription watches (a pattern must lie inside a read grant) and append on its wake
+    stream; claiming its work needs append; the JWKS is public."""
     client, _ = await auth_client(aiohttp_client, backend, tmp_path)
-    for headers in ({}, bearer(ADMIN_KEY)):
-        r = await client.get(url("__ds/subscriptions"), headers=headers)
-        assert r.status == 404 and "WWW-Authenticate" not in r.headers
+    sub = url("__ds/subscriptions/w1")
+    body = {"type": "pull-wake", "pattern": "events/*", "wake_stream": "wake/pool"}
+    manage = {"path": "__ds/subscriptions/*", "actions": ["admin", "append"]}
+    reader = {"path": "events/**", "actions": ["read"]}
+    waker = {"path": "wake/*", "actions": ["append"]}
+    narrow = {"path": "events/one", "actions": ["read"]}
+
+    r = await client.put(sub, json=body)
+    assert r.status == 401 and "WWW-Authenticate" in r.headers
+    for grants in ([reader, waker], [manage, waker], [manage, reader], [manage, narrow, waker]):
+        r = await client.put(sub, json=body, headers=bearer(token(grants, aud=AUDIENCE)))
+        assert r.status == 403, grants
+    r = await client.put(
+        sub,
+        json={**body, "pattern": None, "streams": ["other/x"]},
+        headers=bearer(token([manage, reader, waker], aud=AUDIENCE)),
+    )
+    assert r.status == 403  # an explicit stream outside the read grant
+    allowed = bearer(token([manage, reader, waker], aud=AUDIENCE))
+    assert (await client.put(sub, json=body, headers=allowed)).status == 201
+    assert (await client.get(sub, headers=allowed)).status == 200
+    assert (await client.get(sub, headers=bearer(token([reader], aud=AUDIENCE)))).status == 403
+    r = await client.post(sub + "/streams", json={"streams": ["other/x"]}, headers=allowed)
+    assert r.status == 403
+    claim_only_admin = bearer(token([{**manage, "actions": ["admin"]}], aud=AUDIENCE))
+    assert (await client.post(sub + "/claim", json={}, headers=claim_only_admin)).status == 403
+    r = await client.post(sub + "/claim", json={"worker": "w"}, headers=allowed)
+    assert r.status not in (401, 403)  # past access control (nothing is pending: 409)
+    r = await client.get(url("__ds/jwks.json"))
+    assert r.status == 200 and r.content_type == "application/jwk-set+json"
+    assert (await client.delete(sub, headers=bearer(token([reader], aud=AUDIENCE)))).status == 403
+    assert (await client.delete(sub, headers=allowed)).status == 204

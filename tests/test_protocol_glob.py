@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import BadRequest
-from protocol.glob import compile_glob
+from protocol.glob import compile_glob, covers
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,24 @@ def test_many_double_stars_stay_cheap() -> None:
     """Backtracking is memoised, so a hostile pattern cannot make matching exponential."""
     pattern = "/".join(["**"] * 30 + ["z"])
     assert compile_glob(pattern)("/".join(["a"] * 60)) is False
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "expected"),
+    [
+        ("tenant-7/**", "tenant-7/chat/*", True),
+        ("tenant-7/**", "tenant-7/**", True),
+        ("tenant-7/**", "tenant-8/*", False),
+        ("tenant-7/*", "tenant-7/**", False),  # ** reaches deeper than one segment
+        ("tenant-7/*", "tenant-7/a", True),
+        ("tenant-7/a", "tenant-7/*", False),
+        ("**", "**", True),
+        ("*/chat/*", "x/chat/*", True),
+        ("*/chat/*", "x/chat/**", False),
+        ("a/**/z", "a/b/c/z", True),
+        ("a/**/z", "a/**/z", True),
+        ("a/**/z", "a/*/y", False),
+    ],
+)
+def test_covers_is_pattern_inclusion(outer: str, inner: str, expected: bool) -> None:
+    assert covers(outer, inner) is expected

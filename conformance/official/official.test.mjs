@@ -5,4 +5,4 @@ import { runConformanceTests } from "@durable-streams/server-conformance-tests"
 const baseUrl = process.env.CONFORMANCE_TEST_URL
 if (!baseUrl) throw new Error("set CONFORMANCE_TEST_URL to the server's base URL")
 
-runConformanceTests({ baseUrl })
+runConformanceTests({ baseUrl, subscriptions: true })

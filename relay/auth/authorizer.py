@@ -21,6 +21,7 @@ import jwt
 import structlog
 from aiohttp import web
 
+from protocol.glob import covers
 from relay.auth.errors import Forbidden, Reason, Unauthorized
 from relay.auth.grants import Action, Grant, GrantError, Principal, parse_grants
 from relay.auth.sources import (
@@ -348,6 +349,16 @@ class Authorizer:
         return Principal(subject, grants, kid, jti, expires_at, kind="jwt")
 
     # -- decisions -----------------------------------------------------------------------
+
+    def permit_pattern(self, principal: Principal, action: Action, pattern: str) -> None:
+        """Allow ``action`` on every path ``pattern`` could match (a subscription's glob), or
+        403: some grant for the action must cover the whole pattern."""
+        if not any(
+            action in grant.actions and covers(grant.pattern, pattern) for grant in principal.grants
+        ):
+            if self._on_failure is not None:
+                self._on_failure("forbidden")
+            raise Forbidden()
 
     def permit(self, principal: Principal, action: Action, path: str) -> Grant:
         """The grant allowing ``action`` on ``path`` (relative to ``/v1/stream/``), or 403."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from protocol.errors import ProtocolError
+from protocol.errors import Unauthorized as _Unauthorized
 
 Reason = Literal[
     "missing",
@@ -42,7 +43,7 @@ _MESSAGES: dict[Reason, str] = {
 }
 
 
-class Unauthorized(ProtocolError):
+class Unauthorized(_Unauthorized):
     """No usable credential (401). ``given`` says whether one was presented at all, which
     decides the ``error="invalid_token"`` part of ``WWW-Authenticate`` (RFC 6750 3.1)."""
 

@@ -18,6 +18,7 @@ from relay.store.base import Store
 
 if TYPE_CHECKING:
     from relay.auth.authorizer import Authorizer
+    from relay.subscriptions.service import Subscriptions
     from relay.workers import Worker
 
 
@@ -94,6 +95,7 @@ class Context:
     rng: random.Random = field(default_factory=random.Random)
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
     auth: Authorizer | None = None  # None: access control is off (loopback, no key source)
+    subscriptions: Subscriptions | None = None  # sections 6-7 (relay/subscriptions)
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)

@@ -26,10 +26,11 @@ from protocol.errors import (
     SequenceGap,
     StaleEpoch,
     StreamClosed,
+    Unauthorized,
     Unavailable,
 )
 from protocol.offsets import format_offset
-from relay.auth.errors import Forbidden, Unauthorized
+from relay.auth.errors import Forbidden
 
 log = structlog.get_logger("relay.http")
 
@@ -57,7 +58,9 @@ def _stale(exc: BaseException) -> dict[str, str]:
 
 def _challenge(exc: BaseException) -> dict[str, str]:
     assert isinstance(exc, Unauthorized)
-    return {"WWW-Authenticate": INVALID_TOKEN if exc.given else CHALLENGE}
+    # Access control says whether a credential was given; any other refusal (a callback
+    # token, say) was about a token that was.
+    return {"WWW-Authenticate": INVALID_TOKEN if getattr(exc, "given", True) else CHALLENGE}
 
 
 CHALLENGE = 'Bearer realm="relay"'
@@ -106,11 +109,13 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
         log.exception("unhandled error", method=request.method, path=request.path)
         status, code, message = 500, "internal", "internal server error"
         extra: dict[str, str] = {}
+        details: dict[str, object] = {}
     else:
         status, extra = found
         if isinstance(exc, ProtocolError):
-            code, message = exc.code, exc.message
+            code, message, details = exc.code, exc.message, exc.details()
         else:
+            details = {}
             code = "unavailable" if status == 503 else "overloaded"
             message = str(exc)
     # RFC 9110 lets caches keep some errors (404, 410) with no header saying so; a CDN would
@@ -118,7 +123,7 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     extra = {**extra, "Cache-Control": NO_STORE}
     if request.method == "HEAD":
         return web.Response(status=status, headers=extra)
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = orjson.dumps({"error": {"code": code, "message": message, **details}})
     return web.Response(status=status, headers=extra, body=body, content_type="application/json")
 
 

@@ -59,6 +59,8 @@ async def create(request: web.Request) -> web.Response:
     if result.created:
         out["Location"] = str(request.url.with_query(None))
         ctx.metrics.appended_bytes.inc(result.meta.tail - result.meta.fork_offset)
+        if ctx.subscriptions is not None:
+            ctx.subscriptions.on_append(path, result.meta.fork_offset)
     return web.Response(status=201 if result.created else 200, headers=out)
 
 
@@ -124,7 +126,16 @@ async def _append_and_publish(ctx: Context, path: str, request: AppendRequest) -
     if plan.write:
         ctx.hub.publish(meta.stream_id, result.start, plan.data, meta.tail, meta.closed)
         ctx.metrics.appended_bytes.inc(len(plan.data))
+        if plan.data and ctx.subscriptions is not None:
+            ctx.subscriptions.on_append(path, result.start)
     return result
+
+
+async def append_json(ctx: Context, path: str, message: bytes) -> None:
+    """Append one JSON message as the relay itself (pull-wake events), waking readers."""
+    data = jsonmode.encode_messages(message, allow_empty=False)
+    request = AppendRequest(content_type="application/json", data=data)
+    await asyncio.shield(_append_and_publish(ctx, path, request))
 
 
 async def delete(request: web.Request) -> web.Response:

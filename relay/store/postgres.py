@@ -317,6 +317,11 @@ class PostgresStore:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The database URL (subscription state shares the database, on its own pool)."""
+        return self._url
+
     async def open(self) -> None:
         try:
             conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)

@@ -132,6 +132,11 @@ class SqliteStore:
         self._lock_file: IO[str] | None = None
         self._stats = {"appends": 0, "rows_written": 0}
 
+    @property
+    def db_path(self) -> Path:
+        """The database file (subscription state shares it, on its own connection)."""
+        return self._db_path
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -1,0 +1,1 @@
+"""Subscriptions (PROTOCOL.md sections 6-7): routes, durable state, delivery, signing keys."""
