@@ -79,6 +79,15 @@ class RelayProcess:
                 self.proc.wait(timeout=10)
 
 
+def live_readers(exposition: str) -> float:
+    """Parked live readers of every mode, from a ``/metrics`` text."""
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in exposition.splitlines()
+        if line.startswith("relay_live_readers{")
+    )
+
+
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:
     """A stream's whole content over HTTP, chunk by chunk until up to date."""
     out, offset = bytearray(), "-1"

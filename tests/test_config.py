@@ -3,10 +3,14 @@ fail at start-up naming the setting; every setting is documented in ``--help``."
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from relay import cli
 from relay.config import SETTINGS, Config, ConfigError, env_name, parse
@@ -37,6 +41,10 @@ from relay.config import SETTINGS, Config, ConfigError, env_name, parse
         pytest.param(
             [], {"RELAY_MAX_CHUNK_BYTES": "4096"}, "max_chunk_bytes", 4096, id="env-chunk"
         ),
+        pytest.param([], {}, "log_format", "auto", id="default-log-format"),
+        pytest.param([], {}, "access_log", True, id="default-access-log"),
+        pytest.param(["--access-log", "off"], {}, "access_log", False, id="access-log-off"),
+        pytest.param([], {"RELAY_ACCESS_LOG": "False"}, "access_log", False, id="env-access-log"),
     ],
 )
 def test_settings_resolve_in_order(
@@ -58,6 +66,7 @@ def test_settings_resolve_in_order(
         pytest.param(["--log-level", "loud"], {}, "--log-level", id="level-unknown"),
         pytest.param([], {"RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT", id="format-unknown"),
         pytest.param(["--db-timeout", "-2"], {}, "--db-timeout", id="db-timeout"),
+        pytest.param(["--access-log", "maybe"], {}, "--access-log", id="access-log-word"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(
@@ -99,6 +108,24 @@ def test_migrate_without_a_database_url_explains_itself(
     assert "--database-url" in capsys.readouterr().err
 
 
-def test_migrate_applies_the_schema(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["migrate", "--database-url", pg_url]) == 0
-    assert "schema at version 1" in capsys.readouterr().out
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``relay migrate`` configures logging for the process; put the test process's back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_migrate_applies_the_schema(
+    pg_url: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    assert cli.main(["migrate", "--database-url", pg_url, "--log-format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {"event": "schema migrated", "version": 1}.items() <= lines[-1].items()

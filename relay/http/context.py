@@ -88,7 +88,8 @@ class Context:
     metrics: Metrics
     limits: Limits
     stopping: bool = False  # set when a stop begins; new requests get 503
-    debug: bool = False  # log a line per request (skipped, arguments and all, otherwise)
+    access_log: bool = False  # log a line per request (skipped, arguments and all, otherwise)
+    routes: dict[object, str] = field(default_factory=dict)  # route -> its metrics label
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings

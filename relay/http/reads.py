@@ -184,13 +184,13 @@ async def _long_poll(
     if meta.closed:
         return _tail_response(meta, status=204, cursor_value=None)
     ctx.limits.enter_reader()
-    ctx.metrics.live_readers.inc()
+    ctx.metrics.long_poll_readers.inc()
     try:
         with ctx.hub.subscribe(meta.stream_id) as sub:
             found = await _wait_for_data(ctx, sub, meta, position, ctx.config.long_poll_timeout)
     finally:
         ctx.limits.exit_reader()
-        ctx.metrics.live_readers.dec()
+        ctx.metrics.long_poll_readers.dec()
     if found is None or found.start == found.end:
         latest = replace(meta, tail=found.end if found else meta.tail)
         if found is not None and found.closed:
@@ -254,7 +254,7 @@ async def _sse(
         },
     )
     ctx.limits.enter_reader()
-    ctx.metrics.live_readers.inc()
+    ctx.metrics.sse_readers.inc()
     try:
         await response.prepare(request)
         loop = asyncio.get_running_loop()
@@ -304,7 +304,7 @@ async def _sse(
         pass  # the reader went away; it resumes from the last control event's offset
     finally:
         ctx.limits.exit_reader()
-        ctx.metrics.live_readers.dec()
+        ctx.metrics.sse_readers.dec()
     return response
 
 
