@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 import orjson
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
 
 def _dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
+
+
+class _Timestamp:
+    """ISO 8601 UTC with milliseconds, ``2026-01-02T03:04:05.678Z``. The part up to the second
+    is formatted once a second: structlog's TimeStamper builds a datetime per line, which was
+    the largest cost of an access log line (2.8 of 9 us)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: Any, _name: str, event: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return event
 
 
 def resolve_format(fmt: str, stream: TextIO) -> str:
@@ -39,7 +59,7 @@ def configure(level: str, fmt: str, stream: TextIO | None = None) -> str:
         if resolved == "json"
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
-    timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    timestamp = _Timestamp()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import (
@@ -107,6 +108,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        # process_cpu_seconds_total and friends: CPU per request is what operators watch.
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "relay_http_requests",
             "HTTP requests by method, route (stream, metrics, health, ready, other) and status",
@@ -172,6 +175,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+TIMESTAMPS = frozenset({"process_start_time_seconds"})
+"""Gauges holding a moment, not a count: summed over workers they would mean nothing."""
+
+
 class _Families(Collector):
     """Hands already built families to ``generate_latest``, which then renders them."""
 
@@ -187,8 +194,8 @@ def sum_expositions(texts: Sequence[str]) -> bytes:
 
     Counters, gauges and histogram buckets, sums and counts are summed per sample name and
     label set (every gauge Relay exports is a count, so the sum is the relay's total);
-    ``_created`` timestamps keep the earliest. Families and samples keep the order they
-    first appear in.
+    timestamps (``_created``, ``process_start_time_seconds``) keep the earliest. Families and
+    samples keep the order they first appear in.
     """
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
@@ -203,7 +210,8 @@ def sum_expositions(texts: Sequence[str]) -> bytes:
                 seen.setdefault(key, []).append(sample.value)
     for name, family in families.items():
         for (sample_name, labels), found in values[name].items():
-            value = min(found) if sample_name.endswith("_created") else sum(found)
+            earliest = sample_name.endswith("_created") or sample_name in TIMESTAMPS
+            value = min(found) if earliest else sum(found)
             family.add_sample(sample_name, dict(labels), value)
     registry = CollectorRegistry()
     registry.register(_Families(list(families.values())))

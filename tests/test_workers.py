@@ -174,7 +174,15 @@ def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
         if (s.name, frozenset(s.labels.items())) == created
     ]
     assert got[created] == min(firsts)  # a timestamp: the earliest, not a sum
-    assert sum_expositions([one.render().decode()]) == one.render()
+    started = [
+        s.value
+        for f in text_string_to_metric_families(one.render().decode())
+        for s in f.samples
+        if s.name == "process_start_time_seconds"
+    ]
+    assert got[("process_start_time_seconds", frozenset())] == started[0]  # not doubled
+    alone = one.render()  # once: process CPU time moves between renders
+    assert sum_expositions([alone.decode()]) == alone
 
 
 async def test_appends_spread_over_both_workers_and_metrics_add_up(relay: RelayProcess) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from structlog.typing import FilteringBoundLogger
 
 from protocol.errors import Overloaded, PayloadTooLarge, Unavailable
 from relay.config import Config
@@ -88,7 +89,7 @@ class Context:
     metrics: Metrics
     limits: Limits
     stopping: bool = False  # set when a stop begins; new requests get 503
-    access_log: bool = False  # log a line per request (skipped, arguments and all, otherwise)
+    access_log: FilteringBoundLogger | None = None  # where request lines go, if anywhere
     routes: dict[object, str] = field(default_factory=dict)  # route -> its metrics label
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
