@@ -4,13 +4,10 @@ fail at start-up naming the setting; every setting is documented in ``--help``."
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
-import structlog
 
 from relay import cli
 from relay.config import SETTINGS, Config, ConfigError, env_name, parse
@@ -106,21 +103,6 @@ def test_migrate_without_a_database_url_explains_itself(
     monkeypatch.delenv("RELAY_DATABASE_URL", raising=False)
     assert cli.main(["migrate"]) == 2
     assert "--database-url" in capsys.readouterr().err
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """``relay migrate`` configures logging for the process; put the test process's back."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
 
 
 def test_migrate_applies_the_schema(
