@@ -18,7 +18,7 @@ from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from protocol.model import Segment, StreamMeta
 from relay.config import Config
 from relay.http import reads, writes
-from relay.http.context import CONTEXT, Context, Limits
+from relay.http.context import CONTEXT, REQUEST_ID, Context, Limits
 from relay.http.errors import Handler, error_response
 from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
@@ -100,7 +100,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-REQUEST_ID = web.RequestKey("relay_request_id", str)
 REQUEST_ID_HEADER = "X-Request-Id"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}").fullmatch
 """An incoming X-Request-Id is kept only if short and plain, as it lands in logs and headers."""

@@ -97,6 +97,8 @@ class Context:
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)
+REQUEST_ID = web.RequestKey("relay_request_id", str)
+"""The request's id (the client's sane X-Request-Id, or ours), set by the front middleware."""
 
 
 def context(request: web.Request) -> Context:
