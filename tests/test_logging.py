@@ -8,7 +8,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +147,24 @@ def test_auto_is_console_on_a_terminal(restore_logging: None) -> None:
             json.loads(line)
     assert "for people" in lines[0] and "n=1" in lines[0]
     assert "stdlib too" in lines[1]
+
+
+def test_a_relay_that_cannot_start_says_why_in_a_json_line(tmp_path: Path) -> None:
+    holder = RelayProcess(tmp_path / "data")
+    holder.start()  # holds the data directory
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "--port", "0"],
+            env={**os.environ, "RELAY_DATA_DIR": str(tmp_path / "data")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        holder.stop()
+    assert second.returncode == 1
+    assert second.stdout == ""
+    (line,) = parse(second.stderr)
+    assert line["level"] == "error"
+    assert line["event"] == "cannot start"
+    assert "another relay is using" in line["reason"]
