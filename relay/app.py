@@ -140,15 +140,17 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     request[REQUEST_ID] = rid = request_id(request)
+    raised: web.HTTPException | None = None
     try:
         check_host(request)
         if ctx.stopping:  # requests still arriving on open connections get 503, not a reset
             raise Unavailable("relay is shutting down")
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status != 404 or request.method == "HEAD":
-            raise
-        response = error_response(request, NotFound("no such resource"))
+        if exc.status == 404 and request.method != "HEAD":
+            response = error_response(request, NotFound("no such resource"))
+        else:  # aiohttp's own answer (405, HEAD 404): sent, counted and logged here, then
+            response = raised = exc  # re-raised, as aiohttp wants it raised, not returned
     except Exception as exc:
         response = error_response(request, exc)
     if ctx.stopping:
@@ -171,6 +173,8 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
             bytes=response.body_length,
             request_id=rid,
         )
+    if raised is not None:
+        raise raised
     return response
 
 
@@ -297,7 +301,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     app.router.add_get("/health", healthz)  # what older scripts and probes ask for
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    ctx.routes = {route: ROUTE_LABELS[route.handler] for route in app.router.routes()}
+    ctx.routes = {route: ROUTE_LABELS.get(route.handler, "other") for route in app.router.routes()}
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app

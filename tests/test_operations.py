@@ -85,6 +85,10 @@ async def traffic(client: TestClient) -> None:
     ttl = {**TEXT, "Stream-TTL": "1"}
     assert (await client.put("/v1/stream/brief", headers=ttl)).status == 201
     assert (await client.get("/nowhere")).status == 404
+    assert (await client.head("/nowhere")).status == 404
+    not_allowed = await client.post("/healthz")
+    assert not_allowed.status == 405
+    assert not_allowed.headers["X-Request-Id"]
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
 
@@ -213,6 +217,8 @@ async def test_requests_are_counted_by_route_and_timed_by_kind(
     assert value(got, count, method="DELETE", route="stream", status="204") == 1
     assert value(got, count, method="GET", route="stream", status="204") == 1  # the long-poll
     assert value(got, count, method="GET", route="other", status="404") == 1
+    assert value(got, count, method="HEAD", route="other", status="404") == 1
+    assert value(got, count, method="POST", route="other", status="405") == 1
     assert value(got, count, method="GET", route="health", status="200") == 1
     assert value(got, count, method="GET", route="ready", status="200") == 1
     assert value(got, count, method="GET", route="metrics", status="200") >= 1
