@@ -203,6 +203,13 @@ async def test_every_metric_the_dashboard_queries_is_exported(
         assert not POSTGRES_ONLY & exported  # what SQLite has not, it does not pretend to
     else:
         assert not wanted - exported
+        got = await samples(client)
+        assert value(got, "relay_store_pool_connections") >= 1
+        assert (
+            0
+            <= value(got, "relay_store_pool_connections_in_use")
+            <= value(got, "relay_store_pool_connections")
+        )
 
 
 async def test_requests_are_counted_by_route_and_timed_by_kind(
