@@ -32,16 +32,18 @@ class _Timestamp:
     the largest cost of an access log line (2.8 of 9 us)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its text), swapped whole: threads log too
 
     def __call__(self, _logger: Any, _name: str, event: EventDict) -> EventDict:
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
+        event["timestamp"] = f"{cached[1]}.{int((now - second) * 1000):03d}Z"
         return event
 
 
