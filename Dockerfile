@@ -14,5 +14,5 @@ USER relay
 ENV RELAY_HOST=0.0.0.0 RELAY_PORT=4437 RELAY_DATA_DIR=/data RELAY_LOG_FORMAT=json
 EXPOSE 4437
 VOLUME ["/data"]
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:4437/health', timeout=2)" || exit 1
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:4437/healthz', timeout=2)" || exit 1
 ENTRYPOINT ["relay", "serve"]

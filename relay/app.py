@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -18,11 +21,11 @@ from relay.auth.authorizer import Authorizer
 from relay.auth.http import authorize_stream
 from relay.config import Config
 from relay.http import reads, writes
-from relay.http.context import CONTEXT, Context, Limits
+from relay.http.context import CONTEXT, REQUEST_ID, Context, Limits
 from relay.http.errors import Handler, error_response
 from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
-from relay.metrics import Metrics
+from relay.metrics import CONTENT_TYPE, Metrics
 from relay.store.base import Store
 from relay.subscriptions import routes as subscription_routes
 from relay.subscriptions.db import Database, PostgresDatabase, SqliteDatabase
@@ -89,11 +92,26 @@ def _without_handler(request: web.Request) -> web.Response:
     raise MethodNotAllowed(request.method, ALLOWED_METHODS)
 
 
-async def health(request: web.Request) -> web.Response:
+_PROBE_HEADERS = {"Cache-Control": "no-store"}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves requests (``/health`` is the same)."""
     worker = request.app[CONTEXT].worker
-    if worker is None:
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": "ok", "worker": worker.index})  # who served this
+    body: dict[str, object] = {"status": "ok"}
+    if worker is not None:
+        body["worker"] = worker.index  # who served this
+    return web.json_response(body, headers=_PROBE_HEADERS)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: storage reachable and its schema current, else 503 with the reason."""
+    reason = await request.app[CONTEXT].store.ready()
+    if reason is None:
+        return web.json_response({"status": "ready"}, headers=_PROBE_HEADERS)
+    return web.json_response(
+        {"status": "unavailable", "reason": reason}, status=503, headers=_PROBE_HEADERS
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -101,41 +119,96 @@ async def metrics(request: web.Request) -> web.Response:
     body = ctx.metrics.render()
     if ctx.worker is not None:
         body = await ctx.worker.add_up(body)
-    return web.Response(body=body, content_type="text/plain")
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}").fullmatch
+"""An incoming X-Request-Id is kept only if short and plain, as it lands in logs and headers."""
+_REQUEST_IDS = itertools.count(1)
+_ID_PREFIX = secrets.token_hex(4)  # per process: workers and restarts never share ids
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id if sane, else a new one (a process prefix and a counter:
+    unique without a syscall per request)."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and _SANE_REQUEST_ID(given):
+        return given
+    return f"{_ID_PREFIX}-{next(_REQUEST_IDS):x}"
+
+
+_LIVE_KIND = {"long-poll": "long-poll", "sse": "sse"}
+_WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})
+
+
+def request_kind(request: web.Request, route: str) -> str:
+    """How a request is timed: write, read (catch-up), long-poll, sse or other. Live reads
+    are held open by design, so they are timed apart from requests that should be quick."""
+    if route != "stream":
+        return "other"
+    method = request.method
+    if method == "GET":  # the handler has parsed (and cached) the query already
+        return _LIVE_KIND.get(request.query.get("live", ""), "read")
+    if method == "HEAD":
+        return "read"
+    return "write" if method in _WRITE_METHODS else "other"
 
 
 @web.middleware
 async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """What every request passes through, in one frame: Host check, admission while stopping,
-    the error table, metrics and the debug log line."""
+    """What every request passes through, in one frame: request id, Host check, admission
+    while stopping, the error table, sending the body, metrics and the access log line."""
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
+    request[REQUEST_ID] = rid = request_id(request)
+    raised: web.HTTPException | None = None
     try:
         check_host(request)
         if ctx.stopping:  # requests still arriving on open connections get 503, not a reset
             raise Unavailable("relay is shutting down")
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status != 404 or request.method == "HEAD":
-            raise
-        response = error_response(request, NotFound("no such resource"))
+        if exc.status == 404 and request.method != "HEAD":
+            response = error_response(request, NotFound("no such resource"))
+        else:  # aiohttp's own answer (405, HEAD 404): sent, counted and logged here, then
+            response = raised = exc  # re-raised, as aiohttp wants it raised, not returned
     except Exception as exc:
         response = error_response(request, exc)
     if ctx.stopping:
         response.force_close()  # clients reconnect elsewhere rather than race our close
-    if not response.prepared:
-        await _write_bounded(request, response, ctx.config.write_timeout)
+    # Prepared ones (SSE) too: their end is sent here, bounded, and their length known.
+    await _write_bounded(request, response, ctx.config.write_timeout)
     elapsed = time.perf_counter() - started
-    ctx.metrics.observe_request(request.method, response.status, elapsed)
-    if ctx.debug:
-        log.debug(
+    route = ctx.routes.get(request.match_info.route, "other")
+    status = response.status
+    ctx.metrics.observe_request(
+        request.method, route, status, request_kind(request, route), elapsed
+    )
+    if ctx.access_log is not None:  # paths only: query strings may carry tokens
+        ctx.access_log.info(
             "request",
             method=request.method,
             path=request.path,
-            status=response.status,
-            ms=round(elapsed * 1000, 2),
+            status=status,
+            ms=round(elapsed * 1000, 3),
+            bytes=response.body_length,
+            request_id=rid,
         )
+    if raised is not None:
+        raise raised
     return response
+
+
+ROUTE_LABELS: dict[object, str] = {
+    stream: "stream",
+    guarded_stream: "stream",
+    subscription_routes.control: "subscriptions",
+    healthz: "health",
+    readyz: "ready",
+    metrics: "metrics",
+}
+"""The ``route`` label of each handler's requests; anything unrouted is ``other``."""
 
 
 def begin_shutdown(app: web.Application) -> None:
@@ -197,6 +270,9 @@ def _cors_and_security(config: Config) -> object:
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         out = response.headers
+        rid = request.get(REQUEST_ID)
+        if rid is not None:
+            out[REQUEST_ID_HEADER] = rid
         out["X-Content-Type-Options"] = "nosniff"
         out["Cross-Origin-Resource-Policy"] = "cross-origin"
         origin = request.headers.get("Origin")
@@ -235,7 +311,10 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         store=the_store,
         hub=hub,
         metrics=metrics_,
-        debug=config.log_level == "debug",
+        # Bound once (a lazy proxy costs a bind per call); None skips the line, arguments and all.
+        access_log=structlog.get_logger("relay.access").bind()
+        if config.access_log and config.log_level in ("debug", "info")
+        else None,
         limits=Limits(
             config.max_inflight_writes, config.max_live_readers, config.max_inflight_write_bytes
         ),
@@ -250,8 +329,12 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     app.router.add_route(
         "*", r"/v1/stream/{path:[\s\S]*}", stream if auth is None else guarded_stream
     )
-    app.router.add_get("/health", health)
+    # Probes and metrics sit outside the stream routes, so access control never covers them.
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", healthz)  # what older scripts and probes ask for
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    ctx.routes = {route: ROUTE_LABELS.get(route.handler, "other") for route in app.router.routes()}
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -310,7 +393,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if ctx.auth is not None:
         await ctx.auth.open()
     reaper = asyncio.create_task(_reap_forever(ctx), name="reaper")
-    log.info("relay started", store=type(ctx.store).__name__, auth=ctx.auth is not None)
     yield
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -326,6 +408,8 @@ async def _reap_forever(ctx: Context) -> None:
     while True:
         await asyncio.sleep(ctx.config.reap_interval)
         try:
-            await ctx.store.reap(ctx.clock())
+            expired = await ctx.store.reap(ctx.clock())
+            if expired:
+                ctx.metrics.streams_expired.inc(expired)
         except Exception:
             log.exception("reaper failed")

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
+
 from relay import config as config_mod
 
 if TYPE_CHECKING:
@@ -103,15 +105,24 @@ def _serve(config: config_mod.Config, worker: WorkerSpec | None = None) -> int:
         from relay.workers import supervise
 
         return supervise(config)
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(_serve_until_signalled(config, worker))
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop, handed to ``asyncio.Runner`` (the supported way since Python 3.11; no
+    event-loop policy is installed), or None for asyncio's own where uvloop is missing."""
     try:
         import uvloop
-
-        loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve_until_signalled(config, worker))
+        return None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop.Loop`` or ``asyncio.unix_events._UnixSelectorEventLoop``: what serves us."""
+    kind = type(loop)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | None = None) -> int:
@@ -127,6 +138,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     import structlog
     from aiohttp import web
 
+    from relay import __version__
     from relay.app import begin_shutdown, make_app
     from relay.http.context import CONTEXT
     from relay.store.base import StoreStartupError
@@ -148,7 +160,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     try:
         await runner.setup()
     except StoreStartupError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        log.error("cannot start", reason=str(exc))
         return 1
     try:
         stop = asyncio.Event()
@@ -161,7 +173,15 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
             # After the public site: once every worker's private port is known (the summed
             # /metrics answers 200), every worker is serving the public port.
             await worker.start(app[CONTEXT].metrics.render)
-        log.info("listening", url=site.name)
+        log.info(
+            "relay started",
+            url=site.name,
+            store="postgres" if config.database_url else "sqlite",
+            version=__version__,
+            loop=loop_name(asyncio.get_running_loop()),
+            auth=config.auth_enabled,
+            pid=os.getpid(),
+        )
         await stop.wait()
         begin_shutdown(app)
         await site.stop()
@@ -170,7 +190,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
         await runner.cleanup()
         if worker is not None:
             await worker.close()
-    log.info("stopped")
+    log.info("relay stopped")
     return 0
 
 
@@ -228,10 +248,12 @@ def _migrate(config: config_mod.Config) -> int:
     if not config.database_url:
         print("relay: migrate needs --database-url or RELAY_DATABASE_URL", file=sys.stderr)
         return 2
+    from relay.logging import configure
     from relay.store.postgres import migrate
 
+    configure(config.log_level, config.log_format)
     applied = asyncio.run(migrate(config.database_url))
-    print(f"schema at version {applied}")
+    structlog.get_logger("relay").info("schema migrated", version=applied)
     return 0
 
 

@@ -82,9 +82,22 @@ def _host_list(text: str) -> str:
 
 def _log_format(text: str) -> str:
     fmt = text.strip().lower()
-    if fmt not in ("console", "json"):
-        raise ValueError("must be console or json")
+    if fmt not in ("auto", "console", "json"):
+        raise ValueError("must be auto, console or json")
     return fmt
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("must be on or off (true/false, yes/no, 1/0)")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -180,7 +193,18 @@ SETTINGS: tuple[Setting, ...] = (
         "allowed browser origins, comma-separated, or * for any",
     ),
     Setting("log_level", _log_level, "info", "debug, info, warning or error"),
-    Setting("log_format", _log_format, "console", "console or json"),
+    Setting(
+        "log_format",
+        _log_format,
+        "auto",
+        "json (one JSON object a line), console, or auto: console on a terminal, else json",
+    ),
+    Setting(
+        "access_log",
+        _switch,
+        True,
+        "log one line per request at info (method, path, status, duration, bytes, request id)",
+    ),
     Setting(
         "db_timeout",
         _non_negative_float,
@@ -281,7 +305,8 @@ class Config:
     reap_interval: float = 0.5
     cors_origins: str = "*"
     log_level: str = "info"
-    log_format: str = "console"
+    log_format: str = "auto"
+    access_log: bool = True
     db_timeout: float = 5.0
     shutdown_timeout: float = 10.0
     auth_api_keys: str = ""

@@ -1,40 +1,107 @@
-"""Prometheus metrics. Each app owns a registry, so tests can run many apps in one process."""
+"""Prometheus metrics. Each app owns a registry, so tests can run many apps in one process.
+
+Request metrics are observed by the ``front`` middleware through children bound once per
+label set (a label lookup per request is measurable). Store metrics are read at scrape time
+from ``Store.stats()``, so the stores stay free of this library and pay nothing per request.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from relay.auth.errors import REASONS, Reason
-from relay.store.base import Store
+from relay.store.base import Distribution, Store
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""What ``/metrics`` answers with: the text format version this library renders."""
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"})
+"""Methods kept as label values; any other (client-chosen) counts as ``other``."""
+
+LIVE_KINDS = frozenset({"long-poll", "sse"})
+"""Request kinds timed by the live-read histogram: held open by design, not slow."""
+
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LIVE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _histogram(name: str, doc: str, dist: Distribution) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], dist.cumulative(), dist.total)
+    return family
 
 
 class _StoreCollector(Collector):
-    """Reads the store's plain counters at scrape time."""
+    """Reads the store's counters at scrape time. Backend-only figures (pool, LISTEN,
+    compaction) appear only where the backend has them."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         stats = self._store.stats()
         yield CounterMetricFamily("relay_store_commits", "Transactions committed", stats.commits)
         yield CounterMetricFamily("relay_store_appends", "Appends committed", stats.appends)
         yield CounterMetricFamily(
             "relay_store_rows_written", "Data rows written", stats.rows_written
         )
-        yield CounterMetricFamily(
-            "relay_store_rows_compacted", "Data rows merged by compaction", stats.rows_compacted
-        )
-        sizes = stats.batch_sizes
-        mean = sum(sizes) / len(sizes) if sizes else 0.0
         yield GaugeMetricFamily(
-            "relay_store_batch_size_mean", "Mean operations per commit, recent batches", mean
+            "relay_store_queue_depth", "Writes waiting for a group commit", stats.queue_depth
         )
+        errors = CounterMetricFamily(
+            "relay_store_errors",
+            "Storage failures: unavailable (operations answered 503, database unreachable), "
+            "failed (transactions that failed otherwise and were re-run one by one)",
+            labels=["kind"],
+        )
+        errors.add_metric(["unavailable"], stats.unavailable)
+        errors.add_metric(["failed"], stats.failed)
+        yield errors
+        yield _histogram(
+            "relay_store_batch_operations", "Operations per group commit", stats.batch_ops
+        )
+        yield _histogram(
+            "relay_store_commit_duration_seconds",
+            "Time to apply and commit one group-commit batch",
+            stats.commit_seconds,
+        )
+        optional = (
+            ("relay_store_compacted_rows", "Rows merged away by compaction", stats.rows_compacted),
+            ("relay_store_compacted_bytes", "Bytes compaction rewrote", stats.bytes_compacted),
+            ("relay_store_compaction_passes", "Compaction passes run", stats.compaction_passes),
+            ("relay_store_listen_reconnects", "LISTEN reconnections", stats.listen_reconnects),
+        )
+        for name, doc, value in optional:
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value)
+        if stats.pool_in_use is not None:
+            yield GaugeMetricFamily(
+                "relay_store_pool_connections_in_use",
+                "Database pool connections lent out",
+                stats.pool_in_use,
+            )
+        if stats.pool_size is not None:
+            yield GaugeMetricFamily(
+                "relay_store_pool_connections", "Database pool connections open", stats.pool_size
+            )
 
 
 class SubscriptionMetrics:
@@ -73,48 +140,75 @@ class SubscriptionMetrics:
 
 
 class Metrics:
+    """The app's registry and the instruments handlers touch."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.subscriptions = SubscriptionMetrics(self.registry)
+        self.registry = registry = CollectorRegistry()
+        # process_cpu_seconds_total and friends: CPU per request is what operators watch.
+        ProcessCollector(registry=registry)
+        self.subscriptions = SubscriptionMetrics(registry)
         self.requests = Counter(
             "relay_http_requests",
-            "HTTP requests by method and status",
-            ["method", "status"],
-            registry=self.registry,
+            "HTTP requests by method, route (stream, metrics, health, ready, other) and status",
+            ["method", "route", "status"],
+            registry=registry,
         )
-        self.latency = Histogram(
-            "relay_http_request_seconds",
-            "Time to first byte of the response, by method",
-            ["method"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        self.duration = Histogram(
+            "relay_http_request_duration_seconds",
+            "Time to answer a request, body sent, by kind (write, read: catch-up reads, other); "
+            "live reads are in relay_http_live_read_duration_seconds",
+            ["kind"],
+            registry=registry,
+            buckets=REQUEST_BUCKETS,
         )
-        self.appended_bytes = Counter(
-            "relay_appended_bytes", "Bytes appended", registry=self.registry
+        self.live_duration = Histogram(
+            "relay_http_live_read_duration_seconds",
+            "How long a live read (long-poll or SSE) was held, by mode",
+            ["mode"],
+            registry=registry,
+            buckets=LIVE_BUCKETS,
         )
-        self.live_readers = Gauge(
-            "relay_live_readers", "Parked long-poll and SSE readers", registry=self.registry
+        self.appended_bytes = Counter("relay_appended_bytes", "Bytes appended", registry=registry)
+        live = Gauge(
+            "relay_live_readers", "Parked live readers, by mode", ["mode"], registry=registry
         )
         auth_failures = Counter(
             "relay_auth_failures",
             "Requests refused by access control (and live readers cut off), by reason",
             ["reason"],
-            registry=self.registry,
+            registry=registry,
         )
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in REASONS}
+        self.long_poll_readers = live.labels("long-poll")
+        self.sse_readers = live.labels("sse")
+        self.streams_created = Counter(
+            "relay_streams_created", "Streams created (forks included)", registry=registry
+        )
+        self.streams_deleted = Counter(
+            "relay_streams_deleted", "Streams deleted by request", registry=registry
+        )
+        self.streams_expired = Counter(
+            "relay_streams_expired", "Streams removed on expiry (TTL or Expires-At)",
+            registry=registry,
+        )  # fmt: skip
+        self._bound: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
 
-        # Children bound once per (method, status): a label lookup per request is measurable.
-        self._bound: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
-
-    def observe_request(self, method: str, status: int, seconds: float) -> None:
-        bound = self._bound.get((method, status))
+    def observe_request(
+        self, method: str, route: str, status: int, kind: str, seconds: float
+    ) -> None:
+        """Count and time one request; ``kind`` is write, read, other, long-poll or sse."""
+        key = (method, route, status, kind)
+        bound = self._bound.get(key)
         if bound is None:
             if len(self._bound) > 1000:  # methods are client-chosen: bound the table
                 self._bound.clear()
-            bound = self._bound[(method, status)] = (
-                self.requests.labels(method, str(status)),
-                self.latency.labels(method),
+            label = method if method in METHODS else "other"
+            timer = (
+                self.live_duration.labels(kind)
+                if kind in LIVE_KINDS
+                else self.duration.labels(kind)
             )
+            bound = self._bound[key] = (self.requests.labels(label, route, str(status)), timer)
         bound[0].inc()
         bound[1].observe(seconds)
 
@@ -128,8 +222,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-AVERAGED = frozenset({"relay_store_batch_size_mean"})
-"""Gauges that are means: summed over workers they would mean nothing, so they are averaged."""
+TIMESTAMPS = frozenset({"process_start_time_seconds"})
+"""Gauges holding a moment, not a count: summed over workers they would mean nothing."""
 
 
 class _Families(Collector):
@@ -146,8 +240,9 @@ def sum_expositions(texts: Sequence[str]) -> bytes:
     """One exposition adding up several processes' own (``relay serve --workers``).
 
     Counters, gauges and histogram buckets, sums and counts are summed per sample name and
-    label set; ``_created`` timestamps keep the earliest and the gauges in ``AVERAGED`` are
-    averaged. Families and samples keep the order they first appear in.
+    label set (every gauge Relay exports is a count, so the sum is the relay's total);
+    timestamps (``_created``, ``process_start_time_seconds``) keep the earliest. Families and
+    samples keep the order they first appear in.
     """
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
@@ -162,12 +257,8 @@ def sum_expositions(texts: Sequence[str]) -> bytes:
                 seen.setdefault(key, []).append(sample.value)
     for name, family in families.items():
         for (sample_name, labels), found in values[name].items():
-            if sample_name.endswith("_created"):
-                value = min(found)
-            elif sample_name in AVERAGED:
-                value = sum(found) / len(found)
-            else:
-                value = sum(found)
+            earliest = sample_name.endswith("_created") or sample_name in TIMESTAMPS
+            value = min(found) if earliest else sum(found)
             family.add_sample(sample_name, dict(labels), value)
     registry = CollectorRegistry()
     registry.register(_Families(list(families.values())))

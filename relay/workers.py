@@ -35,7 +35,7 @@ from aiohttp import web
 
 from protocol.errors import Unavailable
 from relay.config import SETTINGS, Config, env_name
-from relay.metrics import sum_expositions
+from relay.metrics import CONTENT_TYPE, sum_expositions
 
 log = structlog.get_logger("relay")
 
@@ -194,7 +194,7 @@ class Worker:
         """Serve ``/metrics/local`` on a private loopback port and publish that port."""
 
         async def metrics_local(request: web.Request) -> web.Response:
-            return web.Response(body=render_local(), content_type="text/plain")
+            return web.Response(body=render_local(), headers={"Content-Type": CONTENT_TYPE})
 
         private = web.Application()
         private.router.add_get("/metrics/local", metrics_local)

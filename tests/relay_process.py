@@ -24,10 +24,13 @@ def free_port() -> int:
 class RelayProcess:
     """A relay subprocess on a fixed port, restartable on the same data."""
 
-    def __init__(self, data_dir: Path, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *extra: str, port: int | None = None, log: Path | None = None
+    ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
-        self.extra = extra
+        self.extra = extra  # after the defaults, so e.g. a --log-level here wins
+        self.log = log  # where its stderr (the log) goes; inherited when None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,7 +40,11 @@ class RelayProcess:
     def start(self, timeout: float = 20.0) -> None:
         command = [sys.executable, "-m", "relay", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), "--log-level", "warning", *self.extra]
-        self.proc = subprocess.Popen(command, env=dict(os.environ))
+        if self.log is None:
+            self.proc = subprocess.Popen(command, env=dict(os.environ))
+        else:
+            with self.log.open("ab") as sink:
+                self.proc = subprocess.Popen(command, env=dict(os.environ), stderr=sink)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,6 +84,15 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+def live_readers(exposition: str) -> float:
+    """Parked live readers of every mode, from a ``/metrics`` text."""
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in exposition.splitlines()
+        if line.startswith("relay_live_readers{")
+    )
 
 
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:

@@ -3,6 +3,7 @@ fail at start-up naming the setting; every setting is documented in ``--help``."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,10 @@ from relay.config import SETTINGS, Config, ConfigError, check_serving, env_name,
             "hooks.example.com,*.partner.io",
             id="allowed-hosts-normalized",
         ),
+        pytest.param([], {}, "log_format", "auto", id="default-log-format"),
+        pytest.param([], {}, "access_log", True, id="default-access-log"),
+        pytest.param(["--access-log", "off"], {}, "access_log", False, id="access-log-off"),
+        pytest.param([], {"RELAY_ACCESS_LOG": "False"}, "access_log", False, id="env-access-log"),
     ],
 )
 def test_settings_resolve_in_order(
@@ -80,6 +85,7 @@ def test_settings_resolve_in_order(
             id="hosts-not-urls",
         ),
         pytest.param(["--webhook-concurrency", "0"], {}, "--webhook-concurrency", id="conc"),
+        pytest.param(["--access-log", "maybe"], {}, "--access-log", id="access-log-word"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(
@@ -121,12 +127,15 @@ def test_migrate_without_a_database_url_explains_itself(
     assert "--database-url" in capsys.readouterr().err
 
 
-def test_migrate_applies_the_schema(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["migrate", "--database-url", pg_url]) == 0
+def test_migrate_applies_the_schema(
+    pg_url: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    assert cli.main(["migrate", "--database-url", pg_url, "--log-format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     from relay.store.common import numbered_sql
 
     newest = numbered_sql("postgres")[-1][0]
-    assert f"schema at version {newest}" in capsys.readouterr().out
+    assert {"event": "schema migrated", "version": newest}.items() <= lines[-1].items()
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ throws arbitrary header values at every method and checks no answer is a 5xx.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pytest_aiohttp import AiohttpServer
 
 from relay.app import make_app
 from relay.config import Config
@@ -27,19 +27,15 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-async def port(tmp_path: Path) -> AsyncIterator[int]:
+async def port(tmp_path: Path, aiohttp_server: AiohttpServer) -> int:
     config = Config(
         data_dir=str(tmp_path), max_body_bytes=1000, max_path_length=64, long_poll_timeout=0.2
     )
-    server = TestServer(make_app(config, SqliteStore(tmp_path)))
-    await server.start_server()
+    server = await aiohttp_server(make_app(config, SqliteStore(tmp_path)))
     assert server.port is not None
     for path, headers in (("/v1/stream/text", TEXT), ("/v1/stream/json", JSON)):
         assert (await raw_request(server.port, "PUT", path, headers)).status == 201
-    try:
-        yield server.port
-    finally:
-        await server.close()
+    return server.port
 
 
 REJECTIONS = [

@@ -6,10 +6,8 @@ Requests go over a raw socket (tests/raw_http.py) so nothing normalizes them on 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from relay.app import make_app
 from relay.config import Config
@@ -25,20 +23,16 @@ TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture
-async def port(backend: Backend) -> AsyncIterator[int]:
+async def port(backend: Backend, aiohttp_server: AiohttpServer) -> int:
     """A relay on each backend, with one text stream at ``/v1/stream/text``."""
     config = Config(data_dir=str(backend.data_dir), long_poll_timeout=0.2)
     store: Store = (
         SqliteStore(backend.data_dir) if backend.url is None else PostgresStore(backend.url)
     )
-    server = TestServer(make_app(config, store))  # the app opens and closes the store
-    await server.start_server()
+    server = await aiohttp_server(make_app(config, store))  # the app opens and closes the store
     assert server.port is not None
-    try:
-        assert (await raw_request(server.port, "PUT", "/v1/stream/text", TEXT)).status == 201
-        yield server.port
-    finally:
-        await server.close()
+    assert (await raw_request(server.port, "PUT", "/v1/stream/text", TEXT)).status == 201
+    return server.port
 
 
 # (id, Stream-Expires-At, the value echoed back, or None when the answer must be 400)

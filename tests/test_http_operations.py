@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
@@ -17,15 +17,14 @@ from relay.store.sqlite import SqliteStore
 TEXT = {"Content-Type": "text/plain"}
 
 
-async def _client(tmp_path: Path, **settings: object) -> TestClient:
+async def _client(aiohttp_client: AiohttpClient, tmp_path: Path, **settings: object) -> TestClient:
     config = Config(data_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
-    return TestClient(TestServer(make_app(config, SqliteStore(tmp_path))))
+    return await aiohttp_client(make_app(config, SqliteStore(tmp_path)))
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
-    async with await _client(tmp_path) as opened:
-        yield opened
+async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> TestClient:
+    return await _client(aiohttp_client, tmp_path)
 
 
 async def test_health(client: TestClient) -> None:
@@ -72,26 +71,30 @@ async def test_preflight_allows_protocol_methods_and_headers(client: TestClient)
     assert "producer-epoch" in allowed and "x-custom" in allowed
 
 
-async def test_a_configured_origin_list_is_enforced(tmp_path: Path) -> None:
-    async with await _client(tmp_path, cors_origins="https://ok.example") as client:
-        ok = await client.get("/health", headers={"Origin": "https://ok.example"})
-        assert ok.headers["Access-Control-Allow-Origin"] == "https://ok.example"
-        assert ok.headers["Vary"] == "Origin"
-        other = await client.get("/health", headers={"Origin": "https://evil.example"})
-        assert "Access-Control-Allow-Origin" not in other.headers
+async def test_a_configured_origin_list_is_enforced(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
+    client = await _client(aiohttp_client, tmp_path, cors_origins="https://ok.example")
+    ok = await client.get("/health", headers={"Origin": "https://ok.example"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+    assert ok.headers["Vary"] == "Origin"
+    other = await client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
 
 
-async def test_sse_connections_end_after_the_reconnect_interval(tmp_path: Path) -> None:
+async def test_sse_connections_end_after_the_reconnect_interval(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
     """So CDNs can collapse SSE requests: the server ends each connection on a schedule, after
     a control event the client resumes from."""
-    async with await _client(tmp_path, sse_reconnect_interval=0.3) as client:
-        await client.put("/v1/stream/s", headers=TEXT, data=b"hi")
-        response = await client.get("/v1/stream/s", params={"offset": "-1", "live": "sse"})
-        body = await asyncio.wait_for(response.read(), 5)  # EOF: the server ended it
-        last = body.decode().rstrip("\n").split("\n")[-1]
-        assert last.startswith("data:")
-        control = json.loads(last[5:])
-        tail = (await client.head("/v1/stream/s")).headers["Stream-Next-Offset"]
-        assert control["streamNextOffset"] == tail
-        assert "streamClosed" not in control
-        assert b"data:hi" in body
+    client = await _client(aiohttp_client, tmp_path, sse_reconnect_interval=0.3)
+    await client.put("/v1/stream/s", headers=TEXT, data=b"hi")
+    response = await client.get("/v1/stream/s", params={"offset": "-1", "live": "sse"})
+    body = await asyncio.wait_for(response.read(), 5)  # EOF: the server ended it
+    last = body.decode().rstrip("\n").split("\n")[-1]
+    assert last.startswith("data:")
+    control = json.loads(last[5:])
+    tail = (await client.head("/v1/stream/s")).headers["Stream-Next-Offset"]
+    assert control["streamNextOffset"] == tail
+    assert "streamClosed" not in control
+    assert b"data:hi" in body

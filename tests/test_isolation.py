@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
@@ -51,7 +51,7 @@ class Relay:
 
 
 @pytest.fixture
-async def relay(backend: Backend) -> AsyncIterator[Relay]:
+async def relay(backend: Backend, aiohttp_client: AiohttpClient) -> Relay:
     config = Config(
         data_dir=str(backend.data_dir),
         database_url=backend.url or "",
@@ -62,13 +62,9 @@ async def relay(backend: Backend) -> AsyncIterator[Relay]:
     app = make_app(config)
     clock = FakeClock()
     app[CONTEXT].clock = clock
-    client = TestClient(TestServer(app))
-    await client.start_server()
+    client = await aiohttp_client(app)
     assert client.port is not None
-    try:
-        yield Relay(client, clock, app[CONTEXT].hub, client.port)
-    finally:
-        await client.close()
+    return Relay(client, clock, app[CONTEXT].hub, client.port)
 
 
 async def put(relay: Relay, path: str, **headers: str) -> ClientResponse:

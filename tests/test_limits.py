@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
@@ -21,7 +22,7 @@ TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture
-async def limited(tmp_path: Path) -> AsyncIterator[tuple[TestClient, SqliteStore]]:
+async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[TestClient, SqliteStore]:
     config = Config(
         data_dir=str(tmp_path),
         max_inflight_writes=2,
@@ -31,10 +32,10 @@ async def limited(tmp_path: Path) -> AsyncIterator[tuple[TestClient, SqliteStore
         max_body_bytes=1000,
     )
     store = SqliteStore(tmp_path)
-    async with TestClient(TestServer(make_app(config, store))) as client:
-        response = await client.put(STREAM, headers={"Content-Type": "text/plain"})
-        assert response.status == 201
-        yield client, store
+    client = await aiohttp_client(make_app(config, store))
+    response = await client.put(STREAM, headers={"Content-Type": "text/plain"})
+    assert response.status == 201
+    return client, store
 
 
 async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
@@ -139,12 +140,14 @@ async def test_inflight_write_bytes_beyond_the_limit_get_503(
     assert await read.read() == b"a" * 1000
 
 
-async def test_a_lone_write_is_admitted_whatever_its_size(tmp_path: Path) -> None:
+async def test_a_lone_write_is_admitted_whatever_its_size(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
     """So a byte limit below --max-body-bytes cannot lock out large bodies."""
     config = Config(data_dir=str(tmp_path), max_inflight_write_bytes=10, max_body_bytes=1000)
-    async with TestClient(TestServer(make_app(config, SqliteStore(tmp_path)))) as client:
-        assert (await client.put(STREAM, data=b"p" * 500, headers=TEXT)).status == 201
-        assert (await client.post(STREAM, data=b"q" * 1000, headers=TEXT)).status == 204
+    client = await aiohttp_client(make_app(config, SqliteStore(tmp_path)))
+    assert (await client.put(STREAM, data=b"p" * 500, headers=TEXT)).status == 201
+    assert (await client.post(STREAM, data=b"q" * 1000, headers=TEXT)).status == 204
 
 
 async def test_put_and_delete_go_through_admission(
@@ -166,26 +169,28 @@ async def test_put_and_delete_go_through_admission(
     assert limits_of(client).writes == 0
 
 
-async def test_a_fork_sub_offset_scans_at_most_the_configured_bytes(tmp_path: Path) -> None:
+async def test_a_fork_sub_offset_scans_at_most_the_configured_bytes(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
     config = Config(data_dir=str(tmp_path), max_fork_scan_bytes=100_000)
     json_type = {"Content-Type": "application/json"}
-    async with TestClient(TestServer(make_app(config))) as client:
-        big = b'"' + b"m" * 60_000 + b'"'
-        source = await client.put(
-            "/v1/stream/src", data=b"[" + b",".join([big] * 4) + b"]", headers=json_type
-        )
-        assert source.status == 201
-        zero = "0000000000000000_0000000000000000"
+    client = await aiohttp_client(make_app(config))
+    big = b'"' + b"m" * 60_000 + b'"'
+    source = await client.put(
+        "/v1/stream/src", data=b"[" + b",".join([big] * 4) + b"]", headers=json_type
+    )
+    assert source.status == 201
+    zero = "0000000000000000_0000000000000000"
 
-        async def fork(name: str, messages: int) -> int:
-            headers = {
-                **json_type,
-                "Stream-Forked-From": "/v1/stream/src",
-                "Stream-Fork-Offset": zero,
-                "Stream-Fork-Sub-Offset": str(messages),
-            }
-            response = await client.put(f"/v1/stream/{name}", headers=headers)
-            return response.status
+    async def fork(name: str, messages: int) -> int:
+        headers = {
+            **json_type,
+            "Stream-Forked-From": "/v1/stream/src",
+            "Stream-Fork-Offset": zero,
+            "Stream-Fork-Sub-Offset": str(messages),
+        }
+        response = await client.put(f"/v1/stream/{name}", headers=headers)
+        return response.status
 
-        assert await fork("near", 1) == 201
-        assert await fork("far", 4) == 400  # past 100,000 bytes of the source
+    assert await fork("near", 1) == 201
+    assert await fork("far", 4) == 400  # past 100,000 bytes of the source

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from protocol.offsets import parse_offset
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, live_readers
 
 TEXT = {"Content-Type": "text/plain"}
 
@@ -40,9 +40,8 @@ async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -
     async with asyncio.timeout(10):
         while True:
             async with http.get(f"{relay.url}/metrics") as response:
-                for line in (await response.text()).splitlines():
-                    if line.startswith("relay_live_readers ") and float(line.split()[1]) >= count:
-                        return
+                if live_readers(await response.text()) >= count:
+                    return
             await asyncio.sleep(0.02)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest
@@ -399,30 +399,31 @@ async def test_listen_reconnects_and_readers_catch_up_after_an_outage(pg_url: st
 
 
 async def test_http_answers_503_with_retry_after_while_the_database_is_down(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
     proxy, proxied = TcpProxy.for_url(pg_url)
     await proxy.start()
     config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
     store = PostgresStore(proxied, command_timeout=2)
     try:
-        async with TestClient(TestServer(make_app(config, store))) as client:
-            url = "/v1/stream/outage"
-            assert (await client.put(url, headers={"Content-Type": "text/plain"})).status == 201
-            await proxy.cut()
-            response = await client.post(url, data=b"x", headers={"Content-Type": "text/plain"})
-            assert response.status == 503
-            assert response.headers["Retry-After"].isdigit()
-            assert (await response.json())["error"]["code"] == "unavailable"
-            await proxy.restore()
-            for _ in range(50):
-                response = await client.post(url, data=b"y", headers={"Content-Type": "text/plain"})
-                if response.status != 503:
-                    break
-                await asyncio.sleep(0.2)
-            assert response.status == 204
-            read = await client.get(url, params={"offset": "-1"})
-            assert await read.read() == b"y"
+        client = await aiohttp_client(make_app(config, store))
+        url = "/v1/stream/outage"
+        assert (await client.put(url, headers={"Content-Type": "text/plain"})).status == 201
+        await proxy.cut()
+        response = await client.post(url, data=b"x", headers={"Content-Type": "text/plain"})
+        assert response.status == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert (await response.json())["error"]["code"] == "unavailable"
+        await proxy.restore()
+        for _ in range(50):
+            response = await client.post(url, data=b"y", headers={"Content-Type": "text/plain"})
+            if response.status != 503:
+                break
+            await asyncio.sleep(0.2)
+        assert response.status == 204
+        read = await client.get(url, params={"offset": "-1"})
+        assert await read.read() == b"y"
+        await client.close()  # the store closes while the database is still there
     finally:
         await proxy.cut()
 

@@ -8,6 +8,7 @@ Uses a private cluster (initdb + pg_ctl), because stopping the shared server is 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,10 @@ async def test_stopping_postgres_mid_load_gives_503_then_recovers_without_restar
     cluster: tuple[ThrowawayCluster, str], tmp_path: Path
 ) -> None:
     pg, url = cluster
-    relay = RelayProcess(tmp_path, "--database-url", url, "--db-timeout", "2")
+    log = tmp_path / "relay.log"
+    relay = RelayProcess(
+        tmp_path, "--database-url", url, "--db-timeout", "2", "--log-level", "info", log=log
+    )
     relay.start()
     stream = f"{relay.url}/v1/stream/outage"
     acked: list[bytes] = []
@@ -99,6 +103,19 @@ async def test_stopping_postgres_mid_load_gives_503_then_recovers_without_restar
         relay.stop()
     assert 503 in statuses
     assert 500 not in statuses
+    # The outage is logged as it begins and as it ends (not per request), and LISTEN came back.
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    outage = [
+        (line["level"], line["event"])
+        for line in lines
+        if line["event"].startswith("postgres connection")
+    ]
+    assert outage[0] == ("warning", "postgres connection lost")
+    assert outage[-1] == ("info", "postgres connection restored")
+    assert len(outage) < statuses.count(503)
+    assert ("info", "listen connection re-established") in [
+        (line["level"], line["event"]) for line in lines
+    ]
     for body in acked:  # every acknowledged append survived the outage exactly once
         assert stored.count(body) == 1
     for n in range(4):  # and each producer's appends are all there, in order, nothing else

@@ -24,7 +24,7 @@ import pytest
 
 from relay.cli import REPEAT_WINDOW
 from relay.hub import Hub
-from tests.relay_process import RelayProcess, read_all
+from tests.relay_process import RelayProcess, live_readers, read_all
 
 EXIT_BOUND = 5.0  # seconds; a correctness bound (a hung stop takes 10 s or more), not a benchmark
 PRODUCERS = 24
@@ -53,10 +53,9 @@ both_stores = pytest.mark.parametrize("relay_args", _backends(), indirect=True)
 
 async def _wait_for_parked(session: aiohttp.ClientSession, url: str, count: int) -> None:
     """Poll the relay's own gauge until ``count`` readers are parked (state, not a sleep)."""
-    wanted = f"relay_live_readers {float(count)}"
     while True:
         async with session.get(f"{url}/metrics") as r:
-            if wanted in (await r.text()).splitlines():
+            if live_readers(await r.text()) == count:
                 return
         await asyncio.sleep(0.02)
 

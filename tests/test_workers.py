@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import WORKERS_NEED_POSTGRES
 from relay.metrics import Metrics, sum_expositions
+from relay.store.base import StoreStats
 from tests.relay_process import RelayProcess
 
 TEXT = {"Content-Type": "text/plain"}
@@ -79,7 +80,10 @@ async def samples(relay: RelayProcess) -> dict[tuple[str, frozenset[tuple[str, s
 
 async def parked(relay: RelayProcess, count: int) -> None:
     async with asyncio.timeout(10):
-        while (await samples(relay)).get(("relay_live_readers", frozenset()), 0) < count:
+        while (
+            sum(v for (n, _), v in (await samples(relay)).items() if n == "relay_live_readers")
+            < count
+        ):
             await asyncio.sleep(0.02)
 
 
@@ -104,27 +108,63 @@ def test_workers_without_postgres_refuse_to_start(tmp_path: Path) -> None:
     assert "--workers > 1 needs --database-url" in WORKERS_NEED_POSTGRES
 
 
+class _Stats:
+    """A store as the metrics collector sees it: only ``stats()``."""
+
+    def __init__(self, stats: StoreStats) -> None:
+        self._stats = stats
+
+    def stats(self) -> StoreStats:
+        return self._stats
+
+
 def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
     one, two = Metrics(), Metrics()
-    one.observe_request("POST", 204, 0.003)
-    two.observe_request("POST", 204, 0.3)
-    two.observe_request("GET", 200, 0.003)
-    one.live_readers.set(2)
-    two.live_readers.set(3)
+    one.observe_request("POST", "stream", 204, "write", 0.003)
+    two.observe_request("POST", "stream", 204, "write", 0.3)
+    two.observe_request("GET", "stream", 200, "read", 0.003)
+    two.observe_request("GET", "stream", 200, "long-poll", 20.0)
+    one.long_poll_readers.set(2)
+    two.long_poll_readers.set(3)
+    two.sse_readers.set(4)
+    for metrics, sizes, in_use in ((one, [1, 3], 2), (two, [8], 5)):
+        stats = StoreStats(commits=len(sizes), pool_in_use=in_use, pool_size=8)
+        for size in sizes:
+            stats.batch_ops.observe(size)
+            stats.commit_seconds.observe(0.002)
+        metrics.watch_store(_Stats(stats))  # type: ignore[arg-type]
     text = sum_expositions([one.render().decode(), two.render().decode()]).decode()
     got = {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-    post = frozenset({("method", "POST"), ("status", "204")})
+    post = frozenset({("method", "POST"), ("route", "stream"), ("status", "204")})
+    get = frozenset({("method", "GET"), ("route", "stream"), ("status", "200")})
     assert got[("relay_http_requests_total", post)] == 2
-    assert got[("relay_http_requests_total", frozenset({("method", "GET"), ("status", "200")}))]
-    assert got[("relay_live_readers", frozenset())] == 5
-    bucket = frozenset({("method", "POST"), ("le", "0.005")})
-    assert got[("relay_http_request_seconds_bucket", bucket)] == 1
-    assert got[("relay_http_request_seconds_count", frozenset({("method", "POST")}))] == 2
-    assert got[("relay_http_request_seconds_sum", frozenset({("method", "POST")}))] == 0.303
+    assert got[("relay_http_requests_total", get)] == 2
+    assert got[("relay_live_readers", frozenset({("mode", "long-poll")}))] == 5
+    assert got[("relay_live_readers", frozenset({("mode", "sse")}))] == 4
+    write = frozenset({("kind", "write")})
+    assert got[("relay_http_request_duration_seconds_bucket", write | {("le", "0.005")})] == 1
+    assert got[("relay_http_request_duration_seconds_count", write)] == 2
+    assert got[("relay_http_request_duration_seconds_sum", write)] == 0.303
+    # A 20 s long-poll is timed apart, never as a slow request.
+    assert got[("relay_http_request_duration_seconds_count", frozenset({("kind", "read")}))] == 1
+    polls = frozenset({("mode", "long-poll")})
+    assert got[("relay_http_live_read_duration_seconds_count", polls)] == 1
+    assert got[("relay_http_live_read_duration_seconds_bucket", polls | {("le", "10.0")})] == 0
+    assert got[("relay_http_live_read_duration_seconds_bucket", polls | {("le", "30.0")})] == 1
+    # The stores' histograms and gauges, read at scrape time, add up too.
+    assert got[("relay_store_batch_operations_count", frozenset())] == 3
+    assert got[("relay_store_batch_operations_sum", frozenset())] == 12
+    assert got[("relay_store_batch_operations_bucket", frozenset({("le", "2.0")}))] == 1
+    assert got[("relay_store_batch_operations_bucket", frozenset({("le", "4.0")}))] == 2
+    assert got[("relay_store_batch_operations_bucket", frozenset({("le", "+Inf")}))] == 3
+    assert got[("relay_store_commit_duration_seconds_count", frozenset())] == 3
+    assert got[("relay_store_pool_connections_in_use", frozenset())] == 7
+    assert got[("relay_store_pool_connections", frozenset())] == 16
+    assert got[("relay_store_commits_total", frozenset())] == 3
     created = ("relay_http_requests_created", post)
     firsts = [
         s.value
@@ -134,7 +174,15 @@ def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
         if (s.name, frozenset(s.labels.items())) == created
     ]
     assert got[created] == min(firsts)  # a timestamp: the earliest, not a sum
-    assert sum_expositions([one.render().decode()]) == one.render()
+    started = [
+        s.value
+        for f in text_string_to_metric_families(one.render().decode())
+        for s in f.samples
+        if s.name == "process_start_time_seconds"
+    ]
+    assert got[("process_start_time_seconds", frozenset())] == started[0]  # not doubled
+    alone = one.render()  # once: process CPU time moves between renders
+    assert sum_expositions([alone.decode()]) == alone
 
 
 async def test_appends_spread_over_both_workers_and_metrics_add_up(relay: RelayProcess) -> None:
@@ -157,7 +205,7 @@ async def test_appends_spread_over_both_workers_and_metrics_add_up(relay: RelayP
     got = await samples(relay)
     assert got[("relay_store_appends_total", frozenset())] == sum(served)
     assert got[("relay_appended_bytes_total", frozenset())] == len(sent)
-    posts = frozenset({("method", "POST"), ("status", "204")})
+    posts = frozenset({("method", "POST"), ("route", "stream"), ("status", "204")})
     assert got[("relay_http_requests_total", posts)] == sum(served)
     async with aiohttp.ClientSession() as http:
         async with http.get(stream, params={"offset": "-1"}) as r:

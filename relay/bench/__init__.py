@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
     add("--no-pin", dest="pin", action="store_false", help="do not pin server and generator")
     add(
+        "--access-log",
+        choices=("on", "off"),
+        default="on",
+        help="the relay's --access-log (its lines go to /dev/null; default on, as in production)",
+    )
+    add(
         "--cache-dir",
         type=Path,
         default=Path.home() / ".cache" / "relay-bench",
@@ -172,7 +178,9 @@ async def _run(args: argparse.Namespace) -> list[Result]:
     opts = options(args)
     results: list[Result] = []
     for name in args.targets:
-        spec = TargetSpec(name, args.database_url, args.url, args.pin, args.cache_dir)
+        spec = TargetSpec(
+            name, args.database_url, args.url, args.pin, args.cache_dir, args.access_log
+        )
         async with start_target(spec) as target, _client(opts) as client:
             for scenario in args.scenarios:
                 if name == "bare" and scenario not in BARE_SCENARIOS:

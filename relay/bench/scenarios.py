@@ -389,9 +389,13 @@ async def _parked(client: aiohttp.ClientSession, target: Target, readers: int) -
     for _ in range(200):
         async with client.get(f"{target.url}/metrics") as response:
             text = await response.text()
-        for line in text.splitlines():
-            if line.startswith("relay_live_readers ") and float(line.split()[1]) >= readers:
-                return
+        parked = sum(  # one gauge per mode (long-poll, sse)
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("relay_live_readers{")
+        )
+        if parked >= readers:
+            return
         await asyncio.sleep(0.05)
     raise BenchError(f"only some of {readers} readers parked")
 

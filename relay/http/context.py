@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from structlog.typing import FilteringBoundLogger
 
 from protocol.errors import Overloaded, PayloadTooLarge, Unavailable
 from relay.config import Config
@@ -90,7 +91,8 @@ class Context:
     metrics: Metrics
     limits: Limits
     stopping: bool = False  # set when a stop begins; new requests get 503
-    debug: bool = False  # log a line per request (skipped, arguments and all, otherwise)
+    access_log: FilteringBoundLogger | None = None  # where request lines go, if anywhere
+    routes: dict[object, str] = field(default_factory=dict)  # route -> its metrics label
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
@@ -99,6 +101,8 @@ class Context:
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)
+REQUEST_ID = web.RequestKey("relay_request_id", str)
+"""The request's id (the client's sane X-Request-Id, or ours), set by the front middleware."""
 
 
 def context(request: web.Request) -> Context:

@@ -31,6 +31,7 @@ from protocol.errors import (
 )
 from protocol.offsets import format_offset
 from relay.auth.errors import Forbidden
+from relay.http.context import REQUEST_ID
 
 log = structlog.get_logger("relay.http")
 
@@ -106,7 +107,12 @@ def lookup(exc: BaseException) -> tuple[int, dict[str, str]] | None:
 def error_response(request: web.Request, exc: BaseException) -> web.Response:
     found = lookup(exc)
     if found is None:
-        log.exception("unhandled error", method=request.method, path=request.path)
+        log.exception(
+            "unhandled error",
+            method=request.method,
+            path=request.path,
+            request_id=request.get(REQUEST_ID),
+        )
         status, code, message = 500, "internal", "internal server error"
         extra: dict[str, str] = {}
         details: dict[str, object] = {}

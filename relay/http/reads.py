@@ -217,7 +217,7 @@ async def _long_poll(
     if meta.closed:
         return _tail_response(ctx, meta, status=204, cursor_value=None, now=is_now)
     ctx.limits.enter_reader()
-    ctx.metrics.live_readers.inc()
+    ctx.metrics.long_poll_readers.inc()
     try:
         with ctx.hub.subscribe(meta.stream_id) as sub:
             found = await _wait_for_data(
@@ -225,7 +225,7 @@ async def _long_poll(
             )
     finally:
         ctx.limits.exit_reader()
-        ctx.metrics.live_readers.dec()
+        ctx.metrics.long_poll_readers.dec()
     if found is None or found.start == found.end:
         latest = replace(meta, tail=found.end if found else meta.tail)
         if found is not None and found.closed:
@@ -325,7 +325,7 @@ async def _sse(
         },
     )
     ctx.limits.enter_reader()
-    ctx.metrics.live_readers.inc()
+    ctx.metrics.sse_readers.inc()
     try:
         await response.prepare(request)
         loop = asyncio.get_running_loop()
@@ -386,7 +386,7 @@ async def _sse(
         pass  # the reader went away; it resumes from the last control event's offset
     finally:
         ctx.limits.exit_reader()
-        ctx.metrics.live_readers.dec()
+        ctx.metrics.sse_readers.dec()
     return response
 
 

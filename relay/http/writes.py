@@ -58,6 +58,7 @@ async def create(request: web.Request) -> web.Response:
     out = meta_headers(result.meta)
     if result.created:
         out["Location"] = str(request.url.with_query(None))
+        ctx.metrics.streams_created.inc()
         ctx.metrics.appended_bytes.inc(result.meta.tail - result.meta.fork_offset)
         if ctx.subscriptions is not None:
             ctx.subscriptions.on_append(path, result.meta.fork_offset)
@@ -144,6 +145,7 @@ async def delete(request: web.Request) -> web.Response:
     with ctx.limits.admit_write():
         # The store tells the hub about the removal itself, after the commit.
         await ctx.store.delete(path, ctx.clock())
+    ctx.metrics.streams_deleted.inc()
     return web.Response(status=204)
 
 

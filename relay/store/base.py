@@ -12,8 +12,9 @@ it, so a reader of a removed stream can never be handed another stream's bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from protocol.append import AppendPlan, AppendRequest
@@ -52,15 +53,58 @@ class AppendResult:
     start: int  # where the appended data begins (== meta.tail - len(plan.data))
 
 
+class Distribution:
+    """A histogram kept by a store without a metrics library: counts per upper bound (a value
+    lands in the first bound it does not exceed, as Prometheus's ``le``), their sum and count.
+    One ``observe`` per commit, so it costs a bisect, not a label lookup."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count of values <= le)`` per bound, then ``+Inf``: Prometheus buckets."""
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(running)))
+        return out
+
+
+BATCH_OPS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+COMMIT_SECONDS_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """Plain counters; relay.metrics exports them."""
+    """What a store counts, read at scrape time (relay.metrics exports it). Fields a backend
+    does not have (a connection pool, LISTEN, compaction on SQLite) stay None."""
 
     commits: int = 0
     appends: int = 0
     rows_written: int = 0
-    rows_compacted: int = 0
-    batch_sizes: tuple[int, ...] = ()
+    queue_depth: int = 0  # operations waiting for a group commit
+    unavailable: int = 0  # operations answered 503: the database could not be reached
+    failed: int = 0  # transactions that failed for another reason (re-run one by one)
+    batch_ops: Distribution = field(default_factory=lambda: Distribution(BATCH_OPS_BOUNDS))
+    commit_seconds: Distribution = field(
+        default_factory=lambda: Distribution(COMMIT_SECONDS_BOUNDS)
+    )
+    rows_compacted: int | None = None
+    bytes_compacted: int | None = None
+    compaction_passes: int | None = None
+    listen_reconnects: int | None = None
+    pool_in_use: int | None = None
+    pool_size: int | None = None
 
 
 class Store(Protocol):
@@ -131,4 +175,11 @@ class Store(Protocol):
 
     def stats(self) -> StoreStats:
         """Counters since start."""
+        ...
+
+    async def ready(self) -> str | None:
+        """None when the store can serve (storage reachable, schema current), else why not.
+
+        Never raises; bounded by the store's own timeouts (``/readyz`` calls it).
+        """
         ...

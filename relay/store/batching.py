@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,12 @@ import structlog
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest
 from protocol.errors import Unavailable
+from relay.store.base import (
+    BATCH_OPS_BOUNDS,
+    COMMIT_SECONDS_BOUNDS,
+    Distribution,
+    StoreStats,
+)
 
 log = structlog.get_logger("relay.store")
 
@@ -99,12 +106,26 @@ class Committer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._dead: BaseException | None = None
-        self.batch_sizes: list[int] = []
         self.commits = 0
+        self.unavailable = 0  # operations answered 503 (database unreachable)
+        self.failed = 0  # transactions that failed otherwise
+        self.batch_ops = Distribution(BATCH_OPS_BOUNDS)
+        self.commit_seconds = Distribution(COMMIT_SECONDS_BOUNDS)
 
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def stats(self) -> StoreStats:
+        """The committer's counters; a store adds what only it knows (``dataclasses.replace``)."""
+        return StoreStats(
+            commits=self.commits,
+            queue_depth=len(self._queue),
+            unavailable=self.unavailable,
+            failed=self.failed,
+            batch_ops=self.batch_ops,
+            commit_seconds=self.commit_seconds,
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run_guarded(), name="group-commit")
@@ -190,23 +211,26 @@ class Committer:
     async def _commit(self, batch: list[_Pending], touches: Touches) -> list[Any]:
         """Outcomes for ``batch``; a failing batch is split so only the culprit fails."""
         ops = [pending.op for pending in batch]
+        started = time.perf_counter()
         try:
             outcomes = await self._apply(ops, touches)
         except Unavailable as exc:  # the database is gone: every op gets 503, touches wait
+            self.unavailable += len(batch)
             if not self._closing:
                 for path, entry in touches.items():
                     self.touches.setdefault(path, entry)
             return [exc] * len(batch)
         except Exception:
+            self.failed += 1
             if len(ops) <= 1 and not touches:
                 log.exception("operation failed", op=type(ops[0]).__name__ if ops else None)
                 return [InternalError("operation failed")] * len(ops)
             # Touches are dropped rather than retried: a poisonous one must not loop forever.
             log.warning("batch failed; retrying its operations one by one", ops=len(ops))
             return [(await self._commit([pending], {}))[0] for pending in batch]
+        self.commit_seconds.observe(time.perf_counter() - started)
         self.commits += 1
-        self.batch_sizes.append(len(batch))
-        del self.batch_sizes[:-1000]
+        self.batch_ops.observe(len(batch))
         return outcomes
 
     def _take(self) -> list[_Pending]:

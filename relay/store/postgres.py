@@ -310,7 +310,19 @@ class PostgresStore:
         self._compact_idle = compact_idle_seconds
         self._compact_interval = compact_interval
         self._clock = clock
-        self._stats = {"appends": 0, "rows_written": 0, "rows_compacted": 0}
+        self._stats = dict.fromkeys(
+            (
+                "appends",
+                "rows_written",
+                "rows_compacted",
+                "bytes_compacted",
+                "compaction_passes",
+                "listen_reconnects",
+                "unavailable",  # reads answered 503; the committer counts writes
+            ),
+            0,
+        )
+        self._database_up = True  # as last seen; outages are logged on the change only
         # Callers waiting for the next lookup of a path; see _shared_load.
         self._lookups: dict[str, list[asyncio.Future[StreamMeta | None]]] = {}
         self._background: set[asyncio.Task[None]] = set()  # held so they are not collected
@@ -362,13 +374,51 @@ class PostgresStore:
         self._events = events
 
     def stats(self) -> StoreStats:
-        return StoreStats(
-            commits=self._committer.commits,
-            appends=self._stats["appends"],
-            rows_written=self._stats["rows_written"],
-            rows_compacted=self._stats["rows_compacted"],
-            batch_sizes=tuple(self._committer.batch_sizes),
+        pool = self._pool
+        size = pool.get_size() if pool is not None else 0
+        base = self._committer.stats()
+        counts = self._stats
+        return replace(
+            base,
+            appends=counts["appends"],
+            rows_written=counts["rows_written"],
+            unavailable=base.unavailable + counts["unavailable"],
+            rows_compacted=counts["rows_compacted"],
+            bytes_compacted=counts["bytes_compacted"],
+            compaction_passes=counts["compaction_passes"],
+            listen_reconnects=counts["listen_reconnects"],
+            pool_in_use=size - pool.get_idle_size() if pool is not None else 0,
+            pool_size=size,
         )
+
+    async def ready(self) -> str | None:
+        """Ready when a pooled connection answers and the schema is at this relay's version."""
+        if self._pool is None:
+            return "store is not open"
+        try:
+            async with self._conn() as conn:
+                version = await conn.fetchval(
+                    "SELECT coalesce(max(version), 0) FROM relay_schema_version"
+                )
+        except Unavailable as exc:
+            return str(exc)
+        except asyncpg.PostgresError as exc:
+            return f"database error: {type(exc).__name__}"
+        wanted = _migrations()[-1][0]
+        if version < wanted:
+            return f"schema at version {version}, this relay needs {wanted}"
+        return None
+
+    def _database_lost(self, reason: str) -> None:
+        """Log an outage once, when it begins (every request during it gets 503 anyway)."""
+        if self._database_up:
+            self._database_up = False
+            log.warning("postgres connection lost", reason=reason)
+
+    def _database_back(self) -> None:
+        if not self._database_up:
+            self._database_up = True
+            log.info("postgres connection restored")
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> Any:
@@ -380,6 +430,8 @@ class PostgresStore:
         except _DISCONNECTS as exc:
             if not _lost(exc):
                 raise
+            self._stats["unavailable"] += 1
+            self._database_lost(type(exc).__name__)
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
 
     # -- the interface -----------------------------------------------------------------------
@@ -507,6 +559,7 @@ class PostgresStore:
                     self._url, timeout=self._timeout or 10, command_timeout=self._timeout
                 )
             except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
+                self._database_lost(type(exc).__name__)
                 raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
         return self._writer
 
@@ -527,10 +580,13 @@ class PostgresStore:
                     conn.terminate()
                     self._writer = None
                 if lost:
+                    self._database_lost(type(exc).__name__)
                     raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
                 log.warning("batch transaction failed", error=type(exc).__name__)
                 raise
             # Committed: from here on the outcomes stand, whatever else happens.
+            if not self._database_up:
+                self._database_back()
             self._stats["rows_written"] += state.written
             for meta in state.metas.values():
                 self._known.put(meta)
@@ -817,15 +873,22 @@ class PostgresStore:
     async def _listen_forever(self) -> None:
         """One LISTEN connection per process, re-established with backoff when lost."""
         delay = 0.1
+        connected_before = False
         while True:
             lost = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
-            except (*_DISCONNECTS, asyncpg.PostgresError):
+            except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+                self._database_lost(type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
+            if connected_before:
+                self._stats["listen_reconnects"] += 1
+                log.info("listen connection re-established", channel=CHANNEL)
+            connected_before = True
+            self._database_back()
             try:
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
@@ -845,6 +908,8 @@ class PostgresStore:
             except (*_DISCONNECTS, asyncpg.PostgresError):
                 await asyncio.sleep(delay)  # lost while subscribing: connect again
             finally:
+                if lost.is_set():  # not on cancellation: that is the store closing
+                    log.warning("listen connection lost", channel=CHANNEL)
                 self._listening = False
                 self._known.clear()
                 with contextlib.suppress(Exception):
@@ -930,6 +995,8 @@ class PostgresStore:
                     break
                 done = await self._compact_stream(conn, stream_id, budget, done)
         self._stats["rows_compacted"] += done.rows_removed
+        self._stats["bytes_compacted"] += done.bytes_read
+        self._stats["compaction_passes"] += 1
         return done
 
     async def _compact_stream(

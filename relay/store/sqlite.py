@@ -187,11 +187,10 @@ class SqliteStore:
         self._events = events
 
     def stats(self) -> StoreStats:
-        return StoreStats(
-            commits=self._committer.commits,
+        return replace(
+            self._committer.stats(),
             appends=self._stats["appends"],
             rows_written=self._stats["rows_written"],
-            batch_sizes=tuple(self._committer.batch_sizes),
         )
 
     # -- the interface -----------------------------------------------------------------------
@@ -237,6 +236,24 @@ class SqliteStore:
             self._committer.touch(path, meta.stream_id, now)
             return _with_access(meta, now)
         return meta
+
+    async def ready(self) -> str | None:
+        """Ready once open, readable, and at the schema version this relay migrates to."""
+        if self._write_conn is None:
+            return "store is not open"
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(self._readers, self._schema_version)
+        except (sqlite3.Error, RuntimeError) as exc:  # RuntimeError: the pool is shut down
+            return f"database unreadable: {type(exc).__name__}"
+        wanted = migrations()[-1][0]
+        if version < wanted:
+            return f"schema at version {version}, this relay needs {wanted}"
+        return None
+
+    def _schema_version(self) -> int:
+        version: int = self._reader().execute("PRAGMA user_version").fetchone()[0]
+        return version
 
     def tracked(self, path: str, position: int, now: float) -> StreamMeta | None:
         """None: ``head`` already answers from the in-memory cache, kept by the only writer."""
