@@ -118,6 +118,9 @@ class SubscriptionMetrics:
             ["type", "outcome"],
             registry=registry,
         )
+        for kind in ("webhook", "pull-wake"):  # exported at zero, so dashboards have series
+            for outcome in ("ok", "done", "error"):
+                self.deliveries.labels(kind, outcome)
         self.delivery_seconds = Histogram(
             "relay_subscription_delivery_seconds",
             "Time one delivery attempt took",
