@@ -59,3 +59,33 @@ def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
     ]
     for scenario in ("append", "tokens", "fanout", "catchup", "memory"):
         assert f"\n{scenario}: ratios compare" in table
+
+
+async def test_a_pinned_server_gets_its_own_core() -> None:
+    """The server must not share the generator's core: pinning is decided before the
+    generator pins itself (asked afterwards, the process sees one core and pins nothing)."""
+    import os
+
+    from relay.bench.targets import (
+        GENERATOR_CPU,
+        SERVER_CPU,
+        TargetSpec,
+        can_pin,
+        pin_generator,
+        start_target,
+    )
+
+    pin = can_pin()
+    unpin = pin_generator() if pin else None
+    try:
+        async with start_target(TargetSpec("bare", "", "", pin)) as target:
+            assert target.pid is not None
+            server_cores = os.sched_getaffinity(target.pid)
+    finally:
+        if unpin is not None:
+            unpin()
+    if pin:  # CI has two cores
+        assert server_cores == {SERVER_CPU}
+        assert GENERATOR_CPU not in server_cores
+    else:
+        assert SERVER_CPU in server_cores or len(server_cores) == 1

@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> list[Result]:
     """Run every scenario against every target; the generator is pinned only meanwhile."""
-    unpin = pin_generator() if args.pin and can_pin() else None
+    args.pin = args.pin and can_pin()  # decided once, while every core is still ours
+    unpin = pin_generator() if args.pin else None
     try:
         try:
             import uvloop
@@ -207,7 +208,7 @@ async def _client(opts: Options) -> AsyncIterator[aiohttp.ClientSession]:
 
 def report(results: Sequence[Result], args: argparse.Namespace) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pinned = args.pin and can_pin()
+    pinned = args.pin
     store = "postgres" if args.database_url else "sqlite"
     lines = [
         f"relay bench: relay store={store}, {cores} cores ({_cpu_model()}), "

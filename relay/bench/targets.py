@@ -120,7 +120,9 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL if spec.name == "relay" else None,  # its JSON log lines
-            preexec_fn=_pin_server if spec.pin and can_pin() else None,
+            # spec.pin is decided before the generator pins itself: asked afterwards, this
+            # process sees one core and would leave the server on the generator's.
+            preexec_fn=_pin_server if spec.pin else None,
         )
         try:
             await _wait_ready(base, proc, label)
