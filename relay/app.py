@@ -53,6 +53,7 @@ def make_store(config: Config) -> Store:
             config.database_url,
             max_batch_ops=config.max_batch_ops,
             max_batch_bytes=config.max_batch_bytes,
+            commit_interval=config.commit_interval,
             max_fork_scan=config.max_fork_scan_bytes,
             command_timeout=config.db_timeout,
         )
@@ -62,6 +63,7 @@ def make_store(config: Config) -> Store:
         config.data_dir,
         max_batch_ops=config.max_batch_ops,
         max_batch_bytes=config.max_batch_bytes,
+        commit_interval=config.commit_interval,
         max_fork_scan=config.max_fork_scan_bytes,
     )
 

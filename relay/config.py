@@ -150,6 +150,14 @@ SETTINGS: tuple[Setting, ...] = (
         "most appended bytes the store commits in one transaction",
     ),
     Setting(
+        "commit_interval",
+        _non_negative_float,
+        0.0,
+        "seconds between the starts of group commits (0: the next commit starts as soon as the "
+        "previous ends); gathers a trickle of small writes into fewer commits, adding up to "
+        "this much latency under load",
+    ),
+    Setting(
         "max_inflight_writes",
         _positive_int,
         10000,
@@ -297,6 +305,7 @@ class Config:
     max_path_length: int = 1024
     max_batch_ops: int = 1024
     max_batch_bytes: int = 16 * 1024 * 1024
+    commit_interval: float = 0.0
     max_inflight_writes: int = 10000
     max_inflight_write_bytes: int = 256 * 1024 * 1024
     max_live_readers: int = 100000

@@ -130,3 +130,33 @@ async def test_if_the_loop_dies_waiting_and_later_requests_fail_at_once() -> Non
         await asyncio.wait_for(committer.submit(op("later")), 1)
     with pytest.raises(LoopBug):
         await committer.stop()
+
+
+async def test_a_commit_interval_gathers_a_trickle_but_a_lone_write_goes_at_once() -> None:
+    """With ``min_interval``, writes arriving one by one (each after the previous answer,
+    as a chat producer sends tokens) share commits; without it each commits alone. A first
+    write after a quiet spell does not wait."""
+
+    async def trickle(min_interval: float) -> tuple[int, float]:
+        script = Script()
+        committer = Committer(script, max_ops=100, max_bytes=1 << 20, min_interval=min_interval)
+        committer.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await committer.submit(op("first"))
+        first_wait = loop.time() - started
+
+        async def producer(name: str, start: float) -> None:
+            await asyncio.sleep(start)
+            for i in range(5):
+                await committer.submit(op(f"{name}-{i}"))
+                await asyncio.sleep(0.01)  # the next token comes a little later
+
+        await asyncio.gather(*(producer(f"p{k}", k * 0.002) for k in range(8)))
+        await committer.stop()
+        return len(script.calls), first_wait
+
+    alone, _ = await trickle(0.0)
+    paced, first_wait = await trickle(0.05)
+    assert first_wait < 0.05  # the first write did not wait out an interval
+    assert alone >= 2 * paced  # same 41 writes, at most half the commits

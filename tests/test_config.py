@@ -51,6 +51,10 @@ from relay.config import SETTINGS, Config, ConfigError, check_serving, env_name,
             id="allowed-hosts-normalized",
         ),
         pytest.param([], {}, "log_format", "auto", id="default-log-format"),
+        pytest.param([], {}, "commit_interval", 0.0, id="default-commit-at-once"),
+        pytest.param(
+            ["--commit-interval", "0.01"], {}, "commit_interval", 0.01, id="commit-interval"
+        ),
         pytest.param([], {}, "access_log", True, id="default-access-log"),
         pytest.param(["--access-log", "off"], {}, "access_log", False, id="access-log-off"),
         pytest.param([], {"RELAY_ACCESS_LOG": "False"}, "access_log", False, id="env-access-log"),

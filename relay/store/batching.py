@@ -4,9 +4,12 @@ Requests queue typed operations and await their futures. One loop takes everythi
 to the batch limits), hands it to the store's ``apply`` (one transaction), and resolves each
 future with its outcome only after ``apply`` returns, i.e. after the commit. There is no fixed
 delay: a lone operation commits at once, and under load the next batch fills while the previous
-one commits. TTL "touches" from reads ride along with the next batch, or go alone once the
-oldest has waited ``TOUCH_FLUSH_SECONDS``, so reads never wait for a write and never cause one
-of their own while writes are flowing.
+one commits. Optionally (``min_interval``, ``--commit-interval``) batches start at most that often:
+a write arriving after a quiet spell still commits at once, but a steady trickle (chat tokens at
+light load) is gathered into fewer, larger commits, at the cost of up to that much latency.
+TTL "touches" from reads ride along with the next batch, or go alone once the oldest has waited
+``TOUCH_FLUSH_SECONDS``, so reads never wait for a write and never cause one of their own while
+writes are flowing.
 
 Isolation: a batch whose transaction fails for a reason other than a lost database is re-run
 one operation per transaction, so one poisonous request fails alone (answered 500 without
@@ -93,8 +96,12 @@ transaction failed as a whole and nothing of it was committed.
 class Committer:
     """The batching loop (see the module docstring)."""
 
-    def __init__(self, apply: Apply, *, max_ops: int, max_bytes: int) -> None:
+    def __init__(
+        self, apply: Apply, *, max_ops: int, max_bytes: int, min_interval: float = 0.0
+    ) -> None:
         self._apply = apply
+        self._min_interval = min_interval
+        self._last_start = float("-inf")
         self._max_ops = max_ops
         self._max_bytes = max_bytes
         self._queue: list[_Pending] = []
@@ -193,6 +200,13 @@ class Committer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout)
                     continue
+            if self._min_interval and self._queue and not self._closing:
+                # Pace commits: wait out the interval since the last one began, unless a full
+                # batch is already waiting.
+                wait = self._last_start + self._min_interval - loop.time()
+                if wait > 0 and len(self._queue) < self._max_ops:
+                    await asyncio.sleep(wait)
+            self._last_start = loop.time()
             batch = self._take()
             touches, self.touches = self.touches, {}
             if not batch and not touches:

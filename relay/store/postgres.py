@@ -287,6 +287,7 @@ class PostgresStore:
         *,
         max_batch_ops: int = 1024,
         max_batch_bytes: int = 16 * 1024 * 1024,
+        commit_interval: float = 0.0,
         max_fork_scan: int = 16 * 1024 * 1024,
         command_timeout: float = 5.0,
         compact_idle_seconds: float = 10.0,
@@ -298,7 +299,12 @@ class PostgresStore:
         self._timeout = command_timeout or None
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
-        self._committer = Committer(self._apply, max_ops=max_batch_ops, max_bytes=max_batch_bytes)
+        self._committer = Committer(
+            self._apply,
+            max_ops=max_batch_ops,
+            max_bytes=max_batch_bytes,
+            min_interval=commit_interval,
+        )
         self._writer: asyncpg.Connection | None = None  # owned by the committer alone
         self._max_fork_scan = max_fork_scan
         self._origin = uuid.uuid4().hex[:12]

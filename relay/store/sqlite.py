@@ -115,6 +115,7 @@ class SqliteStore:
         *,
         max_batch_ops: int = 1024,
         max_batch_bytes: int = 16 * 1024 * 1024,
+        commit_interval: float = 0.0,
         max_fork_scan: int = 16 * 1024 * 1024,
     ) -> None:
         self._dir = Path(data_dir)
@@ -122,7 +123,10 @@ class SqliteStore:
         self._db_path = self._dir / "relay.sqlite3"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="relay-sqlite-writer")
         self._committer = Committer(
-            self._apply_in_writer, max_ops=max_batch_ops, max_bytes=max_batch_bytes
+            self._apply_in_writer,
+            max_ops=max_batch_ops,
+            max_bytes=max_batch_bytes,
+            min_interval=commit_interval,
         )
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="relay-sqlite-reader")
         self._local = threading.local()
