@@ -524,3 +524,20 @@ async def test_each_delivery_attempt_logs_one_line_without_secrets(relay: Relay)
     assert line["attempt"] == 1 and line["outcome"] == "ok" and line["status"] == "200"
     assert isinstance(line["ms"], float)
     assert got.body["callback_token"] not in str(lines)
+
+
+async def test_control_bodies_are_read_whole_and_bounded(relay: Relay) -> None:
+    """A body arriving in pieces is parsed whole, not as its first piece; one past 1 MiB is 413."""
+
+    async def pieces(*parts: bytes) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+            await asyncio.sleep(0.05)  # each piece its own read on the server
+
+    slow = pieces(b'{"type": "pull-wake", ', b'"pattern": "a/*", "wake_stream": "w/x"}')
+    async with relay.http.put(relay.sub("whole"), data=slow, headers=JSON) as r:
+        assert r.status == 201, await r.text()
+    big = pieces(b'{"type": "pull-wake", ', b" " * (1024 * 1024), b'"pattern": "a/*"}')
+    async with relay.http.put(relay.sub("big"), data=big, headers=JSON) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"]

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from protocol import subscriptions as rules
-from protocol.errors import MethodNotAllowed, NotFound
+from protocol.errors import MethodNotAllowed, NotFound, PayloadTooLarge
 from protocol.subscriptions import LinkState
 from relay.auth.grants import ADMIN, APPEND, READ, Principal
 from relay.auth.http import authorize
@@ -123,9 +123,16 @@ def _allow(method: str, allowed: tuple[str, ...]) -> None:
 
 
 async def _body(request: web.Request) -> Any:
-    data = await request.content.read(MAX_CONTROL_BODY + 1)
+    """The whole JSON body, at most ``MAX_CONTROL_BODY`` bytes (413 beyond). ``read(n)`` returns
+    what has arrived so far, not n bytes, so read until the end or the limit."""
+    data = b""
+    while len(data) <= MAX_CONTROL_BODY:
+        piece = await request.content.read(MAX_CONTROL_BODY + 1 - len(data))
+        if not piece:
+            break
+        data += piece
     if len(data) > MAX_CONTROL_BODY:
-        raise rules.InvalidRequest(f"body exceeds {MAX_CONTROL_BODY} bytes")
+        raise PayloadTooLarge(MAX_CONTROL_BODY)
     if not data.strip():
         return {}
     try:
