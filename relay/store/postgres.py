@@ -99,6 +99,7 @@ WITH chunks AS (
 ), streams AS (
     UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
         last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
+        compact_pending = true,
         closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
                 $11::bigint[], $12::bigint[]) AS u(id, tail, closed, at, seq, cid, cepoch, cseq)
@@ -978,22 +979,19 @@ class PostgresStore:
     async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
         """Merge small rows of closed or idle streams, the longest idle first.
 
-        A stream is a candidate only while two adjacent rows fit in one merged row, the very
-        test ``_runs`` merges by. Greedy runs leave no such pair, so compaction converges: a
-        compacted stream is never a candidate again and a second pass locks and reads nothing.
+        Only streams marked ``compact_pending`` (set by every write) are candidates, so a pass
+        costs what it compacts, never what is stored. A stream is unmarked, under its lock,
+        once its greedy runs are merged: ``_runs`` then leaves no two adjacent rows that fit in
+        one, so a second pass locks and reads nothing.
         A pass reads at most ``budget`` bytes (at least one run, so it always progresses);
         what it leaves stays a candidate, at the front, for the next pass.
         """
         done = CompactionPass()
         async with self._conn() as conn:
             candidates = await conn.fetch(
-                "SELECT s.id FROM relay_streams s WHERE (s.closed OR s.last_append < $1) "
-                "AND EXISTS (SELECT 1 FROM relay_chunks a JOIN relay_chunks b "
-                "ON b.stream_id = a.stream_id AND b.start_pos = a.end_pos "
-                "WHERE a.stream_id = s.id AND b.end_pos - a.start_pos <= $2) "
-                "ORDER BY s.last_append, s.id LIMIT $3",
+                "SELECT id FROM relay_streams WHERE compact_pending "
+                "AND (closed OR last_append < $1) ORDER BY last_append, id LIMIT $2",
                 now - self._compact_idle,
-                COMPACT_BYTES,
                 COMPACT_CANDIDATES,
             )
             for (stream_id,) in candidates:
@@ -1021,12 +1019,14 @@ class PostgresStore:
                 stream_id,
             )
             removed = read = 0
+            finished = True
             for run in _runs(bounds):
                 if len(run) < 2:
                     continue
                 start, end = run[0][0], run[-1][1]
                 spent = done.bytes_read + read
                 if spent and spent + end - start > budget:
+                    finished = False  # stays marked: the next pass goes on from here
                     break
                 rows = await conn.fetch(
                     "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
@@ -1046,6 +1046,10 @@ class PostgresStore:
                 )
                 removed += len(rows) - 1
                 read += end - start
+            if finished:
+                await conn.execute(
+                    "UPDATE relay_streams SET compact_pending = false WHERE id = $1", stream_id
+                )
         return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
 
 

@@ -20,11 +20,14 @@ CREATE TABLE relay_streams (
     source_id BIGINT,
     forked_from TEXT,
     fork_offset BIGINT NOT NULL DEFAULT 0,
-    soft_deleted BOOLEAN NOT NULL DEFAULT false
+    soft_deleted BOOLEAN NOT NULL DEFAULT false,
+    -- Written since its last compaction: the compactor looks at these streams only.
+    compact_pending BOOLEAN NOT NULL DEFAULT false
 );
 CREATE INDEX relay_streams_source ON relay_streams (source_id) WHERE source_id IS NOT NULL;
 CREATE INDEX relay_streams_expiry ON relay_streams (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX relay_streams_ttl ON relay_streams ((last_access + ttl)) WHERE ttl IS NOT NULL;
+CREATE INDEX relay_streams_compact ON relay_streams (last_append, id) WHERE compact_pending;
 
 -- One row per committed run of appends: [start_pos, end_pos) of the stream's byte space.
 CREATE TABLE relay_chunks (
