@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from relay_producer import ContentTypeMismatch, StreamClosed, StreamNotFound, StreamProducer
+from aiohttp import web
+from relay_producer import (
+    ContentTypeMismatch,
+    ProducerFenced,
+    StreamClosed,
+    StreamNotFound,
+    StreamProducer,
+)
 
 from tests.relay_process import RelayProcess
 
@@ -43,13 +51,17 @@ async def test_text_mode_and_typed_errors(relay: RelayProcess) -> None:
         await p.close()
     assert await _read(url) == "abc"
     with pytest.raises(StreamClosed):
-        async with StreamProducer(url, producer_id="q", content_type="text/plain", create=False) as q:
+        async with StreamProducer(
+            url, producer_id="q", content_type="text/plain", create=False
+        ) as q:
             await q.append("x")
     with pytest.raises(ContentTypeMismatch):
         async with StreamProducer(url, producer_id="r"):
             pass
     with pytest.raises(StreamNotFound):
-        async with StreamProducer(f"{relay.url}/v1/stream/none", producer_id="s", create=False) as s:
+        async with StreamProducer(
+            f"{relay.url}/v1/stream/none", producer_id="s", create=False
+        ) as s:
             await s.append(1)
 
 
@@ -64,3 +76,69 @@ async def test_kill_9_mid_reply_stores_reply_once(relay: RelayProcess) -> None:
             await p.append(tok)
         await p.close()
     assert await _read(url) == "".join(tokens)
+
+
+async def test_a_503_with_retry_after_is_retried_and_applied_once(relay: RelayProcess) -> None:
+    """A front that refuses the first two POSTs with 503 (as an overloaded relay does), then
+    passes requests through: the producer waits, resends the same seq, and stores it once."""
+    refused: list[float] = []
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST" and len(refused) < 2:
+            refused.append(time.monotonic())
+            return web.Response(status=503, headers={"Retry-After": "0"})
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method,
+                f"{relay.url}{request.rel_url}",
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                data=await request.read(),
+            ) as upstream,
+        ):
+            body = await upstream.read()
+            keep = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower().startswith(("stream-", "producer-", "content-type"))
+            }
+            return web.Response(status=upstream.status, headers=keep, body=body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", front)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        url = f"http://127.0.0.1:{port}/v1/stream/busy"
+        async with StreamProducer(url, producer_id="b", content_type="text/plain") as p:
+            await p.append("once")
+            await p.close()
+    finally:
+        await runner.cleanup()
+    assert len(refused) == 2
+    assert await _read(f"{relay.url}/v1/stream/busy") == "once"
+
+
+async def test_a_restarted_producer_takes_a_larger_epoch_and_fences_the_old_one(
+    relay: RelayProcess,
+) -> None:
+    url = f"{relay.url}/v1/stream/epochs"
+    async with StreamProducer(url, producer_id="llm", content_type="text/plain") as first:
+        await first.append("a")
+        await first.flush()
+    await asyncio.sleep(0.01)  # the next process start: a later millisecond clock
+    async with StreamProducer(
+        url, producer_id="llm", content_type="text/plain", create=False
+    ) as second:
+        assert second.epoch > first.epoch
+        await second.append("b")
+        await second.flush()
+    with pytest.raises(ProducerFenced):
+        async with StreamProducer(
+            url, producer_id="llm", content_type="text/plain", create=False, epoch=first.epoch
+        ) as stale:
+            await stale.append("c")
+    assert await _read(url) == "ab"

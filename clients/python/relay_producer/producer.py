@@ -194,7 +194,7 @@ class StreamProducer:
                         wait = min(float(retry_after), self.max_backoff)
                     if attempt == self.max_retries:
                         raise ProducerError(resp.status, text)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientConnectionError):
                 if attempt == self.max_retries:
                     raise
             await asyncio.sleep(wait if wait is not None else delay * random.uniform(0.5, 1.5))
