@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay",
         description="A durable stream relay speaking the Durable Streams HTTP protocol.",
     )
+    from relay import __version__
+
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -166,7 +169,11 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
         stop = asyncio.Event()
         _on_stop_signals(stop, exit_on_repeat=worker is None)
         site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # port in use, address not on this host, no permission
+            log.error("cannot start", reason=f"cannot listen on {site.name}: {exc.strerror}")
+            return 1
         if worker is not None:
             unblock_stop_signals()  # a stop sent while we started is taken now, gracefully
             watch_parent(stop)
