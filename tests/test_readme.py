@@ -1,0 +1,47 @@
+"""The README's curl walkthrough, run as pasted (one shell script, against a real relay), so a
+step that fails or races for a newcomer fails here first."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from tests.relay_process import RelayProcess
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _section_script(heading: str) -> str:
+    """The ``sh`` blocks of one README section, joined in order."""
+    text = README.read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    assert blocks, f"no sh block under {heading!r}"
+    return "\n".join(blocks)
+
+
+def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "data", "--long-poll-timeout", "20")
+    relay.start()
+    try:
+        script = _section_script("Walkthrough with curl").replace(
+            "http://127.0.0.1:4437", relay.url
+        )
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        relay.kill()
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert out.count("HTTP/1.1 201 Created") == 1  # the create
+    assert "Hello, world" in out  # the catch-up read
+    assert "\ndata:  More.\n" in out  # the SSE reader saw the live append
+    assert "first: 200\nretry: 204\n" in out  # the idempotent producer step
+    # The long-poll was woken by the POST (200 with its byte), not ended by its timeout (204).
+    assert re.search(r"HTTP/1.1 200 OK\r?\n(?:[^\n]+\n)*\r?\n!", out), out[-3000:]
