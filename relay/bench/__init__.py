@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         type=_names(tuple(SCENARIOS)),
         default=tuple(SCENARIOS),
-        help="comma-separated: append, tokens, fanout, catchup (default: all)",
+        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all)",
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
