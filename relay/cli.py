@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from relay.workers import WorkerSpec
 
 
+DATABASE_SETTINGS = ("database_url", "db_timeout", "log_level", "log_format")
+"""What the commands that only open the database read (migrate, revoke, rotate-webhook-key)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay",
@@ -36,23 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_mod.add_arguments(serve)
     serve.add_argument("--worker-of", dest="worker_of", default=None, help=argparse.SUPPRESS)
-    migrate = commands.add_parser("migrate", help="apply Postgres schema migrations and exit")
-    config_mod.add_arguments(migrate)
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply Postgres schema migrations and exit",
+        description="Bring the database named by --database-url to this relay's schema.",
+    )
+    config_mod.add_arguments(migrate, DATABASE_SETTINGS)
     revoke = commands.add_parser(
         "revoke",
         help="revoke a credential on Postgres (every relay on the database stops it in seconds)",
         description="Add a row to relay_revocations: a JWT by its jti, or a key by its id"
         " (the kid of a JWT signing key, or an API key's id).",
     )
-    config_mod.add_arguments(revoke)
+    config_mod.add_arguments(revoke, DATABASE_SETTINGS)
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", dest="revoke_jti", help="a JWT's jti claim")
     which.add_argument("--kid", dest="revoke_kid", help="a signing key's kid or an API key's id")
     rotate = commands.add_parser(
         "rotate-webhook-key",
         help="add a new webhook signing key; the old one stays published for a day",
+        description="Add a webhook signing key to the store's database (Postgres with"
+        " --database-url, else the data directory's SQLite); the old key stays published"
+        " in the JWKS for a day, so receivers that cached it keep verifying.",
     )
-    config_mod.add_arguments(rotate)
+    config_mod.add_arguments(rotate, (*DATABASE_SETTINGS, "data_dir"))
     bench = commands.add_parser(
         "bench", help="compare the relay with a bare aiohttp server and the reference server"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -373,9 +373,14 @@ def env_name(setting: str) -> str:
     return "RELAY_" + setting.upper()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per setting; defaults stay None so the environment can apply."""
+def add_arguments(
+    parser: argparse.ArgumentParser, only: Collection[str] | None = None
+) -> None:
+    """Add one ``--flag`` per setting (or per setting named in ``only``, for commands that
+    use a few); defaults stay None so the environment can apply."""
     for setting in SETTINGS:
+        if only is not None and setting.name not in only:
+            continue
         flag = "--" + setting.name.replace("_", "-")
         if setting.kind is _boolean and setting.default is False:
             # An off-by-default boolean is a bare switch; the environment takes true/false.

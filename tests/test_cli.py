@@ -39,3 +39,12 @@ def test_a_port_in_use_is_one_error_line_without_a_traceback(tmp_path: Path) -> 
     errors = [line for line in done.stderr.splitlines() if '"error"' in line]
     assert len(errors) == 1
     assert "cannot listen on" in errors[0] and str(port) in errors[0]
+
+
+def test_database_commands_offer_only_their_own_flags() -> None:
+    for command in ("migrate", "revoke", "rotate-webhook-key"):
+        done = _relay(command, "--help")
+        assert done.returncode == 0
+        assert "--database-url" in done.stdout
+        assert "--long-poll-timeout" not in done.stdout  # a serve flag
+        assert "--auth-api-keys" not in done.stdout
