@@ -45,3 +45,34 @@ def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
     assert "first: 200\nretry: 204\n" in out  # the idempotent producer step
     # The long-poll was woken by the POST (200 with its byte), not ended by its timeout (204).
     assert re.search(r"HTTP/1.1 200 OK\r?\n(?:[^\n]+\n)*\r?\n!", out), out[-3000:]
+
+
+def _run_subscriptions_section(relay: RelayProcess) -> str:
+    relay.start()
+    try:
+        script = _section_script("Subscriptions").replace("http://127.0.0.1:4437", relay.url)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        relay.kill()
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_subscriptions_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
+    out = _run_subscriptions_section(RelayProcess(tmp_path / "data"))
+    assert '"subscription_id":"indexer"' in out  # the wake event arrived before the claim
+    assert '{"ok":true,"next_wake":false}' in out  # the claim and its ack
+
+
+def test_the_subscriptions_walkthrough_runs_on_postgres_with_two_workers(
+    tmp_path: Path, pg_url: str
+) -> None:
+    relay = RelayProcess(tmp_path / "data", "--database-url", pg_url, "--workers", "2")
+    out = _run_subscriptions_section(relay)
+    assert '{"ok":true,"next_wake":false}' in out
