@@ -20,9 +20,13 @@ from relay_producer import (
 from tests.relay_process import RelayProcess
 
 
-@pytest.fixture
-def relay(tmp_path: Path):  # type: ignore[no-untyped-def]
-    proc = RelayProcess(tmp_path / "data")
+@pytest.fixture(params=["sqlite", "postgres"])
+def relay(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real relay on each store (restartable on the same data: directory or database)."""
+    extra: tuple[str, ...] = ()
+    if request.param == "postgres":
+        extra = ("--database-url", request.getfixturevalue("pg_url"))
+    proc = RelayProcess(tmp_path / "data", *extra)
     proc.start()
     yield proc
     proc.kill()
