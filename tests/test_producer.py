@@ -72,13 +72,20 @@ async def test_text_mode_and_typed_errors(relay: RelayProcess) -> None:
 async def test_kill_9_mid_reply_stores_reply_once(relay: RelayProcess) -> None:
     url = f"{relay.url}/v1/stream/reply"
     tokens = [f"tok{i} " for i in range(40)]
+    async def restart() -> None:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(relay.start)  # off the loop: the producer keeps retrying
+
+    restarting: asyncio.Task[None] | None = None
     async with StreamProducer(url, producer_id="m", content_type="text/plain") as p:
         for i, tok in enumerate(tokens):
             if i == 20:
                 relay.kill()
-                asyncio.get_running_loop().call_later(0.3, relay.start)
+                restarting = asyncio.create_task(restart())
             await p.append(tok)
         await p.close()
+    assert restarting is not None
+    await restarting
     assert await _read(url) == "".join(tokens)
 
 
