@@ -1,5 +1,5 @@
-"""The README's curl walkthrough, run as pasted (one shell script, against a real relay), so a
-step that fails or races for a newcomer fails here first."""
+"""The README's walkthroughs, run as pasted (each section's shell blocks as one bash script,
+against a real relay), so a step that fails or races for a newcomer fails here first."""
 
 from __future__ import annotations
 
@@ -21,36 +21,11 @@ def _section_script(heading: str) -> str:
     return "\n".join(blocks)
 
 
-def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path / "data", "--long-poll-timeout", "20")
+def _run_section(relay: RelayProcess, heading: str) -> str:
+    """Run a section against ``relay`` (the README's URL rewritten to its port); its stdout."""
     relay.start()
     try:
-        script = _section_script("Walkthrough with curl").replace(
-            "http://127.0.0.1:4437", relay.url
-        )
-        done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        relay.kill()
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
-    assert out.count("HTTP/1.1 201 Created") == 1  # the create
-    assert "Hello, world" in out  # the catch-up read
-    assert "\ndata:  More.\n" in out  # the SSE reader saw the live append
-    assert "first: 200\nretry: 204\n" in out  # the idempotent producer step
-    # The long-poll was woken by the POST (200 with its byte), not ended by its timeout (204).
-    assert re.search(r"HTTP/1.1 200 OK\r?\n(?:[^\n]+\n)*\r?\n!", out), out[-3000:]
-
-
-def _run_subscriptions_section(relay: RelayProcess) -> str:
-    relay.start()
-    try:
-        script = _section_script("Subscriptions").replace("http://127.0.0.1:4437", relay.url)
+        script = _section_script(heading).replace("http://127.0.0.1:4437", relay.url)
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             capture_output=True,
@@ -64,8 +39,19 @@ def _run_subscriptions_section(relay: RelayProcess) -> str:
     return done.stdout
 
 
+def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "data", "--long-poll-timeout", "20")
+    out = _run_section(relay, "Walkthrough with curl")
+    assert out.count("HTTP/1.1 201 Created") == 1  # the create
+    assert "Hello, world" in out  # the catch-up read
+    assert "\ndata:  More.\n" in out  # the SSE reader saw the live append
+    assert "first: 200\nretry: 204\n" in out  # the idempotent producer step
+    # The long-poll was woken by the POST (200 with its byte), not ended by its timeout (204).
+    assert re.search(r"HTTP/1.1 200 OK\r?\n(?:[^\n]+\n)*\r?\n!", out), out[-3000:]
+
+
 def test_the_subscriptions_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
-    out = _run_subscriptions_section(RelayProcess(tmp_path / "data"))
+    out = _run_section(RelayProcess(tmp_path / "data"), "Subscriptions")
     assert '"subscription_id":"indexer"' in out  # the wake event arrived before the claim
     assert '{"ok":true,"next_wake":false}' in out  # the claim and its ack
 
@@ -74,5 +60,5 @@ def test_the_subscriptions_walkthrough_runs_on_postgres_with_two_workers(
     tmp_path: Path, pg_url: str
 ) -> None:
     relay = RelayProcess(tmp_path / "data", "--database-url", pg_url, "--workers", "2")
-    out = _run_subscriptions_section(relay)
+    out = _run_section(relay, "Subscriptions")
     assert '{"ok":true,"next_wake":false}' in out
