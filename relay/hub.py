@@ -3,16 +3,18 @@
 Each parked reader waits on one bare future in its stream's waiter set; a commit resolves the
 whole set, so thousands of parked readers cost a future each plus their own coroutine, and
 nobody polls.
-The hub keeps the last few committed appends of watched streams, so a woken reader usually gets
-its bytes from memory instead of reading the store. Commits made by other processes (Postgres
-LISTEN) arrive without bytes; the hub fetches them once for all of that stream's readers.
-That memory is capped per stream and in total; what the hub no longer holds, readers read from
-the store, so eviction costs a read, never correctness.
+The hub keeps the last few committed appends of every stream written through it (watched or
+not), so a woken reader, and a catch-up read near a stream's tail, usually gets its bytes from
+memory instead of reading the store. Commits made by other processes (Postgres LISTEN) arrive
+without bytes; the hub fetches them once for all of that stream's readers.
+That memory is capped per stream and in total, evicting the stream written least recently;
+what the hub no longer holds, readers read from the store, so eviction costs a read, never
+correctness.
 
 A watch outlives its last reader by ``LINGER_SECONDS``, still following commits: a long-poll
 reader re-polls right after each answer, and finds the stream's tail and newest bytes already
 known instead of asking the store again. Committed bytes never change and ids are never reused,
-so what a watch holds is always right to serve.
+so what the hub holds is always right to serve, until the stream is removed.
 """
 
 from __future__ import annotations
@@ -25,14 +27,25 @@ from dataclasses import dataclass, field
 from protocol import jsonmode
 
 RECENT_BYTES = 1024 * 1024
-"""Most recent bytes held per watched stream; a longer append is never held."""
+"""Most recent bytes held per stream; a longer append is never held."""
 HELD_BYTES = 64 * 1024 * 1024
-"""Default cap on recent bytes held across all watched streams."""
+"""Default cap on recent bytes held across all streams."""
 LINGER_SECONDS = 10.0
 MAX_LINGERING = 10_000
 
 Fetch = Callable[[int, int, int], Awaitable[bytes | None]]
 """(stream_id, start, end) -> the committed bytes, or None if they cannot be had."""
+
+
+@dataclass
+class _Held:
+    """A stream's most recent committed appends, contiguous, oldest first."""
+
+    chunks: deque[tuple[int, bytes]] = field(default_factory=deque)
+    size: int = 0
+
+
+_NOTHING_HELD = _Held()
 
 
 @dataclass
@@ -43,8 +56,6 @@ class _Watch:
     closed: bool = False
     deleted: bool = False
     readers: int = 0
-    recent: deque[tuple[int, bytes]] = field(default_factory=deque)
-    recent_bytes: int = 0
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
 
     def signal(self) -> None:
@@ -128,7 +139,7 @@ class Subscription:
         parts: list[memoryview] = []
         size = 0
         at = start
-        for chunk_start, data in self._watch.recent:
+        for chunk_start, data in self._hub._held.get(self.stream_id, _NOTHING_HELD).chunks:
             held_end = chunk_start + len(data)
             if held_end <= at:
                 continue
@@ -165,8 +176,8 @@ class Hub:
         self._fetching: set[int] = set()
         self._max_bytes = max_bytes
         self._stream_bytes = stream_bytes
-        # Streams holding recent bytes, least recently published first: the eviction order.
-        self._holders: OrderedDict[int, None] = OrderedDict()
+        # Recent bytes by stream, least recently published first: the eviction order.
+        self._held: OrderedDict[int, _Held] = OrderedDict()
         self._held_bytes = 0
         self.stopping = False
 
@@ -220,16 +231,15 @@ class Hub:
     def _drop(self, stream_id: int, watch: _Watch) -> None:
         self._lingering.pop(stream_id, None)
         del self._watches[stream_id]
-        self._forget(stream_id, watch)
 
     def held(self, stream_id: int, start: int, end: int) -> bytes | None:
         """Committed bytes ``[start, end)`` of a stream if the hub holds all of them."""
-        watch = self._watches.get(stream_id)
-        if watch is None or start >= end:
+        held = self._held.get(stream_id)
+        if held is None or start >= end:
             return None
         parts: list[memoryview] = []
         at = start
-        for chunk_start, data in watch.recent:
+        for chunk_start, data in held.chunks:
             chunk_end = chunk_start + len(data)
             if chunk_end <= at:
                 continue
@@ -241,41 +251,44 @@ class Hub:
                 return b"".join(parts)
         return None
 
-    def _remember(self, stream_id: int, watch: _Watch, start: int, data: bytes) -> None:
-        """Hold a committed append for woken readers, within the per-stream and total caps.
+    def _remember(self, stream_id: int, start: int, data: bytes) -> None:
+        """Hold a committed append for readers, within the per-stream and total caps.
 
         The total cap evicts from the stream published least recently, oldest bytes first:
         its readers have most likely taken them already.
         """
         if not data or len(data) > self._stream_bytes:
             return
-        recent = watch.recent
-        if recent and recent[-1][0] + len(recent[-1][1]) != start:
-            self._forget(stream_id, watch)
-        recent.append((start, data))
-        watch.recent_bytes += len(data)
+        held = self._held.get(stream_id)
+        if held is None:
+            held = self._held[stream_id] = _Held()
+        else:
+            self._held.move_to_end(stream_id)
+            last_start, last = held.chunks[-1] if held.chunks else (start, b"")
+            if last_start + len(last) != start:  # a gap (another relay wrote): start afresh
+                self._held_bytes -= held.size
+                held.chunks.clear()
+                held.size = 0
+        held.chunks.append((start, data))
+        held.size += len(data)
         self._held_bytes += len(data)
-        self._holders[stream_id] = None
-        self._holders.move_to_end(stream_id)
-        while watch.recent_bytes > self._stream_bytes:
-            self._drop_oldest(watch)
+        while held.size > self._stream_bytes:
+            self._drop_oldest(held)
         while self._held_bytes > self._max_bytes:
-            victim_id = next(iter(self._holders))
-            victim = self._watches[victim_id]
+            victim_id, victim = next(iter(self._held.items()))
             self._drop_oldest(victim)
-            if not victim.recent:
-                del self._holders[victim_id]
+            if not victim.chunks:
+                del self._held[victim_id]
 
-    def _drop_oldest(self, watch: _Watch) -> None:
-        size = len(watch.recent.popleft()[1])
-        watch.recent_bytes -= size
+    def _drop_oldest(self, held: _Held) -> None:
+        size = len(held.chunks.popleft()[1])
+        held.size -= size
         self._held_bytes -= size
 
-    def _forget(self, stream_id: int, watch: _Watch) -> None:
-        self._held_bytes -= watch.recent_bytes
-        watch.recent.clear()
-        watch.recent_bytes = 0
-        self._holders.pop(stream_id, None)
+    def _forget(self, stream_id: int) -> None:
+        held = self._held.pop(stream_id, None)
+        if held is not None:
+            self._held_bytes -= held.size
 
     def shutdown(self) -> None:
         """Wake every parked reader for good: from now on waits end at once, as on timeout."""
@@ -285,16 +298,17 @@ class Hub:
 
     def publish(self, stream_id: int, start: int, data: bytes, tail: int, closed: bool) -> None:
         """A local commit: ``data`` now sits at ``[start, tail)``."""
+        self._remember(stream_id, start, data)
         watch = self._watches.get(stream_id)
         if watch is None:
             return
-        self._remember(stream_id, watch, start, data)
         if watch.tail is None or tail > watch.tail:
             watch.tail = tail
         watch.closed = watch.closed or closed
         watch.signal()
 
     def deleted(self, stream_id: int) -> None:
+        self._forget(stream_id)
         watch = self._watches.get(stream_id)
         if watch is None:
             return
@@ -337,7 +351,7 @@ class Hub:
         if watch is None:
             return
         if data is not None and len(data) == tail - start:
-            self._remember(stream_id, watch, start, data)
+            self._remember(stream_id, start, data)
         self._advance(watch, tail, closed)
 
     @staticmethod

@@ -40,6 +40,10 @@ def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
         ("fanout", "5 readers, 4 msgs"),
         ("catchup", "2 MiB"),
         ("memory", "3 streams, 7 readers"),
+        ("ledger", "healthz"),
+        ("ledger", "head"),
+        ("ledger", "read"),
+        ("ledger", "append"),
     ]
     assert all(r.lost == 0 for r in results)
     counts = {(r.scenario, r.variant): r.operations for r in results}
@@ -48,16 +52,21 @@ def test_tiny_bench_reads_back_everything_and_prints_every_row() -> None:
     assert counts[("fanout", "5 readers, 4 msgs")] == 5 * 4
     assert counts[("catchup", "2 MiB")] == 2
     assert counts[("memory", "3 streams, 7 readers")] == 7
-    assert results[-1].note.startswith("RSS ")
+    assert all(counts[("ledger", depth)] == 2 * 20 for depth in ("healthz", "head", "read"))
+    assert counts[("ledger", "append")] == 2 * 20
+    memory = runs.index(("memory", "3 streams, 7 readers"))
+    assert results[memory].note.startswith("RSS ")
     assert all(r.usage.server_cpu is not None for r in results)
-    assert all(r.usage.commits is not None and r.usage.commits > 0 for r in results[:-2])
+    assert all(r.usage.commits is not None and r.usage.commits > 0 for r in results[: memory - 1])
+    ledger = {r.variant: r.usage.commits for r in results if r.scenario == "ledger"}
+    assert ledger["head"] == ledger["read"] == 0 and ledger["append"]  # reads commit nothing
 
     table = report(results, args)
     rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| relay")]
     assert [(target.strip(), variant.strip()) for target, variant in rows] == [
         ("relay (sqlite)", variant) for _, variant in runs
     ]
-    for scenario in ("append", "tokens", "fanout", "catchup", "memory"):
+    for scenario in ("append", "tokens", "fanout", "catchup", "memory", "ledger"):
         assert f"\n{scenario}: ratios compare" in table
 
 

@@ -119,7 +119,24 @@ async def test_held_bytes_are_capped_across_streams_evicting_the_stalest() -> No
     assert subs[4].take(0, 1000) == b"E" * 100
     for sub in subs:
         sub.__exit__(None, None, None)
+    assert hub.held(4, 0, 100) == b"E" * 100  # held bytes outlive the watch, still capped
+    hub.deleted(4)
+    hub.deleted(3)
     assert hub.held_bytes == 0
+
+
+async def test_bytes_of_an_unwatched_stream_are_held_for_catch_up_reads() -> None:
+    """A catch-up read near the tail of a stream written here needs no store read."""
+    hub = Hub(max_bytes=1000, stream_bytes=100)
+    hub.publish(3, 0, b"hello", 5, False)
+    hub.publish(3, 5, b" world", 11, False)
+    assert hub.held(3, 0, 11) == b"hello world"
+    assert hub.held(3, 4, 6) == b"o "
+    hub.publish(3, 20, b"later", 25, False)  # another relay wrote 11..20: only 20.. is held
+    assert hub.held(3, 0, 11) is None
+    assert hub.held(3, 20, 25) == b"later"
+    hub.deleted(3)
+    assert hub.held(3, 20, 25) is None and hub.held_bytes == 0
 
 
 async def test_an_append_larger_than_the_stream_cap_is_not_held() -> None:

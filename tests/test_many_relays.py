@@ -209,3 +209,34 @@ async def test_a_long_poll_right_after_another_relays_ack_always_gets_the_write(
                     assert response.status == 200
                     assert await response.read() == body
                     offset = response.headers["Stream-Next-Offset"]
+
+
+async def test_catch_up_reads_and_heads_right_after_another_relays_ack_see_it(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    """Relay B answers HEAD and catch-up reads from what it knows, warm from earlier reads;
+    every write, delete and re-create acknowledged by A is in B's very next answer."""
+    a, b = relays
+    url_a, url_b = f"{a.url}/v1/stream/warm", f"{b.url}/v1/stream/warm"
+    async with aiohttp.ClientSession() as http:
+        async with http.put(url_a, headers=TEXT) as created:
+            assert created.status == 201
+        written = b""
+        for i in range(30):
+            body = f"<{i}>".encode()
+            async with http.post(url_a, data=body, headers=TEXT) as r:
+                acked = r.headers["Stream-Next-Offset"]
+            written += body
+            async with http.head(url_b) as head:
+                assert head.headers["Stream-Next-Offset"] == acked
+            async with http.get(url_b, params={"offset": "-1"}) as read:
+                assert await read.read() == written
+        async with http.delete(url_a) as deleted:
+            assert deleted.status == 204
+        async with http.head(url_b) as head:
+            assert head.status == 404
+        async with http.put(url_a, headers={"Content-Type": "application/json"}) as again:
+            assert again.status == 201
+        async with http.head(url_b) as head:
+            assert head.status == 200
+            assert head.headers["Content-Type"] == "application/json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from protocol.append import AppendRequest
-from protocol.create import CreateRequest
-from protocol.errors import Unavailable
+from protocol.create import CreateRequest, ForkRequest
+from protocol.errors import Gone, NotFound, Unavailable
 from protocol.headers import ProducerHeaders
 from protocol.lifecycle import Expiry
 from relay.app import make_app
@@ -488,22 +489,28 @@ async def test_the_reaper_reclaims_every_row_of_expired_streams(
     assert dict(counts) == {"streams": 1, "chunks": 1, "producers": 1}
 
 
+def _count_lookups(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``store`` looks up in the database from now on, in order."""
+    paths: list[str] = []
+    load = store._load_pooled
+
+    async def counted(path: str) -> object:
+        paths.append(path)
+        return await load(path)
+
+    monkeypatch.setattr(store, "_load_pooled", counted)
+    return paths
+
+
 async def test_readers_share_stream_lookups_but_always_see_acknowledged_writes(
     store: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.create(plain("hot"), NOW)
-    queries = 0
-    load = store._load_pooled
-
-    async def counted(path: str) -> object:
-        nonlocal queries
-        queries += 1
-        return await load(path)
-
-    monkeypatch.setattr(store, "_load_pooled", counted)
+    store._known.clear()  # as if another relay had created it: every HEAD needs the row
+    queries = _count_lookups(store, monkeypatch)
     metas = await asyncio.gather(*(store.head("hot", NOW, touch=False) for _ in range(200)))
     assert {meta.tail for meta in metas} == {0}
-    assert queries < 20  # one shared query per wave, not one per reader
+    assert len(queries) < 20  # one shared query per wave, not one per reader
 
     stop = asyncio.Event()
 
@@ -645,7 +652,9 @@ async def test_live_readers_park_on_what_the_relay_already_knows_and_nothing_els
         await there.close()
 
 
-async def test_nothing_is_tracked_while_notifications_may_be_missed(pg_url: str) -> None:
+async def test_nothing_is_tracked_or_cached_while_notifications_may_be_missed(
+    pg_url: str,
+) -> None:
     proxy, proxied = TcpProxy.for_url(pg_url)
     await proxy.start()
     store = PostgresStore(proxied, command_timeout=2)
@@ -657,7 +666,10 @@ async def test_nothing_is_tracked_while_notifications_may_be_missed(pg_url: str)
                 await asyncio.sleep(0.01)
         await store.create(plain("blind"), NOW)
         assert store.tracked("blind", 0, NOW) is not None
+        assert (await store.head("blind", NOW, touch=False)).tail == 0
         await proxy.cut()
+        with pytest.raises(Unavailable):  # not the cached answer: it may be stale by now
+            await store.head("blind", NOW, touch=False)
         async with asyncio.timeout(15):
             while store._listening:  # the lost LISTEN connection is noticed
                 await asyncio.sleep(0.05)
@@ -698,3 +710,74 @@ async def test_producer_state_is_read_after_waiting_for_another_relays_lock(
     assert result.plan.duplicate and not result.plan.write
     meta = await store.head("contended", NOW, touch=False)
     assert await store.read(meta, 0, meta.tail) == b"token"
+
+
+async def _listening(*stores: PostgresStore) -> None:
+    async with asyncio.timeout(5):
+        while not all(s._listening for s in stores):
+            await asyncio.sleep(0.01)
+
+
+async def test_heads_answer_from_what_the_relay_knows_yet_never_miss_another_relays_ack(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HEAD of a stream this relay knows costs no lookup, yet every commit another relay
+    acknowledged before the HEAD began is in its answer: appends, closes, deletes, re-creates."""
+    here = PostgresStore(pg_url)
+    there = PostgresStore(pg_url)
+    await here.open()
+    await there.open()
+    here.set_listener(Recorder())
+    lookups = _count_lookups(here, monkeypatch)
+    try:
+        await _listening(here, there)
+        await there.create(plain("seen"), NOW)
+        first = await here.head("seen", NOW, touch=False)  # a lookup: here never saw it
+        assert len(lookups) == 1
+        for i in range(1, 101):
+            acked = await there.append("seen", text(b"x"), NOW)
+            seen = await here.head("seen", NOW, touch=False)
+            assert seen.tail == acked.meta.tail == i  # the ack's NOTIFY arrived first
+        assert len(lookups) == 1  # ...and no HEAD asked the database
+        await there.append("seen", text(b"", close=True), NOW)
+        assert (await here.head("seen", NOW, touch=False)).closed
+        await there.delete("seen", NOW)
+        with pytest.raises(NotFound):
+            await here.head("seen", NOW, touch=False)
+        recreated = CreateRequest("seen", "application/json", Expiry(), False, b"")
+        await there.create(recreated, NOW)
+        again = await here.head("seen", NOW, touch=False)
+        assert again.content_type == "application/json"
+        assert again.stream_id != first.stream_id
+    finally:
+        await here.close()
+        await there.close()
+
+
+async def test_heads_ask_the_database_for_what_no_notify_announces(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft-deleted stream (it may be purged and its path re-created) and a TTL stream that
+    looks expired here (another relay's reads may have extended it) are looked up."""
+    here = PostgresStore(pg_url)
+    there = PostgresStore(pg_url)
+    await here.open()
+    await there.open()
+    here.set_listener(Recorder())
+    try:
+        await _listening(here, there)
+        await here.create(CreateRequest("ttl", "text/plain", Expiry(ttl=10), False, b""), NOW)
+        await there.head("ttl", NOW + 8, touch=True)  # another relay's read extends it
+        await asyncio.sleep(0.3)  # the pending touch commits
+        await there.reap(NOW + 8)
+        meta = await here.head("ttl", NOW + 12, touch=False)  # here alone would call it expired
+        assert meta.path == "ttl"
+        await here.create(plain("source"), NOW)
+        fork = CreateRequest("fork", "text/plain", Expiry(), False, b"")
+        await here.create(replace(fork, fork=ForkRequest("source", 0)), NOW)
+        await there.delete("source", NOW)  # soft-deleted: a fork inherits it
+        with pytest.raises(Gone):
+            await here.head("source", NOW, touch=False)
+    finally:
+        await here.close()
+        await there.close()

@@ -83,15 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--producers",
         type=int,
         default=defaults.connections,
-        help="append: concurrent connections, one stream each",
+        help="append, ledger: concurrent connections (append: one stream each)",
     )
-    add("--duration", type=float, default=defaults.duration, help="append: seconds to run")
+    add(
+        "--duration",
+        type=float,
+        default=defaults.duration,
+        help="append, ledger: seconds to run (ledger: per depth)",
+    )
     add(
         "--count",
         "--appends",
         type=int,
         default=defaults.count,
-        help="append: appends per connection instead of --duration",
+        help="append, ledger: requests per connection instead of --duration",
     )
     add("--payload", type=int, default=defaults.payload, help="append: bytes per body")
     add(

@@ -138,6 +138,9 @@ class Headline:
             return result.rate
         if self.name == "MiB/s":
             return result.mib / result.usage.wall if result.usage.wall else None
+        if self.name == "CPU/req":
+            cpu = result.usage.server_cpu
+            return cpu / result.operations if cpu is not None and result.operations else None
         return result.p(0.99)
 
 
@@ -147,6 +150,7 @@ HEADLINES = {
     "fanout": Headline("p99", False),
     "catchup": Headline("MiB/s", True),
     "memory": Headline("p99", False),
+    "ledger": Headline("CPU/req", False),
 }
 
 

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from protocol import headers as h
+from relay.bench.ledger import ledger
 from relay.bench.report import Result, snapshot, usage
 from relay.bench.targets import Target
 
@@ -497,6 +498,7 @@ SCENARIOS = {
     "fanout": fanout,
     "catchup": catchup,
     "memory": memory,
+    "ledger": ledger,
 }
-BARE_SCENARIOS = ("append",)
-"""The bare server stores nothing, so it is only a ceiling for appends."""
+BARE_SCENARIOS = ("append", "ledger")
+"""The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

@@ -312,6 +312,9 @@ class PostgresStore:
         self._events: StoreEvents | None = None
         self._known = _Known()
         self._listening = False  # _known is trusted only while notifications flow
+        self._listen_conn: asyncpg.Connection | None = None
+        self._barrier: asyncio.Future[bool] | None = None  # the next barrier's callers
+        self._barrier_running = False
         self._listen_task: asyncio.Task[None] | None = None
         self._compact_task: asyncio.Task[None] | None = None
         self._compact_idle = compact_idle_seconds
@@ -470,7 +473,9 @@ class PostgresStore:
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
-        meta = await self._shared_load(path)
+        meta = await self._known_fresh(path, now)
+        if meta is None:
+            meta = await self._shared_load(path)
         if meta is None:
             raise NotFound()
         pending = self._committer.pending_touch(path, meta.stream_id)
@@ -502,6 +507,55 @@ class PostgresStore:
         ):
             return None
         return meta
+
+    async def _known_fresh(self, path: str, now: float) -> StreamMeta | None:
+        """The stream as this relay knows it, once every commit acknowledged before this call
+        (by any relay) has reached ``_known``; None when the database must answer.
+
+        Any relay's commit NOTIFYs before it is acknowledged, and Postgres sends a listening
+        session the notifications committed before a query ahead of that query's answer, so
+        after one round trip on the LISTEN connection (:meth:`_notified`, shared by every
+        caller waiting for it) ``_known`` is as fresh as a query would be. What no NOTIFY
+        announces stays with the database: a soft-deleted stream (it may be purged and its
+        path re-created) and a TTL stream that looks expired (other relays' reads extend it).
+        """
+        if not self._listening or path not in self._known.by_path:
+            return None
+        if not await self._notified():
+            return None
+        meta = self._known.by_path.get(path)
+        if meta is None or meta.soft_deleted or (meta.ttl is not None and is_expired(meta, now)):
+            return None
+        return meta
+
+    async def _notified(self) -> bool:
+        """Wait for a round trip on the LISTEN connection that began after this call; False
+        if notifications stopped flowing meanwhile (then nothing cached may answer)."""
+        waiter = self._barrier
+        if waiter is None:
+            waiter = self._barrier = asyncio.get_running_loop().create_future()
+        if not self._barrier_running:
+            self._barrier_running = True
+            self._spawn(self._run_barriers())
+        return await waiter
+
+    async def _run_barriers(self) -> None:
+        """One ``SELECT 1`` at a time on the LISTEN connection, each for everyone who asked
+        before it was sent. asyncpg runs notification callbacks before it wakes the query's
+        caller, so ``_known`` has them by the time a waiter resumes."""
+        try:
+            while (waiter := self._barrier) is not None:
+                self._barrier = None
+                ok = False
+                conn = self._listen_conn
+                if conn is not None and self._listening:
+                    with contextlib.suppress(*_DISCONNECTS, asyncpg.PostgresError):
+                        await conn.execute("SELECT 1", timeout=self._timeout or 5)
+                        ok = self._listening and self._listen_conn is conn
+                if not waiter.done():
+                    waiter.set_result(ok)
+        finally:
+            self._barrier_running = False
 
     async def _shared_load(self, path: str) -> StreamMeta | None:
         """Load a stream's row, one query serving every caller that asked before it began.
@@ -902,22 +956,21 @@ class PostgresStore:
                 # Whatever committed while we were not listening: forget what we knew and let
                 # readers re-check.
                 self._known.clear()
+                self._listen_conn = conn
                 self._listening = True
                 self._wake_watched()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 5)
-                    if not lost.is_set():
-                        try:
-                            await conn.execute("SELECT 1", timeout=self._timeout or 5)
-                        except (*_DISCONNECTS, asyncpg.PostgresError):
-                            lost.set()
+                    if not lost.is_set() and not await self._notified():  # the keepalive
+                        lost.set()
             except (*_DISCONNECTS, asyncpg.PostgresError):
                 await asyncio.sleep(delay)  # lost while subscribing: connect again
             finally:
                 if lost.is_set():  # not on cancellation: that is the store closing
                     log.warning("listen connection lost", channel=CHANNEL)
                 self._listening = False
+                self._listen_conn = None
                 self._known.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
