@@ -26,6 +26,7 @@ from relay.http.errors import Handler, error_response
 from relay.http.paths import stream_path, valid_host
 from relay.hub import Hub
 from relay.metrics import CONTENT_TYPE, Metrics
+from relay.sink import CommitSink
 from relay.store.base import Store
 from relay.subscriptions import routes as subscription_routes
 from relay.subscriptions.db import Database, PostgresDatabase, SqliteDatabase
@@ -385,7 +386,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ctx.subscriptions.report_failed = ctx.worker is None or ctx.worker.index == 0
         await ctx.subscriptions.open()  # after the store: its migrations made our tables
     ctx.metrics.watch_store(ctx.store)
-    ctx.store.set_listener(ctx.hub)
+    ctx.store.set_listener(CommitSink(ctx.hub, ctx.metrics, ctx.subscriptions))
 
     async def fetch(stream_id: int, start: int, end: int) -> bytes:
         meta = StreamMeta(stream_id, "", "", end, segments=(Segment(stream_id, 0, None),))

@@ -331,6 +331,7 @@ class Config:
     def auth_enabled(self) -> bool:
         """Credentials are checked once any key source is configured."""
         return bool(self.auth_api_keys or self.auth_jwt_keys or self.auth_jwks_url)
+
     webhook_allow_loopback: bool = True
     webhook_allowed_hosts: str = ""
     webhook_timeout: float = 10.0
@@ -373,9 +374,7 @@ def env_name(setting: str) -> str:
     return "RELAY_" + setting.upper()
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, only: Collection[str] | None = None
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
     """Add one ``--flag`` per setting (or per setting named in ``only``, for commands that
     use a few); defaults stay None so the environment can apply."""
     for setting in SETTINGS:

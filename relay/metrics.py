@@ -88,6 +88,21 @@ class _StoreCollector(Collector):
             ("relay_store_compacted_bytes", "Bytes compaction rewrote", stats.bytes_compacted),
             ("relay_store_compaction_passes", "Compaction passes run", stats.compaction_passes),
             ("relay_store_listen_reconnects", "LISTEN reconnections", stats.listen_reconnects),
+            (
+                "relay_store_statements",
+                "Statements the committer sent (BEGIN and COMMIT included)",
+                stats.statements,
+            ),
+            (
+                "relay_store_guarded_writes",
+                "Batches committed in one round trip, without taking locks",
+                stats.guarded_writes,
+            ),
+            (
+                "relay_store_guard_misses",
+                "One-round-trip writes refused because a stream changed (re-run with locks)",
+                stats.guard_misses,
+            ),
         )
         for name, doc, value in optional:
             if value is not None:

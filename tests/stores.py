@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay.store.base import Store
+from relay.store.base import AppendResult, Store
 from relay.store.sqlite import SqliteStore
 
 BACKENDS = ["sqlite", "postgres"]
@@ -56,6 +56,10 @@ class Recorder:
     def __init__(self, watched: list[int] | None = None) -> None:
         self.heard: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.watched = watched or []
+        self.local: list[tuple[str, int, int]] = []  # (path, start, tail) of local appends
+
+    def appended(self, path: str, result: AppendResult) -> None:
+        self.local.append((path, result.start, result.meta.tail))
 
     def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
         self.heard.put_nowait((stream_id, tail, closed))

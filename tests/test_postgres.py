@@ -4,6 +4,7 @@ compaction, and behaviour while the database is unreachable (through a TCP proxy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -16,7 +17,7 @@ from pytest_aiohttp import AiohttpClient
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest, ForkRequest
-from protocol.errors import Gone, NotFound, Unavailable
+from protocol.errors import Gone, NotFound, StaleEpoch, Unavailable
 from protocol.headers import ProducerHeaders
 from protocol.lifecycle import Expiry
 from relay.app import make_app
@@ -718,19 +719,28 @@ async def _listening(*stores: PostgresStore) -> None:
             await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def two_relays(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores on one database, as two relay processes would be, both LISTENing."""
+    stores = (PostgresStore(pg_url), PostgresStore(pg_url))
+    for store in stores:
+        await store.open()
+    try:
+        await _listening(*stores)
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_heads_answer_from_what_the_relay_knows_yet_never_miss_another_relays_ack(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A HEAD of a stream this relay knows costs no lookup, yet every commit another relay
     acknowledged before the HEAD began is in its answer: appends, closes, deletes, re-creates."""
-    here = PostgresStore(pg_url)
-    there = PostgresStore(pg_url)
-    await here.open()
-    await there.open()
-    here.set_listener(Recorder())
-    lookups = _count_lookups(here, monkeypatch)
-    try:
-        await _listening(here, there)
+    async with two_relays(pg_url) as (here, there):
+        here.set_listener(Recorder())
+        lookups = _count_lookups(here, monkeypatch)
         await there.create(plain("seen"), NOW)
         first = await here.head("seen", NOW, touch=False)  # a lookup: here never saw it
         assert len(lookups) == 1
@@ -749,9 +759,6 @@ async def test_heads_answer_from_what_the_relay_knows_yet_never_miss_another_rel
         again = await here.head("seen", NOW, touch=False)
         assert again.content_type == "application/json"
         assert again.stream_id != first.stream_id
-    finally:
-        await here.close()
-        await there.close()
 
 
 async def test_heads_ask_the_database_for_what_no_notify_announces(
@@ -759,13 +766,8 @@ async def test_heads_ask_the_database_for_what_no_notify_announces(
 ) -> None:
     """A soft-deleted stream (it may be purged and its path re-created) and a TTL stream that
     looks expired here (another relay's reads may have extended it) are looked up."""
-    here = PostgresStore(pg_url)
-    there = PostgresStore(pg_url)
-    await here.open()
-    await there.open()
-    here.set_listener(Recorder())
-    try:
-        await _listening(here, there)
+    async with two_relays(pg_url) as (here, there):
+        here.set_listener(Recorder())
         await here.create(CreateRequest("ttl", "text/plain", Expiry(ttl=10), False, b""), NOW)
         await there.head("ttl", NOW + 8, touch=True)  # another relay's read extends it
         await asyncio.sleep(0.3)  # the pending touch commits
@@ -778,6 +780,82 @@ async def test_heads_ask_the_database_for_what_no_notify_announces(
         await there.delete("source", NOW)  # soft-deleted: a fork inherits it
         with pytest.raises(Gone):
             await here.head("source", NOW, touch=False)
-    finally:
-        await here.close()
-        await there.close()
+
+
+def produced(body: bytes, producer: str, epoch: int, seq: int) -> AppendRequest:
+    return AppendRequest(
+        "text/plain", body, producer=ProducerHeaders(producer, epoch, seq), body_empty=not body
+    )
+
+
+async def test_a_relay_appending_to_its_own_streams_commits_in_one_round_trip(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """The common case: one relay writes its streams. After the stream is created here, every
+    batch of appends is one statement: no BEGIN, no locks, no COMMIT of its own."""
+    await store.create(plain("mine"), NOW)
+    await store.append("mine", produced(b"<0>", "llm", 0, 0), NOW)  # asyncpg's first use of
+    before = store.stats()  # a statement may ask for type details, once per connection
+    for seq in range(1, 21):
+        await store.append("mine", produced(f"<{seq}>".encode(), "llm", 0, seq), NOW)
+    after = store.stats()
+    assert after.guarded_writes is not None and before.guarded_writes is not None
+    assert after.guarded_writes - before.guarded_writes == 20
+    assert after.statements is not None and before.statements is not None
+    assert after.statements - before.statements == 20
+    assert after.guard_misses == before.guard_misses == 0
+    duplicate = await store.append("mine", produced(b"<20>", "llm", 0, 20), NOW)
+    assert not duplicate.plan.write  # a duplicate is judged under the lock, and written nowhere
+    assert await store.read(duplicate.meta, 0, duplicate.meta.tail) == b"".join(
+        f"<{seq}>".encode() for seq in range(21)
+    )
+
+
+async def test_a_stale_view_never_commits_it_takes_the_locks_and_the_protocol_decides(
+    pg_url: str,
+) -> None:
+    """Relay A still believes what it last wrote (its NOTIFY from B not yet heard, forced
+    here): its one-round-trip write is refused by the tail check, and the locked re-run judges
+    against the database: B's fencing epoch fences A's producer, B's bytes are not overwritten."""
+    async with two_relays(pg_url) as (a, b):
+        await a.create(plain("shared"), NOW)
+        await a.append("shared", produced(b"a0", "llm", 0, 0), NOW)
+        stale = a._owned.by_path["shared"]
+        await b.append("shared", produced(b"b0", "llm", 1, 0), NOW)  # a new epoch, via B
+        await asyncio.sleep(0.2)
+        a._owned.put(stale)  # as if B's NOTIFY had not arrived yet
+        misses = a.stats().guard_misses
+        with pytest.raises(StaleEpoch):
+            await a.append("shared", produced(b"a1", "llm", 0, 1), NOW)
+        assert a.stats().guard_misses == (misses or 0) + 1
+        a._owned.put(stale)
+        plain_append = await a.append("shared", text(b"a2"), NOW)
+        assert plain_append.start == 4  # after B's bytes, not over them
+        assert await a.read(plain_append.meta, 0, 6) == b"a0b0a2"
+        a._owned.put(stale)  # a close writes no row: only the tail check can refuse it
+        closed = await a.append("shared", text(b"", close=True), NOW)
+        assert (closed.meta.tail, closed.meta.closed) == (6, True)
+        assert (await b.head("shared", NOW, touch=False)).tail == 6
+
+
+async def test_two_relays_interleaving_appends_lose_and_double_nothing(pg_url: str) -> None:
+    """Guarded writes race the other relay's locked and guarded writes: every acknowledged
+    append is stored once, at the offset its acknowledgement gave."""
+    async with two_relays(pg_url) as (a, b):
+        await a.create(plain("race"), NOW)
+
+        async def writer(store: PostgresStore, name: str) -> list[tuple[int, bytes]]:
+            acks = []
+            for seq in range(60):
+                body = f"{name}{seq:02d};".encode()
+                result = await store.append("race", produced(body, name, 0, seq), NOW)
+                acks.append((result.start, body))
+            return acks
+
+        acks = [ack for run in await asyncio.gather(writer(a, "a"), writer(b, "b")) for ack in run]
+        meta = await a.head("race", NOW, touch=False)
+        data = await a.read(meta, 0, meta.tail)
+        assert len(data) == sum(len(body) for _, body in acks)
+        for start, body in acks:
+            assert data[start : start + len(body)] == body
+        assert (a.stats().guarded_writes or 0) + (b.stats().guarded_writes or 0) > 0

@@ -72,6 +72,7 @@ async def test_text_mode_and_typed_errors(relay: RelayProcess) -> None:
 async def test_kill_9_mid_reply_stores_reply_once(relay: RelayProcess) -> None:
     url = f"{relay.url}/v1/stream/reply"
     tokens = [f"tok{i} " for i in range(40)]
+
     async def restart() -> None:
         await asyncio.sleep(0.3)
         await asyncio.to_thread(relay.start)  # off the loop: the producer keeps retrying

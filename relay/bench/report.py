@@ -19,7 +19,12 @@ from relay.bench.targets import Target
 GENERATOR_LIMITED = 0.9
 """Share of its core the generator may use before a run says it measured the generator."""
 
-_STORE_COUNTERS = ("relay_store_commits", "relay_store_rows_written", "relay_store_appends")
+_STORE_COUNTERS = (
+    "relay_store_commits",
+    "relay_store_rows_written",
+    "relay_store_appends",
+    "relay_store_statements",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Usage:
     rows: float | None
     appends: float | None
     wal: int | None  # WAL bytes Postgres wrote meanwhile (any database of that server)
+    statements: float | None = None  # the committer's (Postgres), BEGIN and COMMIT included
 
     @property
     def generator_share(self) -> float:
@@ -78,6 +84,7 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         rows=delta("relay_store_rows_written"),
         appends=delta("relay_store_appends"),
         wal=None if before.wal is None or after.wal is None else after.wal - before.wal,
+        statements=delta("relay_store_statements"),
     )
 
 
@@ -158,7 +165,8 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
-    header += ["gen CPU", "commits/op", "rows/op", "batch", "WAL B/op", "held rate"]
+    header += ["gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
+    header += ["held rate"]
     header += ["/ reference", "/ bare"]
     header += ["notes"]
     rows = [header]
@@ -206,6 +214,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
     if result.generator_limited:
         generator += " generator-limited"
     commits = "-" if u.commits is None else f"{u.commits / per_op:.3f}"
+    statements = "-" if u.statements is None or not u.commits else f"{u.statements / u.commits:.2f}"
     rows = "-" if u.rows is None else f"{u.rows / per_op:.3f}"
     batch = "-" if not u.commits or u.appends is None else f"{u.appends / u.commits:.1f}"
     wal = "-" if u.wal is None else f"{u.wal / per_op:,.0f}"
@@ -223,6 +232,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         server,
         generator,
         commits,
+        statements,
         rows,
         batch,
         wal,

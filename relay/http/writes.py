@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from protocol import headers as h
@@ -17,7 +15,6 @@ from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_offset
 from relay.http.context import Context, context, read_body
 from relay.http.paths import source_path, stream_path
-from relay.store.base import AppendResult
 
 
 def meta_headers(meta: StreamMeta) -> dict[str, str]:
@@ -106,9 +103,9 @@ async def append(request: web.Request) -> web.Response:
             data_error=data_error,
             body_empty=not body,
         )
-        # Shielded: once queued, the append commits even if the client goes away, and then
-        # its readers must still be woken.
-        result = await asyncio.shield(_append_and_publish(ctx, path, append_request))
+        # Once queued, the append commits even if the client goes away, and the committer
+        # hands it to the commit sink (relay/sink.py), which wakes its readers.
+        result = await ctx.store.append(path, append_request, ctx.clock())
     meta, plan = result.meta, result.plan
     out = {h.STREAM_NEXT_OFFSET: format_offset(meta.tail)}
     if meta.closed:
@@ -121,22 +118,11 @@ async def append(request: web.Request) -> web.Response:
     return web.Response(status=status, headers=out)
 
 
-async def _append_and_publish(ctx: Context, path: str, request: AppendRequest) -> AppendResult:
-    result = await ctx.store.append(path, request, ctx.clock())
-    meta, plan = result.meta, result.plan
-    if plan.write:
-        ctx.hub.publish(meta.stream_id, result.start, plan.data, meta.tail, meta.closed)
-        ctx.metrics.appended_bytes.inc(len(plan.data))
-        if plan.data and ctx.subscriptions is not None:
-            ctx.subscriptions.on_append(path, result.start)
-    return result
-
-
 async def append_json(ctx: Context, path: str, message: bytes) -> None:
     """Append one JSON message as the relay itself (pull-wake events), waking readers."""
     data = jsonmode.encode_messages(message, allow_empty=False)
     request = AppendRequest(content_type="application/json", data=data)
-    await asyncio.shield(_append_and_publish(ctx, path, request))
+    await ctx.store.append(path, request, ctx.clock())
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -27,7 +27,11 @@ class StoreStartupError(Exception):
 
 
 class StoreEvents(Protocol):
-    """Who hears what the store learns after a commit (the live-read hub)."""
+    """Who hears what the store learns after a commit (``relay.sink.CommitSink``)."""
+
+    def appended(self, path: str, result: AppendResult) -> None:
+        """An append that wrote (data, a close or both) committed here; called by the
+        committer before the appender's future resolves, whether or not it is still waiting."""
 
     def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
         """Another process committed to the stream: its tail and closure now."""
@@ -103,6 +107,9 @@ class StoreStats:
     bytes_compacted: int | None = None
     compaction_passes: int | None = None
     listen_reconnects: int | None = None
+    statements: int | None = None  # sent by the committer (Postgres), BEGIN and COMMIT included
+    guarded_writes: int | None = None  # batches committed in one round trip, without locks
+    guard_misses: int | None = None  # guarded writes refused (a stream changed), re-run locked
     pool_in_use: int | None = None
     pool_size: int | None = None
 

@@ -11,6 +11,10 @@ TTL "touches" from reads ride along with the next batch, or go alone once the ol
 ``TOUCH_FLUSH_SECONDS``, so reads never wait for a write and never cause one of their own while
 writes are flowing.
 
+Once a batch commits, every append in it that wrote goes to ``events`` (the relay's commit
+sink: hub, metrics, subscriptions) in commit order, before any appender resumes, and whether
+or not the client that sent it is still waiting.
+
 Isolation: a batch whose transaction fails for a reason other than a lost database is re-run
 one operation per transaction, so one poisonous request fails alone (answered 500 without
 detail) and never takes the appends batched beside it down with it.
@@ -33,7 +37,9 @@ from protocol.errors import Unavailable
 from relay.store.base import (
     BATCH_OPS_BOUNDS,
     COMMIT_SECONDS_BOUNDS,
+    AppendResult,
     Distribution,
+    StoreEvents,
     StoreStats,
 )
 
@@ -118,6 +124,8 @@ class Committer:
         self.failed = 0  # transactions that failed otherwise
         self.batch_ops = Distribution(BATCH_OPS_BOUNDS)
         self.commit_seconds = Distribution(COMMIT_SECONDS_BOUNDS)
+        self.events: StoreEvents | None = None
+        """Hears every committed append that wrote, before its future resolves."""
 
     @property
     def pending(self) -> int:
@@ -214,7 +222,15 @@ class Committer:
             self._inflight, self._committing = touches, batch
             outcomes = await self._commit(batch, touches)  # raises only if the loop must die
             self._inflight, self._committing = {}, []
+            events = self.events
             for pending, outcome in zip(batch, outcomes, strict=True):
+                if (
+                    events is not None
+                    and type(outcome) is AppendResult
+                    and outcome.plan.write
+                    and type(pending.op) is AppendOp
+                ):
+                    events.appended(pending.op.path, outcome)
                 if pending.future.done():
                     continue
                 if isinstance(outcome, BaseException):

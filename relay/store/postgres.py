@@ -113,6 +113,33 @@ WITH chunks AS (
 SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL
 """
 """A batch's writes in one statement (data-modifying CTEs all apply; one round trip)."""
+_GUARDED_WRITE = """
+WITH streams AS (
+    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
+        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
+        compact_pending = true,
+        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
+    FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
+                $11::bigint[], $12::bigint[], $19::bigint[])
+        AS u(id, tail, closed, at, seq, cid, cepoch, cseq, expected)
+    WHERE s.id = u.id AND s.tail = u.expected AND NOT s.closed AND NOT s.soft_deleted
+    RETURNING s.id
+), chunks AS (
+    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
+), producers AS (
+    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
+    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
+    ON CONFLICT (stream_id, producer_id) DO UPDATE
+    SET epoch = excluded.epoch, last_seq = excluded.last_seq
+)
+SELECT pg_notify($17, $18)
+FROM (SELECT relay_guard((SELECT count(*) FROM streams) = cardinality($5::bigint[]))) AS checked
+"""
+"""The whole batch in one implicit transaction, committed in the same round trip, provided
+every stream it writes still has the tail this relay planned against (else RL001 rolls it all
+back). Producer state and ``Stream-Seq`` change only with a stream's tail or closure, so an
+unchanged tail means the producer states the plan used are the database's too."""
 
 _DISCONNECTS: tuple[type[BaseException], ...] = (
     OSError,
@@ -227,7 +254,60 @@ class _Batch:
     producers: dict[tuple[int, str], ProducerState | None] = field(default_factory=dict)
     producer_writes: dict[tuple[int, str], ProducerState] = field(default_factory=dict)
     stream_updates: dict[int, StreamMeta] = field(default_factory=dict)
+    locked: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
+    created: set[int] = field(default_factory=set)  # no producer has state on these yet
     written: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Owned:
+    """A stream exactly as this relay's last commit to it left it, and the producer states it
+    knows for it (``complete``: no other producer has state, as for a stream it created)."""
+
+    meta: StreamMeta
+    producers: dict[str, ProducerState | None]
+    complete: bool = False
+
+    def producer(self, producer_id: str) -> tuple[bool, ProducerState | None]:
+        """(known, state) of one producer."""
+        if producer_id in self.producers:
+            return True, self.producers[producer_id]
+        return self.complete, None
+
+
+class _OwnedStreams:
+    """What lets a batch skip the locks: streams this relay wrote last, as it wrote them.
+
+    Only a guess: the guarded write checks every tail it relies on in the database. Another
+    relay's commit (its NOTIFY), a removal or a failed guard drops an entry.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.by_path: dict[str, _Owned] = {}
+        self._paths: dict[int, str] = {}
+        self._limit = limit
+
+    def put(self, owned: _Owned) -> None:
+        if len(self.by_path) >= self._limit and owned.meta.path not in self.by_path:
+            self.clear()
+        self.by_path[owned.meta.path] = owned
+        self._paths[owned.meta.stream_id] = owned.meta.path
+
+    def drop(self, stream_id: int) -> None:
+        path = self._paths.pop(stream_id, None)
+        if path is not None:
+            owned = self.by_path.get(path)
+            if owned is not None and owned.meta.stream_id == stream_id:
+                del self.by_path[path]
+
+    def drop_path(self, path: str) -> None:
+        owned = self.by_path.pop(path, None)
+        if owned is not None:
+            self._paths.pop(owned.meta.stream_id, None)
+
+    def clear(self) -> None:
+        self.by_path.clear()
+        self._paths.clear()
 
 
 class _Known:
@@ -311,6 +391,7 @@ class PostgresStore:
         self._origin = uuid.uuid4().hex[:12]
         self._events: StoreEvents | None = None
         self._known = _Known()
+        self._owned = _OwnedStreams()
         self._listening = False  # _known is trusted only while notifications flow
         self._listen_conn: asyncpg.Connection | None = None
         self._barrier: asyncio.Future[bool] | None = None  # the next barrier's callers
@@ -329,6 +410,9 @@ class PostgresStore:
                 "compaction_passes",
                 "listen_reconnects",
                 "unavailable",  # reads answered 503; the committer counts writes
+                "statements",  # sent by the committer, BEGIN and COMMIT included
+                "guarded_writes",  # batches committed in one round trip
+                "guard_misses",  # guarded writes refused (a stream changed): re-run locked
             ),
             0,
         )
@@ -382,6 +466,7 @@ class PostgresStore:
 
     def set_listener(self, events: StoreEvents) -> None:
         self._events = events
+        self._committer.events = events
 
     def stats(self) -> StoreStats:
         pool = self._pool
@@ -397,6 +482,9 @@ class PostgresStore:
             bytes_compacted=counts["bytes_compacted"],
             compaction_passes=counts["compaction_passes"],
             listen_reconnects=counts["listen_reconnects"],
+            statements=counts["statements"],
+            guarded_writes=counts["guarded_writes"],
+            guard_misses=counts["guard_misses"],
             pool_in_use=size - pool.get_idle_size() if pool is not None else 0,
             pool_size=size,
         )
@@ -619,12 +707,21 @@ class PostgresStore:
                 self._writer = await asyncpg.connect(
                     self._url, timeout=self._timeout or 10, command_timeout=self._timeout
                 )
+                self._writer.add_query_logger(self._count_statement)
             except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
                 self._database_lost(type(exc).__name__)
                 raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
         return self._writer
 
+    def _count_statement(self, _query: object) -> None:
+        self._stats["statements"] += 1
+
     async def _apply(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
+        guarded = self._plan_guarded(batch, touches)
+        if guarded is not None:
+            outcomes = await self._write_guarded(*guarded)
+            if outcomes is not None:
+                return outcomes
         for attempt in range(RETRIES):
             conn = await self._writer_conn()
             try:
@@ -635,28 +732,133 @@ class PostgresStore:
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue
             except BaseException as exc:
-                # Whatever the driver raised, a connection that is gone means the database is.
-                lost = _lost(exc) or conn.is_closed()
-                if lost or not isinstance(exc, Exception):
-                    conn.terminate()
-                    self._writer = None
-                if lost:
-                    self._database_lost(type(exc).__name__)
-                    raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                self._writer_failed(conn, exc)
                 log.warning("batch transaction failed", error=type(exc).__name__)
                 raise
             # Committed: from here on the outcomes stand, whatever else happens.
             if not self._database_up:
                 self._database_back()
-            self._stats["rows_written"] += state.written
-            for meta in state.metas.values():
-                self._known.put(meta)
-            for stream_id in state.removed:
-                self._known.removed(stream_id)
-                if self._events is not None:
-                    self._events.deleted(stream_id)
+            self._committed(state)
             return outcomes
         raise AssertionError("unreachable")
+
+    def _committed(self, state: _Batch) -> None:
+        """After COMMIT: what this relay now knows exactly, and who hears of removals."""
+        self._stats["rows_written"] += state.written
+        for meta in state.metas.values():
+            self._known.put(meta)
+            self._own(state, meta)
+        for stream_id in state.removed:
+            self._known.removed(stream_id)
+            self._owned.drop(stream_id)
+            if self._events is not None:
+                self._events.deleted(stream_id)
+
+    def _own(self, state: _Batch, meta: StreamMeta) -> None:
+        """Remember a stream this batch locked or wrote, with the producer states it knows:
+        those it read or wrote now, plus what it knew before if nobody wrote in between."""
+        sid = meta.stream_id
+        producers = {pid: st for (stream, pid), st in state.producers.items() if stream == sid}
+        before = self._owned.by_path.get(meta.path)
+        locked = state.locked.get(sid)
+        complete = sid in state.created
+        if before is not None and before.meta.stream_id == sid:
+            unchanged = locked is None or locked == (before.meta.tail, before.meta.closed)
+            if unchanged:
+                producers = {**before.producers, **producers}
+                complete = complete or before.complete
+        self._owned.put(_Owned(meta, producers, complete))
+
+    def _plan_guarded(
+        self, batch: list[WriteOp], touches: Touches
+    ) -> tuple[_Batch, list[Any], dict[int, int]] | None:
+        """Plan a batch against what this relay knows, if that is enough to skip the locks:
+        only appends that all write, to streams it wrote last (no TTL, expiry or touches:
+        other relays' reads change those), with every producer's state known. None: lock."""
+        if touches:
+            return None
+        owned_streams = self._owned.by_path
+        state = _Batch()
+        outcomes: list[Any] = []
+        expected: dict[int, int] = {}
+        for op in batch:
+            if type(op) is not AppendOp:
+                return None
+            path, request = op.path, op.request
+            meta = state.metas.get(path)
+            owned = owned_streams.get(path)
+            if owned is None:
+                return None
+            if meta is None:
+                meta = owned.meta
+                if meta.ttl is not None or meta.expires_at is not None or meta.soft_deleted:
+                    return None
+                expected[meta.stream_id] = meta.tail
+                state.metas[path] = meta
+            producer_state = None
+            if request.producer is not None:
+                key = (meta.stream_id, request.producer.producer_id)
+                if key in state.producers:
+                    producer_state = state.producers[key]
+                else:
+                    known, producer_state = owned.producer(key[1])
+                    if not known:
+                        return None
+                    state.producers[key] = producer_state
+            try:
+                result = _stage_append(state, path, meta, producer_state, request, op.now)
+            except ProtocolError:
+                return None  # a refusal from a view that may be old: decide under the lock
+            plan = result.plan
+            if not plan.write:
+                return None
+            if plan.data and not state.rows.stage(meta.stream_id, result.start, plan.data):
+                return None  # more than one statement's worth of rows
+            outcomes.append(result)
+        return state, outcomes, expected
+
+    async def _write_guarded(
+        self, state: _Batch, outcomes: list[Any], expected: dict[int, int]
+    ) -> list[Any] | None:
+        """The batch as one guarded statement; None if a stream changed underneath (then
+        nothing of it was written and the caller takes the locking path)."""
+        conn = await self._writer_conn()
+        try:
+            await self._write(conn, state, self._payload(state), expected=expected)
+        except BaseException as exc:
+            # RL001 (a tail moved), a chunk another relay wrote at the same offset, a deadlock
+            # with it, or anything else the statement refused: it all rolled back together.
+            self._writer_failed(conn, exc)
+            self._guard_missed(state, exc)
+            return None
+        if not self._database_up:
+            self._database_back()
+        self._stats["guarded_writes"] += 1
+        self._stats["appends"] += sum(1 for result in outcomes if result.plan.data)
+        self._committed(state)
+        return outcomes
+
+    def _writer_failed(self, conn: asyncpg.Connection, exc: BaseException) -> None:
+        """After a failed statement on the committer's connection: a connection that is gone
+        means the database is (Unavailable); cancellation and the like propagate; anything
+        else is the caller's to handle (the statement, or its transaction, rolled back)."""
+        lost = _lost(exc) or conn.is_closed()
+        if lost or not isinstance(exc, Exception):
+            conn.terminate()
+            self._writer = None
+        if lost:
+            self._database_lost(type(exc).__name__)
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        if not isinstance(exc, Exception):
+            raise exc
+
+    def _guard_missed(self, state: _Batch, exc: BaseException) -> None:
+        self._stats["guard_misses"] += 1
+        sqlstate = getattr(exc, "sqlstate", None)
+        log.debug("guarded write refused, locking", error=type(exc).__name__, sqlstate=sqlstate)
+        for path in state.metas:
+            self._owned.drop_path(path)
+        return None
 
     async def _transaction(
         self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
@@ -701,6 +903,7 @@ class PostgresStore:
             if row["path"] in paths:
                 meta = await _with_segments(conn, row_meta(row))
                 state.metas[meta.path] = meta
+                state.locked[meta.stream_id] = (meta.tail, meta.closed)
         if touches:
             await conn.execute(
                 "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
@@ -740,18 +943,25 @@ class PostgresStore:
         return state.producers[key]
 
     async def _write(
-        self, conn: asyncpg.Connection, state: _Batch, notify: str | None = None
+        self,
+        conn: asyncpg.Connection,
+        state: _Batch,
+        notify: str | None = None,
+        *,
+        expected: dict[int, int] | None = None,
     ) -> None:
         """Everything staged (rows, stream updates, producer states) and the batch's NOTIFY,
-        as one statement: one round trip however many streams the batch touched."""
+        as one statement: one round trip however many streams the batch touched. With
+        ``expected`` (stream id -> tail it must still have) it is the guarded write."""
         rows = state.rows.drain()
-        metas = list(state.stream_updates.values())
+        metas = sorted(state.stream_updates.values(), key=lambda m: m.stream_id)  # lock order
         keys = list(state.producer_writes)
         if not rows and not metas and not keys and notify is None:
             return
         producers = [state.producer_writes[k] for k in keys]
+        guard = () if expected is None else ([expected[m.stream_id] for m in metas],)
         await conn.execute(
-            _WRITE,
+            _WRITE if expected is None else _GUARDED_WRITE,
             [r[0] for r in rows],
             [r[1] for r in rows],
             [r[2] for r in rows],
@@ -770,6 +980,7 @@ class PostgresStore:
             [p.last_seq for p in producers],
             CHANNEL,
             notify,
+            *guard,
         )
         state.written += len(rows)
         state.stream_updates.clear()
@@ -798,25 +1009,17 @@ class PostgresStore:
             if meta is None:
                 raise NotFound()
             state.metas[path] = meta
-        check_visible(meta, now)
+            state.locked[meta.stream_id] = (meta.tail, meta.closed)
         key = (meta.stream_id, request.producer.producer_id) if request.producer else None
         producer_state = await self._producer(conn, state, key) if key else None
-        plan = decide_append(meta, producer_state, request)
-        if not plan.write:
-            return AppendResult(meta, plan, meta.tail)
-        after = after_append(meta, plan, now)
-        state.metas[path] = after
-        state.stream_updates[meta.stream_id] = after
-        if key is not None and plan.producer_state is not None:
-            state.producers[key] = plan.producer_state
-            state.producer_writes[key] = plan.producer_state
-        if plan.data:
-            if not state.rows.stage(meta.stream_id, meta.tail, plan.data):
+        result = _stage_append(state, path, meta, producer_state, request, now)
+        data = result.plan.data
+        if result.plan.write and data:
+            if not state.rows.stage(meta.stream_id, result.start, data):
                 await self._write(conn, state)
-                state.rows.stage(meta.stream_id, meta.tail, plan.data)
+                state.rows.stage(meta.stream_id, result.start, data)
             self._stats["appends"] += 1
-        state.moved[meta.stream_id] = (after.tail, after.closed)
-        return AppendResult(after, plan, meta.tail)
+        return result
 
     async def _do_create(
         self, conn: asyncpg.Connection, state: _Batch, request: CreateRequest, now: float
@@ -859,6 +1062,7 @@ class PostgresStore:
             return CreateResult(again, created=False)
         meta = await _with_segments(conn, row_meta(row))
         state.metas[meta.path] = meta
+        state.created.add(meta.stream_id)
         if outcome.data:
             state.rows.stage(meta.stream_id, outcome.fork_offset, outcome.data)
             self._stats["appends"] += 1
@@ -976,21 +1180,27 @@ class PostgresStore:
                     await asyncio.wait_for(conn.close(), 2)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        """Another relay committed: what this relay knows follows, then its listener hears.
+        (The caches must follow even with no listener: reads answer from them.)"""
         origin, _, body = payload.partition("|")
         events = self._events
-        if origin == self._origin or events is None:
+        if origin == self._origin:
             return
         if body == "*":
             self._known.clear()
+            self._owned.clear()
             self._wake_watched()
             return
         for sid, tail, flag in _split(body):
+            self._owned.drop(sid)  # another relay wrote it: lock before writing again
             if flag == "d":
                 self._known.removed(sid)
-                events.deleted(sid)
+                if events is not None:
+                    events.deleted(sid)
             else:
                 self._known.moved(sid, tail, flag == "1")
-                events.remote_commit(sid, tail, flag == "1")
+                if events is not None:
+                    events.remote_commit(sid, tail, flag == "1")
 
     def _wake_watched(self) -> None:
         ids = list(self._events.watched_ids()) if self._events is not None else []
@@ -1160,3 +1370,29 @@ async def _with_segments(conn: asyncpg.Connection, meta: StreamMeta) -> StreamMe
         rows = await conn.fetch(_CHAIN, meta.stream_id)
         chain = [(row[0], row[1]) for row in rows]
     return replace(meta, segments=fork_segments(chain))
+
+
+def _stage_append(
+    state: _Batch,
+    path: str,
+    meta: StreamMeta,
+    producer_state: ProducerState | None,
+    request: AppendRequest,
+    now: float,
+) -> AppendResult:
+    """The protocol's decision on one append against the batch's view, staged into the batch
+    (stream update, producer state, NOTIFY entry); the caller stages the data row. Pure: the
+    locking and the guarded path plan with it alike. Raises the ProtocolError it refuses with."""
+    check_visible(meta, now)
+    plan = decide_append(meta, producer_state, request)
+    if not plan.write:
+        return AppendResult(meta, plan, meta.tail)
+    after = after_append(meta, plan, now)
+    state.metas[path] = after
+    state.stream_updates[meta.stream_id] = after
+    if request.producer is not None and plan.producer_state is not None:
+        key = (meta.stream_id, request.producer.producer_id)
+        state.producers[key] = plan.producer_state
+        state.producer_writes[key] = plan.producer_state
+    state.moved[meta.stream_id] = (after.tail, after.closed)
+    return AppendResult(after, plan, meta.tail)

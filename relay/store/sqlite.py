@@ -187,8 +187,10 @@ class SqliteStore:
             self._lock_file.close()
 
     def set_listener(self, events: StoreEvents) -> None:
-        """Hears removals; one process owns the data directory, so no remote commits."""
+        """Hears commits and removals; one process owns the data directory, so no remote
+        commits."""
         self._events = events
+        self._committer.events = events
 
     def stats(self) -> StoreStats:
         return replace(

@@ -29,6 +29,18 @@ CREATE INDEX relay_streams_expiry ON relay_streams (expires_at) WHERE expires_at
 CREATE INDEX relay_streams_ttl ON relay_streams ((last_access + ttl)) WHERE ttl IS NOT NULL;
 CREATE INDEX relay_streams_compact ON relay_streams (last_append, id) WHERE compact_pending;
 
+-- Raises RL001 unless ok: the one-round-trip write's check that nothing changed underneath.
+CREATE OR REPLACE FUNCTION relay_guard(ok boolean) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT ok THEN
+        RAISE EXCEPTION 'relay: a stream changed since this relay last wrote it'
+            USING ERRCODE = 'RL001';
+    END IF;
+    RETURN true;
+END
+$$;
+
 -- One row per committed run of appends: [start_pos, end_pos) of the stream's byte space.
 CREATE TABLE relay_chunks (
     stream_id BIGINT NOT NULL,
