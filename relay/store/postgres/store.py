@@ -1,15 +1,14 @@
 """The Postgres store: asyncpg, group commit, LISTEN/NOTIFY across relays, compaction.
 
 Writes go through :class:`relay.store.batching.Committer`: every operation queued while the
-previous commit was in flight runs in one transaction. The batch locks the stream rows it
-touches (``FOR UPDATE``, in id order so relays never deadlock), runs the protocol's decisions in
-Python against that locked state, writes all appends to a stream in the batch as one row, and
-sends one ``NOTIFY`` listing the streams that moved. Each relay LISTENs on one connection and
-tells its hub, which wakes that stream's parked readers.
-
-A compactor merges small rows of closed or idle streams into rows of up to ``COMPACT_BYTES``;
-it deletes and inserts in one transaction, so a reader's single SELECT sees either the old rows
-or the merged one, never a gap or an overlap.
+previous commit was in flight runs in one transaction. A batch of appends to streams this relay
+wrote last goes as one guarded statement (``statements.GUARDED_WRITE``); any other batch locks
+the stream rows it touches (``FOR UPDATE``, in id order so relays never deadlock), runs the
+protocol's decisions in Python against that locked state (``plan.stage_append``), writes all
+appends to a stream in the batch as one row, and sends one ``NOTIFY`` listing the streams that
+moved. Each relay LISTENs on one connection and tells its listener (the commit sink), which
+wakes that stream's parked readers; the same notifications keep ``known`` exact, so reads
+answer from it.
 """
 
 from __future__ import annotations
@@ -18,19 +17,18 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field, replace
-from importlib import resources
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import structlog
 
-from protocol.append import AppendRequest, decide_append
+from protocol.append import AppendRequest
 from protocol.create import CreateRequest, plan_create
 from protocol.errors import NotFound, ProtocolError, Unavailable
 from protocol.lifecycle import check_visible, is_expired
-from protocol.model import ProducerState, StreamMeta, fork_segments
+from protocol.model import ProducerState, StreamMeta
 from relay.store.base import (
     AppendResult,
     CreateResult,
@@ -47,316 +45,32 @@ from relay.store.batching import (
     Touches,
     WriteOp,
 )
-from relay.store.common import (
-    META_COLUMNS,
-    StagedRows,
-    after_append,
-    numbered_sql,
-    purge_chain_sql,
-    resolve_fork,
-    row_meta,
-    segment_ranges,
-    stitch,
+from relay.store.common import META_COLUMNS, resolve_fork, row_meta
+from relay.store.postgres.compaction import COMPACT_PASS_BYTES, CompactionPass, compact_pass
+from relay.store.postgres.connections import (
+    DISCONNECTS,
+    OFFLINE,
+    RETRYABLE,
+    connection_lost,
+    keep_session,
+)
+from relay.store.postgres.known import Known, Owned, OwnedStreams
+from relay.store.postgres.plan import Batch, notify_payload, parse_payload, stage_append
+from relay.store.postgres.schema import apply_migrations, migrations
+from relay.store.postgres.statements import (
+    GUARDED_WRITE,
+    LOCK,
+    PRODUCERS,
+    PURGE_CHAIN,
+    WRITE,
+    read_range,
+    with_segments,
 )
 
 log = structlog.get_logger("relay.postgres")
 
 CHANNEL = "relay_commits"
-NOTIFY_LIMIT = 7900  # Postgres caps a payload at 8000 bytes
-COMPACT_BYTES = 1024 * 1024
-COMPACT_PASS_BYTES = 16 * COMPACT_BYTES  # read per compaction pass, per relay
-COMPACT_CANDIDATES = 100
 RETRIES = 3
-MIGRATION_LOCK = 0x52454C4159  # pg_advisory_lock key: "RELAY"
-
-_PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
-_CHAIN = """
-WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
-    SELECT id, fork_offset, source_id, 0 FROM relay_streams WHERE id = $1
-    UNION ALL
-    SELECT s.id, s.fork_offset, s.source_id, c.depth + 1
-    FROM relay_streams s JOIN chain c ON s.id = c.source_id
-)
-SELECT id, fork_offset FROM chain ORDER BY depth
-"""
-
-_LOCK = (
-    f"SELECT {META_COLUMNS} FROM relay_streams "
-    "WHERE path = ANY($1::text[]) OR id = ANY($2::bigint[]) ORDER BY id FOR UPDATE"
-)
-"""Every row a batch changes up front, locked in one id-ordered pass so relays never deadlock."""
-_PRODUCERS = """
-SELECT stream_id, producer_id, epoch, last_seq FROM relay_producers
-WHERE stream_id = ANY($1::bigint[]) AND producer_id = ANY($2::text[])
-"""
-"""Run after _LOCK, never inside it: in READ COMMITTED a statement's snapshot is taken before
-it waits for a lock, so producer state read by the locking statement could miss what the lock's
-previous holder (another relay) committed."""
-_WRITE = """
-WITH chunks AS (
-    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
-), streams AS (
-    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
-        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
-        compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
-    FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
-                $11::bigint[], $12::bigint[]) AS u(id, tail, closed, at, seq, cid, cepoch, cseq)
-    WHERE s.id = u.id
-), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
-    ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq
-)
-SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL
-"""
-"""A batch's writes in one statement (data-modifying CTEs all apply; one round trip)."""
-_GUARDED_WRITE = """
-WITH streams AS (
-    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
-        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
-        compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
-    FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
-                $11::bigint[], $12::bigint[], $19::bigint[])
-        AS u(id, tail, closed, at, seq, cid, cepoch, cseq, expected)
-    WHERE s.id = u.id AND s.tail = u.expected AND NOT s.closed AND NOT s.soft_deleted
-    RETURNING s.id
-), chunks AS (
-    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
-), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
-    ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq
-)
-SELECT pg_notify($17, $18)
-FROM (SELECT relay_guard((SELECT count(*) FROM streams) = cardinality($5::bigint[]))) AS checked
-"""
-"""The whole batch in one implicit transaction, committed in the same round trip, provided
-every stream it writes still has the tail this relay planned against (else RL001 rolls it all
-back). Producer state and ``Stream-Seq`` change only with a stream's tail or closure, so an
-unchanged tail means the producer states the plan used are the database's too."""
-
-_DISCONNECTS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-_OFFLINE: tuple[type[BaseException], ...] = (Unavailable, *_DISCONNECTS)
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool release hook: skip asyncpg's reset query (``RESET ALL``, ``UNLISTEN *``, ...).
-
-    Pooled connections only run reads and self-contained transactions; they never change
-    session state, and the reset was a round trip per lookup (29% of the relay's CPU under the
-    chat workload). asyncpg still rolls back any transaction left open before this runs.
-    """
-
-
-def _lost(exc: BaseException) -> bool:
-    """The database connection is gone (503), as opposed to a query it refused.
-
-    asyncpg's DataError (input it cannot encode, such as a string that is not UTF-8) is an
-    InterfaceError too, but the request is at fault, not the connection.
-    """
-    return isinstance(exc, _DISCONNECTS) and not isinstance(exc, asyncpg.DataError)
-
-
-_RETRYABLE: tuple[type[BaseException], ...] = (
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-)
-
-
-def _migrations() -> list[tuple[int, str]]:
-    """``sql/postgres/NNN_name.sql``, in order: how an existing database reaches the newest."""
-    return numbered_sql("postgres")
-
-
-def _schema() -> str:
-    """``sql/postgres/schema.sql``: the newest schema in one piece, for empty databases."""
-    return (resources.files("relay.store") / "sql" / "postgres" / "schema.sql").read_text()
-
-
-async def apply_migrations(conn: asyncpg.Connection, *, fresh_from_schema: bool = True) -> int:
-    """Bring the schema to the newest version; safe when several relays start at once.
-
-    An empty database gets ``schema.sql`` in one step (and every migration recorded as
-    applied); an older one runs the migrations it lacks. A test proves both paths end in the
-    same schema. ``fresh_from_schema=False`` forces the step-by-step path (for that test).
-    """
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS relay_schema_version (version INT PRIMARY KEY)"
-        )
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM relay_schema_version")
-        migrations = _migrations()
-        if current == 0 and fresh_from_schema:
-            async with conn.transaction():
-                await conn.execute(_schema())
-                await conn.executemany(
-                    "INSERT INTO relay_schema_version VALUES ($1)", [(v,) for v, _ in migrations]
-                )
-            return migrations[-1][0]
-        for version, sql in migrations:
-            if version <= current:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO relay_schema_version VALUES ($1)", version)
-            current = version
-        return int(current)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-
-
-async def migrate(url: str) -> int:
-    """``relay migrate``: apply migrations and report the schema version."""
-    conn = await asyncpg.connect(url)
-    try:
-        return await apply_migrations(conn)
-    finally:
-        await conn.close()
-
-
-async def revoke(url: str, kind: str, value: str) -> None:
-    """``relay revoke``: add a credential to ``relay_revocations`` (polled by every relay)."""
-    conn = await asyncpg.connect(url)
-    try:
-        await apply_migrations(conn)
-        await conn.execute(
-            "INSERT INTO relay_revocations (kind, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            kind,
-            value,
-        )
-    finally:
-        await conn.close()
-
-
-@dataclass
-class _Batch:
-    """What one transaction has staged, and what the listeners learn once it commits."""
-
-    rows: StagedRows = field(default_factory=StagedRows)
-    moved: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
-    removed: list[int] = field(default_factory=list)  # ids deleted, soft-deleted or expired
-    metas: dict[str, StreamMeta] = field(default_factory=dict)  # locked this transaction
-    producers: dict[tuple[int, str], ProducerState | None] = field(default_factory=dict)
-    producer_writes: dict[tuple[int, str], ProducerState] = field(default_factory=dict)
-    stream_updates: dict[int, StreamMeta] = field(default_factory=dict)
-    locked: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
-    created: set[int] = field(default_factory=set)  # no producer has state on these yet
-    written: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Owned:
-    """A stream exactly as this relay's last commit to it left it, and the producer states it
-    knows for it (``complete``: no other producer has state, as for a stream it created)."""
-
-    meta: StreamMeta
-    producers: dict[str, ProducerState | None]
-    complete: bool = False
-
-    def producer(self, producer_id: str) -> tuple[bool, ProducerState | None]:
-        """(known, state) of one producer."""
-        if producer_id in self.producers:
-            return True, self.producers[producer_id]
-        return self.complete, None
-
-
-class _OwnedStreams:
-    """What lets a batch skip the locks: streams this relay wrote last, as it wrote them.
-
-    Only a guess: the guarded write checks every tail it relies on in the database. Another
-    relay's commit (its NOTIFY), a removal or a failed guard drops an entry.
-    """
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self.by_path: dict[str, _Owned] = {}
-        self._paths: dict[int, str] = {}
-        self._limit = limit
-
-    def put(self, owned: _Owned) -> None:
-        if len(self.by_path) >= self._limit and owned.meta.path not in self.by_path:
-            self.clear()
-        self.by_path[owned.meta.path] = owned
-        self._paths[owned.meta.stream_id] = owned.meta.path
-
-    def drop(self, stream_id: int) -> None:
-        path = self._paths.pop(stream_id, None)
-        if path is not None:
-            owned = self.by_path.get(path)
-            if owned is not None and owned.meta.stream_id == stream_id:
-                del self.by_path[path]
-
-    def drop_path(self, path: str) -> None:
-        owned = self.by_path.pop(path, None)
-        if owned is not None:
-            self._paths.pop(owned.meta.stream_id, None)
-
-    def clear(self) -> None:
-        self.by_path.clear()
-        self._paths.clear()
-
-
-class _Known:
-    """Streams as of the last commit or notification this relay saw: never fresher than the
-    database, but any later commit reaches it (local commits, NOTIFY) while LISTEN is up."""
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self.by_path: dict[str, StreamMeta] = {}
-        self._paths: dict[int, str] = {}
-        self._gone: set[int] = set()  # removed ids: a lookup that began earlier must not revive one
-        self._limit = limit
-
-    def put(self, meta: StreamMeta) -> None:
-        if meta.stream_id in self._gone:
-            return
-        known = self.by_path.get(meta.path)
-        if known is not None and known.stream_id > meta.stream_id:
-            return  # a lookup that began before the path was re-created
-        if known is not None and known.stream_id == meta.stream_id:
-            # Tails only grow and closing is final: keep whichever view saw more.
-            if known.tail > meta.tail or known.closed > meta.closed:
-                closed = known.closed or meta.closed
-                meta = replace(meta, tail=max(known.tail, meta.tail), closed=closed)
-        elif len(self.by_path) >= self._limit:
-            self.clear()
-        self.by_path[meta.path] = meta
-        self._paths[meta.stream_id] = meta.path
-
-    def moved(self, stream_id: int, tail: int, closed: bool) -> None:
-        path = self._paths.get(stream_id)
-        known = self.by_path.get(path) if path is not None else None
-        if known is not None and known.stream_id == stream_id:
-            self.by_path[known.path] = replace(
-                known, tail=max(known.tail, tail), closed=known.closed or closed
-            )
-
-    def removed(self, stream_id: int) -> None:
-        if len(self._gone) >= self._limit:
-            self.clear()
-        self._gone.add(stream_id)
-        path = self._paths.pop(stream_id, None)
-        known = self.by_path.get(path) if path is not None else None
-        if known is not None and known.stream_id == stream_id:
-            del self.by_path[known.path]
-
-    def clear(self) -> None:
-        self.by_path.clear()
-        self._paths.clear()
-        self._gone.clear()
 
 
 class PostgresStore:
@@ -390,8 +104,8 @@ class PostgresStore:
         self._max_fork_scan = max_fork_scan
         self._origin = uuid.uuid4().hex[:12]
         self._events: StoreEvents | None = None
-        self._known = _Known()
-        self._owned = _OwnedStreams()
+        self._known = Known()
+        self._owned = OwnedStreams()
         self._listening = False  # _known is trusted only while notifications flow
         self._listen_conn: asyncpg.Connection | None = None
         self._barrier: asyncio.Future[bool] | None = None  # the next barrier's callers
@@ -431,7 +145,7 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
-        except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+        except (*DISCONNECTS, asyncpg.PostgresError) as exc:
             raise StoreStartupError(f"cannot reach Postgres: {exc}") from None
         try:
             await apply_migrations(conn)
@@ -443,7 +157,7 @@ class PostgresStore:
             max_size=self._pool_size,
             command_timeout=self._timeout,
             timeout=self._timeout or 10,
-            reset=_keep_session,
+            reset=keep_session,
         )
         self._committer.start()
         self._listen_task = asyncio.create_task(self._listen_forever(), name="pg-listen")
@@ -461,7 +175,7 @@ class PostgresStore:
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self._timeout or 10)
-            except (*_DISCONNECTS, asyncpg.PostgresError):
+            except (*DISCONNECTS, asyncpg.PostgresError):
                 self._pool.terminate()  # connections already lost: nothing left to flush
 
     def set_listener(self, events: StoreEvents) -> None:
@@ -502,7 +216,7 @@ class PostgresStore:
             return str(exc)
         except asyncpg.PostgresError as exc:
             return f"database error: {type(exc).__name__}"
-        wanted = _migrations()[-1][0]
+        wanted = migrations()[-1][0]
         if version < wanted:
             return f"schema at version {version}, this relay needs {wanted}"
         return None
@@ -525,8 +239,8 @@ class PostgresStore:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
-        except _DISCONNECTS as exc:
-            if not _lost(exc):
+        except DISCONNECTS as exc:
+            if not connection_lost(exc):
                 raise
             self._stats["unavailable"] += 1
             self._database_lost(type(exc).__name__)
@@ -637,7 +351,7 @@ class PostgresStore:
                 ok = False
                 conn = self._listen_conn
                 if conn is not None and self._listening:
-                    with contextlib.suppress(*_DISCONNECTS, asyncpg.PostgresError):
+                    with contextlib.suppress(*DISCONNECTS, asyncpg.PostgresError):
                         await conn.execute("SELECT 1", timeout=self._timeout or 5)
                         ok = self._listening and self._listen_conn is conn
                 if not waiter.done():
@@ -695,7 +409,7 @@ class PostgresStore:
         if start >= end:
             return b""
         async with self._conn() as conn:
-            return await _read_range(conn, meta, start, end)
+            return await read_range(conn, meta, start, end)
 
     # -- the batch transaction ---------------------------------------------------------------
 
@@ -726,7 +440,7 @@ class PostgresStore:
             conn = await self._writer_conn()
             try:
                 state, outcomes = await self._transaction(conn, batch, touches)
-            except _RETRYABLE:
+            except RETRYABLE:
                 if attempt == RETRIES - 1:
                     raise Unavailable("database contention, retry") from None
                 await asyncio.sleep(0.01 * (attempt + 1))
@@ -742,7 +456,7 @@ class PostgresStore:
             return outcomes
         raise AssertionError("unreachable")
 
-    def _committed(self, state: _Batch) -> None:
+    def _committed(self, state: Batch) -> None:
         """After COMMIT: what this relay now knows exactly, and who hears of removals."""
         self._stats["rows_written"] += state.written
         for meta in state.metas.values():
@@ -754,7 +468,7 @@ class PostgresStore:
             if self._events is not None:
                 self._events.deleted(stream_id)
 
-    def _own(self, state: _Batch, meta: StreamMeta) -> None:
+    def _own(self, state: Batch, meta: StreamMeta) -> None:
         """Remember a stream this batch locked or wrote, with the producer states it knows:
         those it read or wrote now, plus what it knew before if nobody wrote in between."""
         sid = meta.stream_id
@@ -767,18 +481,18 @@ class PostgresStore:
             if unchanged:
                 producers = {**before.producers, **producers}
                 complete = complete or before.complete
-        self._owned.put(_Owned(meta, producers, complete))
+        self._owned.put(Owned(meta, producers, complete))
 
     def _plan_guarded(
         self, batch: list[WriteOp], touches: Touches
-    ) -> tuple[_Batch, list[Any], dict[int, int]] | None:
+    ) -> tuple[Batch, list[Any], dict[int, int]] | None:
         """Plan a batch against what this relay knows, if that is enough to skip the locks:
         only appends that all write, to streams it wrote last (no TTL, expiry or touches:
         other relays' reads change those), with every producer's state known. None: lock."""
         if touches:
             return None
         owned_streams = self._owned.by_path
-        state = _Batch()
+        state = Batch()
         outcomes: list[Any] = []
         expected: dict[int, int] = {}
         for op in batch:
@@ -806,7 +520,7 @@ class PostgresStore:
                         return None
                     state.producers[key] = producer_state
             try:
-                result = _stage_append(state, path, meta, producer_state, request, op.now)
+                result = stage_append(state, path, meta, producer_state, request, op.now)
             except ProtocolError:
                 return None  # a refusal from a view that may be old: decide under the lock
             plan = result.plan
@@ -818,13 +532,13 @@ class PostgresStore:
         return state, outcomes, expected
 
     async def _write_guarded(
-        self, state: _Batch, outcomes: list[Any], expected: dict[int, int]
+        self, state: Batch, outcomes: list[Any], expected: dict[int, int]
     ) -> list[Any] | None:
         """The batch as one guarded statement; None if a stream changed underneath (then
         nothing of it was written and the caller takes the locking path)."""
         conn = await self._writer_conn()
         try:
-            await self._write(conn, state, self._payload(state), expected=expected)
+            await self._write(conn, state, notify_payload(self._origin, state), expected=expected)
         except BaseException as exc:
             # RL001 (a tail moved), a chunk another relay wrote at the same offset, a deadlock
             # with it, or anything else the statement refused: it all rolled back together.
@@ -842,7 +556,7 @@ class PostgresStore:
         """After a failed statement on the committer's connection: a connection that is gone
         means the database is (Unavailable); cancellation and the like propagate; anything
         else is the caller's to handle (the statement, or its transaction, rolled back)."""
-        lost = _lost(exc) or conn.is_closed()
+        lost = connection_lost(exc) or conn.is_closed()
         if lost or not isinstance(exc, Exception):
             conn.terminate()
             self._writer = None
@@ -852,7 +566,7 @@ class PostgresStore:
         if not isinstance(exc, Exception):
             raise exc
 
-    def _guard_missed(self, state: _Batch, exc: BaseException) -> None:
+    def _guard_missed(self, state: Batch, exc: BaseException) -> None:
         self._stats["guard_misses"] += 1
         sqlstate = getattr(exc, "sqlstate", None)
         log.debug("guarded write refused, locking", error=type(exc).__name__, sqlstate=sqlstate)
@@ -862,8 +576,8 @@ class PostgresStore:
 
     async def _transaction(
         self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
-    ) -> tuple[_Batch, list[Any]]:
-        state = _Batch()
+    ) -> tuple[Batch, list[Any]]:
+        state = Batch()
         outcomes: list[Any] = []
         async with conn.transaction():
             await self._lock(conn, state, batch, touches)
@@ -872,11 +586,11 @@ class PostgresStore:
                     outcomes.append(await self._dispatch(conn, state, op))
                 except ProtocolError as exc:
                     outcomes.append(exc)
-            notify = self._payload(state) if state.moved or state.removed else None
+            notify = notify_payload(self._origin, state) if state.moved or state.removed else None
             await self._write(conn, state, notify)
         return state, outcomes
 
-    async def _dispatch(self, conn: asyncpg.Connection, state: _Batch, op: WriteOp) -> Any:
+    async def _dispatch(self, conn: asyncpg.Connection, state: Batch, op: WriteOp) -> Any:
         match op:
             case AppendOp(path, request, now):
                 return await self._do_append(conn, state, path, request, now)
@@ -888,7 +602,7 @@ class PostgresStore:
                 return await self._do_reap(conn, state, now)
 
     async def _lock(
-        self, conn: asyncpg.Connection, state: _Batch, batch: list[WriteOp], touches: Touches
+        self, conn: asyncpg.Connection, state: Batch, batch: list[WriteOp], touches: Touches
     ) -> None:
         """Lock the streams the batch appends to and those it touches, in id order, apply the
         touches (first, so a stream read before this batch is never reaped by it), then load
@@ -899,9 +613,9 @@ class PostgresStore:
         if not paths and not touches:
             return
         touched = sorted({stream_id for stream_id, _ in touches.values()})
-        for row in await conn.fetch(_LOCK, sorted(paths), touched):
+        for row in await conn.fetch(LOCK, sorted(paths), touched):
             if row["path"] in paths:
-                meta = await _with_segments(conn, row_meta(row))
+                meta = await with_segments(conn, row_meta(row))
                 state.metas[meta.path] = meta
                 state.locked[meta.stream_id] = (meta.tail, meta.closed)
         if touches:
@@ -925,11 +639,11 @@ class PostgresStore:
         ids = sorted({key[0] for key in wanted})
         names = sorted({key[1] for key in wanted})
         state.producers = dict.fromkeys(wanted)  # named but not found: known to be absent
-        for row in await conn.fetch(_PRODUCERS, ids, names):
+        for row in await conn.fetch(PRODUCERS, ids, names):
             state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
 
     async def _producer(
-        self, conn: asyncpg.Connection, state: _Batch, key: tuple[int, str]
+        self, conn: asyncpg.Connection, state: Batch, key: tuple[int, str]
     ) -> ProducerState | None:
         """A producer's state, read under its stream's lock when the batch start missed it
         (a stream created meanwhile, here or by another relay)."""
@@ -945,7 +659,7 @@ class PostgresStore:
     async def _write(
         self,
         conn: asyncpg.Connection,
-        state: _Batch,
+        state: Batch,
         notify: str | None = None,
         *,
         expected: dict[int, int] | None = None,
@@ -961,7 +675,7 @@ class PostgresStore:
         producers = [state.producer_writes[k] for k in keys]
         guard = () if expected is None else ([expected[m.stream_id] for m in metas],)
         await conn.execute(
-            _WRITE if expected is None else _GUARDED_WRITE,
+            WRITE if expected is None else GUARDED_WRITE,
             [r[0] for r in rows],
             [r[1] for r in rows],
             [r[2] for r in rows],
@@ -986,19 +700,12 @@ class PostgresStore:
         state.stream_updates.clear()
         state.producer_writes.clear()
 
-    def _payload(self, state: _Batch) -> str:
-        """``origin|id:tail:flag,...``; flag 0 open, 1 closed, d removed; ``*``: re-check all."""
-        entries = [f"{sid}:{tail}:{int(closed)}" for sid, (tail, closed) in state.moved.items()]
-        entries += [f"{sid}:0:d" for sid in state.removed]
-        payload = f"{self._origin}|" + ",".join(entries)
-        return payload if len(payload) <= NOTIFY_LIMIT else f"{self._origin}|*"
-
     # -- operations (inside the batch transaction) -------------------------------------------
 
     async def _do_append(
         self,
         conn: asyncpg.Connection,
-        state: _Batch,
+        state: Batch,
         path: str,
         request: AppendRequest,
         now: float,
@@ -1012,7 +719,7 @@ class PostgresStore:
             state.locked[meta.stream_id] = (meta.tail, meta.closed)
         key = (meta.stream_id, request.producer.producer_id) if request.producer else None
         producer_state = await self._producer(conn, state, key) if key else None
-        result = _stage_append(state, path, meta, producer_state, request, now)
+        result = stage_append(state, path, meta, producer_state, request, now)
         data = result.plan.data
         if result.plan.write and data:
             if not state.rows.stage(meta.stream_id, result.start, data):
@@ -1022,7 +729,7 @@ class PostgresStore:
         return result
 
     async def _do_create(
-        self, conn: asyncpg.Connection, state: _Batch, request: CreateRequest, now: float
+        self, conn: asyncpg.Connection, state: Batch, request: CreateRequest, now: float
     ) -> CreateResult:
         await self._write(conn, state)  # a fork may read what this batch appended
         existing = await self._load(conn, request.path, lock=True)
@@ -1060,7 +767,7 @@ class PostgresStore:
             again = plan_create(raced, source, request)
             assert isinstance(again, StreamMeta)
             return CreateResult(again, created=False)
-        meta = await _with_segments(conn, row_meta(row))
+        meta = await with_segments(conn, row_meta(row))
         state.metas[meta.path] = meta
         state.created.add(meta.stream_id)
         if outcome.data:
@@ -1069,7 +776,7 @@ class PostgresStore:
         return CreateResult(meta, created=True)
 
     async def _do_delete(
-        self, conn: asyncpg.Connection, state: _Batch, path: str, now: float
+        self, conn: asyncpg.Connection, state: Batch, path: str, now: float
     ) -> StreamMeta:
         await self._write(conn, state)
         meta = await self._load(conn, path, lock=True)
@@ -1080,7 +787,7 @@ class PostgresStore:
         state.metas.pop(path, None)
         return meta
 
-    async def _do_reap(self, conn: asyncpg.Connection, state: _Batch, now: float) -> int:
+    async def _do_reap(self, conn: asyncpg.Connection, state: Batch, now: float) -> int:
         await self._write(conn, state)
         rows = await conn.fetch(
             f"SELECT {META_COLUMNS} FROM relay_streams WHERE NOT soft_deleted AND ("
@@ -1102,7 +809,7 @@ class PostgresStore:
             await self._purge(conn, row[0])
         return len(rows)
 
-    async def _remove(self, conn: asyncpg.Connection, state: _Batch, meta: StreamMeta) -> None:
+    async def _remove(self, conn: asyncpg.Connection, state: Batch, meta: StreamMeta) -> None:
         """Soft-delete while forks reference the stream; otherwise purge and cascade."""
         state.removed.append(meta.stream_id)
         state.moved.pop(meta.stream_id, None)
@@ -1116,7 +823,7 @@ class PostgresStore:
         await self._purge(conn, meta.stream_id)
 
     async def _purge(self, conn: asyncpg.Connection, stream_id: int) -> None:
-        doomed = [row[0] for row in await conn.fetch(_PURGE_CHAIN, stream_id)]
+        doomed = [row[0] for row in await conn.fetch(PURGE_CHAIN, stream_id)]
         for table, column in (
             ("relay_chunks", "stream_id"),
             ("relay_producers", "stream_id"),
@@ -1131,7 +838,7 @@ class PostgresStore:
         row = await conn.fetchrow(
             f"SELECT {META_COLUMNS} FROM relay_streams WHERE path = $1{suffix}", path
         )
-        return await _with_segments(conn, row_meta(row)) if row else None
+        return await with_segments(conn, row_meta(row)) if row else None
 
     # -- LISTEN ------------------------------------------------------------------------------
 
@@ -1143,7 +850,7 @@ class PostgresStore:
             lost = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
-            except (*_DISCONNECTS, asyncpg.PostgresError) as exc:
+            except (*DISCONNECTS, asyncpg.PostgresError) as exc:
                 self._database_lost(type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -1168,7 +875,7 @@ class PostgresStore:
                         await asyncio.wait_for(lost.wait(), 5)
                     if not lost.is_set() and not await self._notified():  # the keepalive
                         lost.set()
-            except (*_DISCONNECTS, asyncpg.PostgresError):
+            except (*DISCONNECTS, asyncpg.PostgresError):
                 await asyncio.sleep(delay)  # lost while subscribing: connect again
             finally:
                 if lost.is_set():  # not on cancellation: that is the store closing
@@ -1191,7 +898,7 @@ class PostgresStore:
             self._owned.clear()
             self._wake_watched()
             return
-        for sid, tail, flag in _split(body):
+        for sid, tail, flag in parse_payload(body):
             self._owned.drop(sid)  # another relay wrote it: lock before writing again
             if flag == "d":
                 self._known.removed(sid)
@@ -1209,7 +916,7 @@ class PostgresStore:
 
     async def _refresh(self, ids: list[int]) -> None:
         """Re-read watched streams after missed notifications: tails, and which are gone."""
-        with contextlib.suppress(*_OFFLINE):
+        with contextlib.suppress(*OFFLINE):
             async with self._conn() as conn:
                 rows = await conn.fetch(
                     "SELECT id, tail, closed FROM relay_streams "
@@ -1234,165 +941,16 @@ class PostgresStore:
             await asyncio.sleep(self._compact_interval)
             try:
                 await self.compact(self._clock())
-            except _OFFLINE:
+            except OFFLINE:
                 continue
             except Exception:
                 log.exception("compaction failed")
 
     async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
-        """Merge small rows of closed or idle streams, the longest idle first.
-
-        Only streams marked ``compact_pending`` (set by every write) are candidates, so a pass
-        costs what it compacts, never what is stored. A stream is unmarked, under its lock,
-        once its greedy runs are merged: ``_runs`` then leaves no two adjacent rows that fit in
-        one, so a second pass locks and reads nothing.
-        A pass reads at most ``budget`` bytes (at least one run, so it always progresses);
-        what it leaves stays a candidate, at the front, for the next pass.
-        """
-        done = CompactionPass()
+        """One compaction pass (``compaction.compact_pass``), counted in the store's stats."""
         async with self._conn() as conn:
-            candidates = await conn.fetch(
-                "SELECT id FROM relay_streams WHERE compact_pending "
-                "AND (closed OR last_append < $1) ORDER BY last_append, id LIMIT $2",
-                now - self._compact_idle,
-                COMPACT_CANDIDATES,
-            )
-            for (stream_id,) in candidates:
-                if done.bytes_read >= budget:
-                    break
-                done = await self._compact_stream(conn, stream_id, budget, done)
+            done = await compact_pass(conn, now, self._compact_idle, budget)
         self._stats["rows_compacted"] += done.rows_removed
         self._stats["bytes_compacted"] += done.bytes_read
         self._stats["compaction_passes"] += 1
         return done
-
-    async def _compact_stream(
-        self, conn: asyncpg.Connection, stream_id: int, budget: int, done: CompactionPass
-    ) -> CompactionPass:
-        """Merge one stream's runs in one transaction, reading only the rows being merged."""
-        async with conn.transaction():
-            locked = await conn.fetchval(
-                "SELECT id FROM relay_streams WHERE id = $1 FOR UPDATE SKIP LOCKED", stream_id
-            )
-            if locked is None:
-                return done
-            bounds = await conn.fetch(
-                "SELECT start_pos, end_pos FROM relay_chunks WHERE stream_id = $1 "
-                "ORDER BY start_pos",
-                stream_id,
-            )
-            removed = read = 0
-            finished = True
-            for run in _runs(bounds):
-                if len(run) < 2:
-                    continue
-                start, end = run[0][0], run[-1][1]
-                spent = done.bytes_read + read
-                if spent and spent + end - start > budget:
-                    finished = False  # stays marked: the next pass goes on from here
-                    break
-                rows = await conn.fetch(
-                    "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
-                    "AND start_pos < $3 RETURNING start_pos, data",
-                    stream_id,
-                    start,
-                    end,
-                )
-                rows.sort(key=lambda row: row[0])
-                await conn.execute(
-                    "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
-                    "VALUES ($1, $2, $3, $4)",
-                    stream_id,
-                    start,
-                    end,
-                    b"".join(row[1] for row in rows),
-                )
-                removed += len(rows) - 1
-                read += end - start
-            if finished:
-                await conn.execute(
-                    "UPDATE relay_streams SET compact_pending = false WHERE id = $1", stream_id
-                )
-        return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
-
-
-@dataclass(frozen=True, slots=True)
-class CompactionPass:
-    """What one compaction pass did: streams locked, rows merged away, bytes read."""
-
-    streams: int = 0
-    rows_removed: int = 0
-    bytes_read: int = 0
-
-
-def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
-    """``(start_pos, end_pos)`` rows grouped greedily into contiguous runs of at most
-    COMPACT_BYTES: after merging, no two adjacent rows fit in COMPACT_BYTES together."""
-    run: list[asyncpg.Record] = []
-    size = 0
-    for row in rows:
-        length = row[1] - row[0]
-        contiguous = run and run[-1][1] == row[0]
-        if run and (not contiguous or size + length > COMPACT_BYTES):
-            yield run
-            run, size = [], 0
-        run.append(row)
-        size += length
-    if run:
-        yield run
-
-
-def _split(body: str) -> Iterator[tuple[int, int, str]]:
-    for entry in body.split(","):
-        parts = entry.split(":")
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-            yield int(parts[0]), int(parts[1]), parts[2]
-
-
-async def _read_range(conn: asyncpg.Connection, meta: StreamMeta, start: int, end: int) -> bytes:
-    out = bytearray()
-    for stream_id, lo, hi in segment_ranges(meta, start, end):
-        rows = await conn.fetch(
-            "SELECT start_pos, data FROM relay_chunks WHERE stream_id = $1 AND end_pos > $2 "
-            "AND start_pos < $3 ORDER BY start_pos",
-            stream_id,
-            lo,
-            hi,
-        )
-        stitch(out, rows, lo, hi)
-    return bytes(out)
-
-
-async def _with_segments(conn: asyncpg.Connection, meta: StreamMeta) -> StreamMeta:
-    if meta.source_id is None:
-        chain = [(meta.stream_id, meta.fork_offset)]
-    else:
-        rows = await conn.fetch(_CHAIN, meta.stream_id)
-        chain = [(row[0], row[1]) for row in rows]
-    return replace(meta, segments=fork_segments(chain))
-
-
-def _stage_append(
-    state: _Batch,
-    path: str,
-    meta: StreamMeta,
-    producer_state: ProducerState | None,
-    request: AppendRequest,
-    now: float,
-) -> AppendResult:
-    """The protocol's decision on one append against the batch's view, staged into the batch
-    (stream update, producer state, NOTIFY entry); the caller stages the data row. Pure: the
-    locking and the guarded path plan with it alike. Raises the ProtocolError it refuses with."""
-    check_visible(meta, now)
-    plan = decide_append(meta, producer_state, request)
-    if not plan.write:
-        return AppendResult(meta, plan, meta.tail)
-    after = after_append(meta, plan, now)
-    state.metas[path] = after
-    state.stream_updates[meta.stream_id] = after
-    if request.producer is not None and plan.producer_state is not None:
-        key = (meta.stream_id, request.producer.producer_id)
-        state.producers[key] = plan.producer_state
-        state.producer_writes[key] = plan.producer_state
-    state.moved[meta.stream_id] = (after.tail, after.closed)
-    return AppendResult(after, plan, meta.tail)

@@ -1,0 +1,117 @@
+"""Compaction: merge a finished or idle stream's small rows into rows of up to ``COMPACT_BYTES``.
+
+Each stream is merged in one transaction (delete and insert), so a reader's single SELECT
+sees the old rows or the merged one, never a gap or an overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+
+COMPACT_BYTES = 1024 * 1024
+COMPACT_PASS_BYTES = 16 * COMPACT_BYTES  # read per compaction pass, per relay
+COMPACT_CANDIDATES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionPass:
+    """What one compaction pass did: streams locked, rows merged away, bytes read."""
+
+    streams: int = 0
+    rows_removed: int = 0
+    bytes_read: int = 0
+
+
+def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
+    """``(start_pos, end_pos)`` rows grouped greedily into contiguous runs of at most
+    COMPACT_BYTES: after merging, no two adjacent rows fit in COMPACT_BYTES together."""
+    run: list[asyncpg.Record] = []
+    size = 0
+    for row in rows:
+        length = row[1] - row[0]
+        contiguous = run and run[-1][1] == row[0]
+        if run and (not contiguous or size + length > COMPACT_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(row)
+        size += length
+    if run:
+        yield run
+
+
+async def compact_pass(
+    conn: asyncpg.Connection, now: float, idle_seconds: float, budget: int
+) -> CompactionPass:
+    """Merge small rows of closed or idle streams, the longest idle first.
+
+    Only streams marked ``compact_pending`` (set by every write) are candidates, so a pass
+    costs what it compacts, never what is stored. A stream is unmarked, under its lock,
+    once its greedy runs are merged: ``_runs`` then leaves no two adjacent rows that fit in
+    one, so a second pass locks and reads nothing.
+    A pass reads at most ``budget`` bytes (at least one run, so it always progresses);
+    what it leaves stays a candidate, at the front, for the next pass.
+    """
+    done = CompactionPass()
+    candidates = await conn.fetch(
+        "SELECT id FROM relay_streams WHERE compact_pending "
+        "AND (closed OR last_append < $1) ORDER BY last_append, id LIMIT $2",
+        now - idle_seconds,
+        COMPACT_CANDIDATES,
+    )
+    for (stream_id,) in candidates:
+        if done.bytes_read >= budget:
+            break
+        done = await compact_stream(conn, stream_id, budget, done)
+    return done
+
+
+async def compact_stream(
+    conn: asyncpg.Connection, stream_id: int, budget: int, done: CompactionPass
+) -> CompactionPass:
+    """Merge one stream's runs in one transaction, reading only the rows being merged."""
+    async with conn.transaction():
+        locked = await conn.fetchval(
+            "SELECT id FROM relay_streams WHERE id = $1 FOR UPDATE SKIP LOCKED", stream_id
+        )
+        if locked is None:
+            return done
+        bounds = await conn.fetch(
+            "SELECT start_pos, end_pos FROM relay_chunks WHERE stream_id = $1 ORDER BY start_pos",
+            stream_id,
+        )
+        removed = read = 0
+        finished = True
+        for run in _runs(bounds):
+            if len(run) < 2:
+                continue
+            start, end = run[0][0], run[-1][1]
+            spent = done.bytes_read + read
+            if spent and spent + end - start > budget:
+                finished = False  # stays marked: the next pass goes on from here
+                break
+            rows = await conn.fetch(
+                "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
+                "AND start_pos < $3 RETURNING start_pos, data",
+                stream_id,
+                start,
+                end,
+            )
+            rows.sort(key=lambda row: row[0])
+            await conn.execute(
+                "INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data) "
+                "VALUES ($1, $2, $3, $4)",
+                stream_id,
+                start,
+                end,
+                b"".join(row[1] for row in rows),
+            )
+            removed += len(rows) - 1
+            read += end - start
+        if finished:
+            await conn.execute(
+                "UPDATE relay_streams SET compact_pending = false WHERE id = $1", stream_id
+            )
+    return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
