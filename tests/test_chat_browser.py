@@ -1,8 +1,9 @@
-"""examples/chat in a real browser (headless Chromium through playwright-core), on each store:
-one reply streams while the page is reloaded, the browser goes offline for a second, and the
-relay is killed with SIGKILL and restarted on the same data. The rendered reply, the stored
-stream and the metadata must each equal what the deterministic model produced: nothing lost,
-nothing doubled. Prints the time from each disruption to the next token on screen.
+"""examples/chat in a real browser (headless Chromium through playwright-core), on each store
+with the page's default long-poll reads, and on SQLite with SSE for the reply. One reply
+streams while the page is reloaded, the browser goes offline for a second, and the relay is
+killed with SIGKILL and restarted on the same data. The rendered reply, the stored stream and
+the metadata must each equal what the deterministic model produced: nothing lost, nothing
+doubled. Prints the time from each disruption to the next token on screen.
 
 The driver is examples/chat/web/e2e/drive.mjs; scripts/test installs Chromium
 (scripts/install-chromium) and the page's npm packages.
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -87,14 +89,25 @@ class Backend:
             self.proc.wait()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def chat(
-    request: pytest.FixtureRequest, tmp_path: Path, web_dist: Path
-) -> Iterator[tuple[RelayProcess, Backend, Path]]:
+@dataclass(frozen=True)
+class Chat:
+    relay: RelayProcess
+    backend: Backend
+    keys: Path
+    store: str
+    live: str  # how the page reads: long-poll (its default) or sse
+
+
+@pytest.fixture(
+    params=[("sqlite", "long-poll"), ("postgres", "long-poll"), ("sqlite", "sse")],
+    ids=lambda p: "-".join(p),
+)
+def chat(request: pytest.FixtureRequest, tmp_path: Path, web_dist: Path) -> Iterator[Chat]:
+    store, live = request.param
     keys = tmp_path / "keys"
     ensure_keys(keys)
     database: tuple[str, ...] = ()
-    if request.param == "postgres":
+    if store == "postgres":
         database = ("--database-url", request.getfixturevalue("pg_url"))
     relay = RelayProcess(
         tmp_path / "relay",
@@ -104,7 +117,7 @@ def chat(
         log=tmp_path / "relay.log",
     )  # fmt: skip
     relay.start()
-    store = database or ("--sqlite-path", str(tmp_path / "chat.sqlite"))
+    metadata = database or ("--sqlite-path", str(tmp_path / "chat.sqlite"))
     backend = Backend(
         [
             "--relay-url", relay.url,
@@ -113,12 +126,12 @@ def chat(
             "--web-dir", str(web_dist),
             "--tokens-per-second", str(TOKENS_PER_SECOND),
             "--reply-tokens", str(REPLY_TOKENS),
-            *store,
+            *metadata,
         ],
         tmp_path / "backend.log",
     )  # fmt: skip
     try:
-        yield relay, backend, keys
+        yield Chat(relay, backend, keys, store, live)
     finally:
         backend.stop()
         relay.stop()
@@ -140,12 +153,12 @@ def _read_json(url: str, key: str) -> list[dict[str, object]]:
 
 
 def test_reply_survives_reload_offline_and_relay_kill(
-    chat: tuple[RelayProcess, Backend, Path], capsys: pytest.CaptureFixture[str]
+    chat: Chat, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    relay, backend, keys = chat
+    relay, backend, keys = chat.relay, chat.backend, chat.keys
     result: dict[str, object] = {}
     with subprocess.Popen(
-        ["node", "e2e/drive.mjs", backend.url, PROMPT],
+        ["node", "e2e/drive.mjs", backend.url, PROMPT, chat.live],
         cwd=WEB,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -193,7 +206,6 @@ def test_reply_survives_reload_offline_and_relay_kill(
     timings = result["timings"]
     assert isinstance(timings, dict)
     with capsys.disabled():
-        store = "postgres" if "--database-url" in relay.extra else "sqlite"
-        print(f"\nchat in Chromium on {store}, disruption to next token on screen:")
+        print(f"\nchat in Chromium, {chat.store}, {chat.live}: disruption to next token on screen")
         for name, ms in timings.items():
             print(f"  {name}: {ms} ms")

@@ -24,9 +24,11 @@ type ReplyEvent = { type: "token"; delta: string }
 type Saved = { offset: string; text: string; closed: boolean }
 type Session = { relay_url: string; state_url: string; token: string; expires_at: number }
 
-// Long-poll by default: after a relay restart it has the next token as soon as the relay
-// answers; SSE (?live=sse) waits for the client's reconnect back-off first.
-const LIVE = new URLSearchParams(location.search).get("live") === "sse" ? "sse" : "long-poll"
+// Replies are read with long-poll by default, or SSE with ?live=sse. The conversation (a few
+// changes per message) is always read with long-poll, whose failed requests the client retries
+// with backoffOptions; in a browser an SSE connection cut by a relay restart is not resumed by
+// the client, and follow() below resumes it itself.
+const REPLY_LIVE = new URLSearchParams(location.search).get("live") === "sse" ? "sse" : "long-poll"
 // Retry every failed read within half a second, forever (offline, relay restarting).
 const backoffOptions: BackoffOptions = {
   initialDelay: 100,
@@ -99,25 +101,33 @@ async function follow(message: MessageRow, el: HTMLElement): Promise<void> {
     closed: false,
   }
   show(el, saved)
-  if (saved.closed) return
-  const { relay_url } = await currentSession()
-  const res = await stream<ReplyEvent>({
-    url: `${relay_url}/v1/stream/${message.stream}`,
-    offset: saved.offset,
-    live: LIVE,
-    json: true,
-    headers,
-    backoffOptions,
-    onError,
-  })
-  res.subscribeJson(async (batch) => {
-    for (const item of batch.items) if (item.type === "token") saved.text += item.delta
-    saved.offset = batch.offset
-    saved.closed = batch.streamClosed
-    // Text and offset in one entry: a reload restores exactly the text up to that offset.
-    localStorage.setItem(key, JSON.stringify(saved))
-    show(el, saved)
-  })
+  while (!saved.closed) {
+    try {
+      const { relay_url } = await currentSession()
+      const res = await stream<ReplyEvent>({
+        url: `${relay_url}/v1/stream/${message.stream}`,
+        offset: saved.offset,
+        live: REPLY_LIVE,
+        json: true,
+        headers,
+        backoffOptions,
+        onError,
+      })
+      res.subscribeJson(async (batch) => {
+        for (const item of batch.items) if (item.type === "token") saved.text += item.delta
+        saved.offset = batch.offset
+        saved.closed = batch.streamClosed
+        // Text and offset in one entry: a reload restores exactly the text up to that offset.
+        localStorage.setItem(key, JSON.stringify(saved))
+        show(el, saved)
+      })
+      await res.closed
+    } catch {
+      // In a browser, an SSE response cut off mid-stream (the relay restarted) ends the
+      // client's session with an error instead of a reconnect: start again at the saved offset.
+      await new Promise((resolve) => setTimeout(resolve, backoffOptions.initialDelay))
+    }
+  }
 }
 
 function render(messages: MessageRow[]) {
@@ -142,7 +152,7 @@ const { state_url } = await currentSession()
 const db = createStreamDB({
   streamOptions: { url: state_url, contentType: "application/json", headers, backoffOptions },
   state: schema,
-  live: LIVE,
+  live: "long-poll",
 })
 await db.preload()
 
