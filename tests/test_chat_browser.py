@@ -137,6 +137,23 @@ def chat(request: pytest.FixtureRequest, tmp_path: Path, web_dist: Path) -> Iter
         relay.stop()
 
 
+def _first_append_ms(relay: RelayProcess, stream: str, key: str) -> float:
+    """Milliseconds until the stream's tail moves, polled every 5 ms from now."""
+    start, first = time.monotonic(), None
+    req = urllib.request.Request(
+        f"{relay.url}/v1/stream/{stream}", method="HEAD", headers={"Authorization": f"Bearer {key}"}
+    )
+    while time.monotonic() - start < 20:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            tail = resp.headers["Stream-Next-Offset"]
+        if first is None:
+            first = tail
+        elif tail != first:
+            return (time.monotonic() - start) * 1000
+        time.sleep(0.005)
+    raise AssertionError("the producer did not append after the relay restarted")
+
+
 def _read_json(url: str, key: str) -> list[dict[str, object]]:
     """A whole JSON stream, read with the backend's credential."""
     out: list[dict[str, object]] = []
@@ -156,7 +173,9 @@ def test_reply_survives_reload_offline_and_relay_kill(
     chat: Chat, capsys: pytest.CaptureFixture[str]
 ) -> None:
     relay, backend, keys = chat.relay, chat.backend, chat.keys
+    key = (keys / "backend.key").read_text()
     result: dict[str, object] = {}
+    stored_after_restart_ms = -1.0
     with subprocess.Popen(
         ["node", "e2e/drive.mjs", backend.url, PROMPT, chat.live],
         cwd=WEB,
@@ -175,6 +194,7 @@ def test_reply_survives_reload_offline_and_relay_kill(
                     relay.start()
                     driver.stdin.write("restarted\n")
                     driver.stdin.flush()
+                    stored_after_restart_ms = _first_append_ms(relay, event["stream"], key)
                 elif event["event"] == "result":
                     result = event
             assert driver.wait() == 0
@@ -193,7 +213,6 @@ def test_reply_survives_reload_offline_and_relay_kill(
 
     # What was stored: the reply stream is the model's tokens once, and the chat's state
     # stream ends with the finished reply (its full text) as the database holds it.
-    key = (keys / "backend.key").read_text()
     changes = _read_json(f"{relay.url}/v1/stream/chat/{result['chat']}/state", key)
     messages = [c for c in changes if c["type"] == "message"]
     final = messages[-1]["value"]
@@ -205,6 +224,9 @@ def test_reply_survives_reload_offline_and_relay_kill(
 
     timings = result["timings"]
     assert isinstance(timings, dict)
+    # Of the time from the relay answering to the next token on screen, this much passed
+    # before the backend's producer had stored its next batch; the rest is the page's.
+    timings["relay_answering_to_next_append_stored_ms"] = round(stored_after_restart_ms)
     with capsys.disabled():
         print(f"\nchat in Chromium, {chat.store}, {chat.live}: disruption to next token on screen")
         for name, ms in timings.items():

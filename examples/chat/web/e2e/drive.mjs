@@ -1,7 +1,8 @@
 // Drives the chat page in headless Chromium (Debian's /usr/bin/chromium through playwright-core)
 // for tests/test_chat_browser.py: sends one message and, while the reply streams, reloads the
 // page, takes the browser offline for a second, and has the test kill -9 and restart the relay.
-// Talks to the test over stdio: prints {"event": "kill"} and waits for "restarted <ms>"; ends
+// Talks to the test over stdio: prints {"event": "kill", "stream": ...} and waits for a line
+// "restarted" (the relay answers again); ends
 // with {"event": "result", ...}: the rendered reply and the time from each disruption to the
 // next token on screen.
 //   node e2e/drive.mjs BACKEND_URL PROMPT [long-poll|sse]
@@ -50,7 +51,8 @@ try {
   await page.fill("[data-testid=input]", prompt)
   await page.click("[data-testid=send]")
   const el = await page.waitForSelector("[data-testid^=reply-]", { timeout: 20_000 })
-  const sel = `[data-testid=${await el.getAttribute("data-testid")}]`
+  const replyId = (await el.getAttribute("data-testid")).replace(/^reply-/, "")
+  const sel = `[data-testid=reply-${replyId}]`
   const length = () => page.evaluate((s) => document.querySelector(s)?.textContent.length ?? -1, sel)
   const text = () => page.evaluate((s) => document.querySelector(s)?.textContent ?? "", sel)
   // Milliseconds from `since` until the reply is longer than `than` characters on screen.
@@ -92,7 +94,8 @@ try {
 
   // 3. The relay is killed with SIGKILL and restarted on the same data by the test.
   const killedAt = Date.now()
-  say({ event: "kill" })
+  const chat = new URL(page.url()).hash.slice(1)
+  say({ event: "kill", stream: `chat/${chat}/reply/${replyId}` })
   const answer = (await lines.next()).value ?? ""
   const restartedAt = Date.now()
   timings.kill_to_relay_answering_ms = restartedAt - killedAt
@@ -102,7 +105,7 @@ try {
 
   await page.waitForSelector(`${sel}[data-done=true]`, { timeout: 60_000 })
   const replies = await page.$$eval("[data-testid^=reply-]", (els) => els.length)
-  say({ event: "result", chat: new URL(page.url()).hash.slice(1), text: await text(), before, restored, resumedAt, replies, timings, errors })
+  say({ event: "result", chat, text: await text(), before, restored, resumedAt, replies, timings, errors })
 } finally {
   await browser.close()
 }
