@@ -123,7 +123,8 @@ async def send_message(request: web.Request) -> web.Response:
     if not isinstance(text, str) or not text.strip():
         raise web.HTTPBadRequest(text="text: a non-empty string")
     app, now = request.app, time.time()
-    history = [Turn(m.role, m.text) for m in await app[STORE].messages(chat.id)]
+    # The model sees the finished turns (a reply still streaming or failed has no text yet).
+    history = [Turn(m.role, m.text) for m in await app[STORE].messages(chat.id) if m.text]
     history.append(Turn("user", text))
     reply_id = uuid.uuid4().hex[:12]
     stream = reply_path(chat.id, reply_id)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+EXAMPLE = Path(__file__).resolve().parent.parent  # examples/chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +23,8 @@ class Settings:
     jwt_audience: str = ""  # the relay's --auth-audience, if it sets one
     token_lifetime: float = 300.0  # seconds a browser's read-only token lives
     database_url: str = ""  # Postgres; empty: SQLite at sqlite_path
-    sqlite_path: str = str(HERE / "data" / "chat.sqlite")
-    web_dir: str = str(HERE / "web" / "dist")
+    sqlite_path: str = str(EXAMPLE / "data" / "chat.sqlite")
+    web_dir: str = str(EXAMPLE / "web" / "dist")
     model: str = "deterministic"  # or "openai"
     tokens_per_second: float = 30.0
     reply_tokens: int = 120

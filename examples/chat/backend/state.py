@@ -9,6 +9,7 @@ database without polling the backend.
 from __future__ import annotations
 
 import datetime
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,7 @@ class StatePublisher:
         self.relay_url = relay_url.rstrip("/")
         self.headers = headers
         self._producers: dict[str, StreamProducer] = {}
+        self._open = AsyncExitStack()  # flushes every producer on close
 
     def url(self, path: str) -> str:
         return f"{self.relay_url}/v1/stream/{path}"
@@ -67,11 +69,10 @@ class StatePublisher:
                 max_backoff=0.5,
                 max_retries=40,
             )
-            await producer.__aenter__()  # creates the stream (idempotent when it exists)
-            self._producers[chat_id] = producer
+            # Entering creates the stream (a PUT, idempotent when it exists).
+            self._producers[chat_id] = await self._open.enter_async_context(producer)
         await producer.append(list(changes), many=True)
 
     async def close(self) -> None:
-        for producer in self._producers.values():
-            await producer.flush()
         self._producers.clear()
+        await self._open.aclose()
