@@ -7,7 +7,7 @@ rules here means no backend re-implements them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protocol.errors import BadRequest, Conflict, ProtocolError, StreamClosed
 from protocol.headers import ProducerHeaders, media_type
@@ -49,6 +49,8 @@ class AppendPlan:
     producer: ProducerHeaders | None
     producer_state: ProducerState | None
     duplicate: bool = False
+    acked_offset: int | None = None
+    """A duplicate's original acknowledgement (its end offset), when still remembered."""
 
 
 def decide_append(
@@ -75,8 +77,9 @@ def decide_append(
     if producer is not None:
         decision = decide(producer_state, producer)
         if decision.verdict is Verdict.DUPLICATE:
-            return _nothing(request, decision.state, duplicate=True)
-        new_state = decision.state
+            plan = _nothing(request, decision.state, duplicate=True)
+            return replace(plan, acked_offset=decision.state.acked(producer.seq))
+        new_state = decision.state.with_ack(producer.seq, meta.tail + len(request.data))
     seq, last = request.stream_seq, meta.stream_seq
     if seq is not None and last is not None and seq.encode() <= last.encode():
         raise Conflict("stream_seq_regression", "Stream-Seq must be strictly increasing")

@@ -42,12 +42,30 @@ class StreamMeta:
     source_id: int | None = None  # the fork source's internal id
 
 
+RECENT_ACKS = 8
+"""Appends per producer whose acknowledged offset a duplicate gets back (Kafka keeps five)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProducerState:
-    """The last accepted (epoch, seq) of one producer on one stream."""
+    """The last accepted (epoch, seq) of one producer on one stream, and the end offset each of
+    its newest appends (this epoch, up to ``RECENT_ACKS``) was acknowledged with, oldest first:
+    a retry answered as a duplicate gets its own append's offset back, not the current tail."""
 
     epoch: int
     last_seq: int
+    acks: tuple[tuple[int, int], ...] = ()  # (seq, Stream-Next-Offset it was acknowledged with)
+
+    def acked(self, seq: int) -> int | None:
+        """The offset ``seq`` was acknowledged with, if it is among the newest appends."""
+        for known, offset in self.acks:
+            if known == seq:
+                return offset
+        return None
+
+    def with_ack(self, seq: int, offset: int) -> ProducerState:
+        acks = (*self.acks, (seq, offset))[-RECENT_ACKS:]
+        return ProducerState(self.epoch, self.last_seq, acks)
 
 
 def fork_segments(chain: list[tuple[int, int]]) -> tuple[Segment, ...]:

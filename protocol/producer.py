@@ -40,5 +40,5 @@ def decide(current: ProducerState | None, request: ProducerHeaders) -> ProducerD
     if seq <= current.last_seq:
         return ProducerDecision(Verdict.DUPLICATE, current)
     if seq == current.last_seq + 1:
-        return ProducerDecision(Verdict.ACCEPT, ProducerState(epoch, seq))
+        return ProducerDecision(Verdict.ACCEPT, ProducerState(epoch, seq, current.acks))
     raise SequenceGap(current.last_seq + 1, seq)

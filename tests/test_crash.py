@@ -114,3 +114,67 @@ def _hdrs(producer: int, seq: int) -> dict[str, str]:
 def _position(offset: str) -> int:
     """White-box: Relay's offsets end in the byte position (see protocol/offsets.py)."""
     return int(offset.rsplit("_", 1)[1])
+
+
+IN_FLIGHT = 4
+
+
+@pytest.mark.parametrize("relay_args", _backends(), indirect=True)
+async def test_after_kill_9_every_retry_is_acknowledged_with_its_own_offset(
+    tmp_path: Path, relay_args: tuple[str, ...]
+) -> None:
+    """Each producer keeps IN_FLIGHT appends in flight; the relay is killed; each producer
+    then retries its batch in flight until answered. Whether the answer is the first (200)
+    or a duplicate's (204), its Stream-Next-Offset is where that very record ends in the
+    stream: an offset a client can name later (a revision, a fork) as "after my append"."""
+    relay = RelayProcess(tmp_path / "data", *relay_args)
+    relay.start()
+    stream = f"{relay.url}/v1/stream/pipelined"
+    answered: dict[tuple[int, int], int] = {}
+    sent = [0] * PRODUCERS
+
+    async def send(session: aiohttp.ClientSession, p: int, seq: int) -> bool:
+        """POST until answered; True once acknowledged, False if the relay went away."""
+        for _ in range(200):
+            try:
+                async with session.post(stream, data=record(p, seq), headers=_hdrs(p, seq)) as r:
+                    if r.status in (200, 204):
+                        answered[(p, seq)] = _position(r.headers["Stream-Next-Offset"])
+                        return True
+                    assert r.status == 409, await r.text()  # an earlier seq not in yet
+            except (TimeoutError, aiohttp.ClientError):
+                return False
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"producer {p} seq {seq} never went in")
+
+    async def produce(session: aiohttp.ClientSession, p: int) -> None:
+        while len(answered) < 400:
+            batch = range(sent[p], sent[p] + IN_FLIGHT)
+            sent[p] += IN_FLIGHT
+            if not all(await asyncio.gather(*(send(session, p, seq) for seq in batch))):
+                return
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.put(stream, headers={"Content-Type": "text/plain"}) as r:
+                assert r.status == 201
+            tasks = [asyncio.create_task(produce(session, p)) for p in range(PRODUCERS)]
+            while len(answered) < 200:
+                await asyncio.sleep(0.01)
+            relay.kill()
+            await asyncio.gather(*tasks)
+        relay.start()
+        answered_before = dict(answered)
+        async with aiohttp.ClientSession() as session:
+            for p in range(PRODUCERS):  # the batch in flight at the kill, answered or not
+                for seq in range(max(0, sent[p] - IN_FLIGHT), sent[p]):
+                    assert await send(session, p, seq)
+            data = await read_all(session, stream)
+    finally:
+        relay.stop()
+    records = [data[i : i + RECORD] for i in range(0, len(data), RECORD)]
+    assert len(set(records)) == len(records) == sum(sent), "a record lost or stored twice"
+    for (p, seq), end in answered.items():
+        assert data[end - RECORD : end] == record(p, seq), f"ack of p{p} s{seq} is not its own"
+        if (p, seq) in answered_before:
+            assert answered_before[(p, seq)] == end  # the retry got the first answer's offset

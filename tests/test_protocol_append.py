@@ -145,8 +145,48 @@ def test_accepted_plans(
 
 def test_an_accepted_producer_append_carries_the_state_to_store() -> None:
     plan = decide_append(OPEN, ProducerState(0, 0), req(producer=P, stream_seq="z"))
-    assert plan.producer_state == ProducerState(0, 1)
+    assert plan.producer_state == ProducerState(0, 1, ((1, OPEN.tail + 1),))  # its ack offset
     assert plan.stream_seq == "z"
+
+
+ACKED = ProducerState(0, 9, tuple((seq, 100 + seq) for seq in range(2, 10)))  # 8 remembered
+
+
+@pytest.mark.parametrize(
+    ("state", "producer", "acked"),
+    [
+        pytest.param(ACKED, ProducerHeaders("p", 0, 9), 109, id="newest-gets-its-own-offset"),
+        pytest.param(ACKED, ProducerHeaders("p", 0, 4), 104, id="older-in-window-too"),
+        pytest.param(ACKED, ProducerHeaders("p", 0, 2), 102, id="oldest-remembered"),
+        pytest.param(ACKED, ProducerHeaders("p", 0, 1), None, id="older-gets-the-tail"),
+        pytest.param(ProducerState(0, 5), ProducerHeaders("p", 0, 5), None, id="stored-before"),
+    ],
+)
+def test_a_duplicate_is_answered_with_its_original_acknowledgement(
+    state: ProducerState, producer: ProducerHeaders, acked: int | None
+) -> None:
+    """Section 5.2.1's retry of an append already applied, with later appends since: its
+    answer names where its own data ends (the handler falls back to the tail when None)."""
+    meta = replace(OPEN, tail=200)
+    plan = decide_append(meta, state, req(producer=producer))
+    assert (plan.write, plan.duplicate, plan.acked_offset) == (False, True, acked)
+
+
+def test_producer_acks_keep_the_newest_eight_of_the_epoch_only() -> None:
+    state = ProducerState(0, 0, ((0, 11),))
+    tail = 11
+    for seq in range(1, 12):
+        plan = decide_append(
+            replace(OPEN, tail=tail), state, req(producer=ProducerHeaders("p", 0, seq))
+        )
+        assert plan.producer_state is not None
+        state, tail = plan.producer_state, tail + 1
+    assert [seq for seq, _ in state.acks] == list(range(4, 12))
+    assert state.acked(11) == tail and state.acked(3) is None
+    fenced = decide_append(
+        replace(OPEN, tail=tail), state, req(producer=ProducerHeaders("p", 1, 0))
+    )
+    assert fenced.producer_state == ProducerState(1, 0, ((0, tail + 1),))
 
 
 def test_a_closed_stream_reports_its_final_tail() -> None:

@@ -153,6 +153,36 @@ async def test_producer_state_commits_with_the_data(store: Store) -> None:
     assert await read_all(store, "p") == b"ab"
 
 
+async def test_a_duplicate_gets_the_offset_its_own_append_was_acknowledged_with(
+    backend: Backend,
+) -> None:
+    """Several appends in flight, then a retry of an early one (a client that lost its
+    answer): the retry names where that append's data ends, not the tail the later ones made,
+    also after a restart. Beyond the newest RECENT_ACKS a duplicate gets the tail."""
+    tokens = [f"<{seq}>".encode() for seq in range(12)]
+    async with backend.open() as first:
+        await first.create(create("acks"), NOW)
+        acks = await asyncio.gather(
+            *(
+                first.append("acks", data(token, producer=ProducerHeaders("w", 0, seq)), NOW)
+                for seq, token in enumerate(tokens)
+            )
+        )
+        ends = [result.meta.tail for result in acks]
+        assert ends == [sum(map(len, tokens[: seq + 1])) for seq in range(12)]
+        retry = await first.append(
+            "acks", data(tokens[9], producer=ProducerHeaders("w", 0, 9)), NOW
+        )
+        assert retry.plan.duplicate and retry.plan.acked_offset == ends[9]
+    async with backend.open() as second:
+        for seq in (4, 11):
+            request = data(tokens[seq], producer=ProducerHeaders("w", 0, seq))
+            again = await second.append("acks", request, NOW)
+            assert again.plan.duplicate and again.plan.acked_offset == ends[seq]
+        oldest = data(tokens[0], producer=ProducerHeaders("w", 0, 0))
+        assert (await second.append("acks", oldest, NOW)).plan.acked_offset is None
+
+
 async def test_concurrent_retries_of_one_producer_append_store_it_once(store: Store) -> None:
     await store.create(create("once"), NOW)
     request = data(b"token", producer=ProducerHeaders("w", 0, 0))

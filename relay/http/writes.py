@@ -107,7 +107,9 @@ async def append(request: web.Request) -> web.Response:
         # hands it to the commit sink (relay/sink.py), which wakes its readers.
         result = await ctx.store.append(path, append_request, ctx.clock())
     meta, plan = result.meta, result.plan
-    out = {h.STREAM_NEXT_OFFSET: format_offset(meta.tail)}
+    # A duplicate gets the offset its original append was acknowledged with (while remembered).
+    acked = plan.acked_offset if plan.acked_offset is not None else meta.tail
+    out = {h.STREAM_NEXT_OFFSET: format_offset(acked)}
     if meta.closed:
         out[h.STREAM_CLOSED] = "true"
     status = 204

@@ -40,6 +40,18 @@ def numbered_sql(backend: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def encode_acks(acks: tuple[tuple[int, int], ...]) -> str:
+    """A producer's recent acknowledgements as stored: ``seq:offset`` pairs, comma-separated."""
+    return ",".join(f"{seq}:{offset}" for seq, offset in acks)
+
+
+def decode_acks(text: str | None) -> tuple[tuple[int, int], ...]:
+    if not text:
+        return ()
+    pairs = (entry.split(":", 1) for entry in text.split(","))
+    return tuple((int(seq), int(offset)) for seq, offset in pairs)
+
+
 def row_meta(row: Any) -> StreamMeta:
     """A stream row (columns in ``META_COLUMNS`` order) as the protocol sees it."""
     closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None

@@ -47,6 +47,8 @@ from relay.store.common import (
     META_COLUMNS,
     StagedRows,
     after_append,
+    decode_acks,
+    encode_acks,
     numbered_sql,
     purge_chain_sql,
     resolve_fork,
@@ -442,14 +444,15 @@ class SqliteStore:
         )
         if plan.producer is not None and plan.producer_state is not None:
             conn.execute(
-                "INSERT INTO producers (stream_id, producer_id, epoch, last_seq) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (stream_id, producer_id) "
-                "DO UPDATE SET epoch = excluded.epoch, last_seq = excluded.last_seq",
+                "INSERT INTO producers (stream_id, producer_id, epoch, last_seq, acks) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id, producer_id) DO UPDATE "
+                "SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks",
                 (
                     meta.stream_id,
                     plan.producer.producer_id,
                     plan.producer_state.epoch,
                     plan.producer_state.last_seq,
+                    encode_acks(plan.producer_state.acks),
                 ),
             )
         self._stage(conn, state, meta.stream_id, meta.tail, plan.data)
@@ -508,10 +511,10 @@ class SqliteStore:
         self, conn: sqlite3.Connection, stream_id: int, producer_id: str
     ) -> ProducerState | None:
         row = conn.execute(
-            "SELECT epoch, last_seq FROM producers WHERE stream_id = ? AND producer_id = ?",
+            "SELECT epoch, last_seq, acks FROM producers WHERE stream_id = ? AND producer_id = ?",
             (stream_id, producer_id),
         ).fetchone()
-        return ProducerState(row[0], row[1]) if row else None
+        return ProducerState(row[0], row[1], decode_acks(row[2])) if row else None
 
     def _visible(self, conn: sqlite3.Connection, path: str, now: float) -> StreamMeta:
         meta = self._load(conn, path)

@@ -26,7 +26,7 @@ LOCK = (
 )
 """Every row a batch changes up front, locked in one id-ordered pass so relays never deadlock."""
 PRODUCERS = """
-SELECT stream_id, producer_id, epoch, last_seq FROM relay_producers
+SELECT stream_id, producer_id, epoch, last_seq, acks FROM relay_producers
 WHERE stream_id = ANY($1::bigint[]) AND producer_id = ANY($2::text[])
 """
 """Run after LOCK, never inside it: in READ COMMITTED a statement's snapshot is taken before
@@ -45,10 +45,10 @@ WITH chunks AS (
                 $11::bigint[], $12::bigint[]) AS u(id, tail, closed, at, seq, cid, cepoch, cseq)
     WHERE s.id = u.id
 ), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
+    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
+    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[], $19::text[])
     ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq
+    SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks
 )
 SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL
 """
@@ -60,7 +60,7 @@ WITH streams AS (
         compact_pending = true,
         closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
-                $11::bigint[], $12::bigint[], $19::bigint[])
+                $11::bigint[], $12::bigint[], $20::bigint[])
         AS u(id, tail, closed, at, seq, cid, cepoch, cseq, expected)
     WHERE s.id = u.id AND s.tail = u.expected AND NOT s.closed AND NOT s.soft_deleted
     RETURNING s.id
@@ -68,10 +68,10 @@ WITH streams AS (
     INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
 ), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[])
+    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
+    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[], $19::text[])
     ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq
+    SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks
 )
 SELECT pg_notify($17, $18)
 FROM (SELECT relay_guard((SELECT count(*) FROM streams) = cardinality($5::bigint[]))) AS checked

@@ -45,7 +45,7 @@ from relay.store.batching import (
     Touches,
     WriteOp,
 )
-from relay.store.common import META_COLUMNS, resolve_fork, row_meta
+from relay.store.common import META_COLUMNS, decode_acks, encode_acks, resolve_fork, row_meta
 from relay.store.postgres.compaction import COMPACT_PASS_BYTES, CompactionPass, compact_pass
 from relay.store.postgres.connections import (
     DISCONNECTS,
@@ -640,7 +640,7 @@ class PostgresStore:
         names = sorted({key[1] for key in wanted})
         state.producers = dict.fromkeys(wanted)  # named but not found: known to be absent
         for row in await conn.fetch(PRODUCERS, ids, names):
-            state.producers[(row[0], row[1])] = ProducerState(row[2], row[3])
+            state.producers[(row[0], row[1])] = ProducerState(row[2], row[3], decode_acks(row[4]))
 
     async def _producer(
         self, conn: asyncpg.Connection, state: Batch, key: tuple[int, str]
@@ -649,11 +649,13 @@ class PostgresStore:
         (a stream created meanwhile, here or by another relay)."""
         if key not in state.producers:
             row = await conn.fetchrow(
-                "SELECT epoch, last_seq FROM relay_producers "
+                "SELECT epoch, last_seq, acks FROM relay_producers "
                 "WHERE stream_id = $1 AND producer_id = $2",
                 *key,
             )
-            state.producers[key] = ProducerState(row[0], row[1]) if row else None
+            state.producers[key] = (
+                ProducerState(row[0], row[1], decode_acks(row[2])) if row else None
+            )
         return state.producers[key]
 
     async def _write(
@@ -694,6 +696,7 @@ class PostgresStore:
             [p.last_seq for p in producers],
             CHANNEL,
             notify,
+            [encode_acks(p.acks) for p in producers],
             *guard,
         )
         state.written += len(rows)

@@ -55,6 +55,7 @@ CREATE TABLE relay_producers (
     producer_id TEXT NOT NULL,
     epoch BIGINT NOT NULL,
     last_seq BIGINT NOT NULL,
+    acks TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (stream_id, producer_id)
 );
 
