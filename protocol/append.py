@@ -31,6 +31,8 @@ class AppendRequest:
     producer: ProducerHeaders | None = None
     data_error: ProtocolError | None = None
     body_empty: bool = False
+    successor: str | None = None
+    """``Stream-Successor``: the path of the stream that supersedes this one (with a close)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class AppendPlan:
     duplicate: bool = False
     acked_offset: int | None = None
     """A duplicate's original acknowledgement (its end offset), when still remembered."""
+    successor: str | None = None
 
 
 def decide_append(
@@ -59,6 +62,10 @@ def decide_append(
     """Apply section 5.2's rules in the spec's precedence: closed, content type, sequence."""
     producer = request.producer
     close_only = request.close and request.body_empty
+    if request.successor is not None:
+        successor = _successor_plan(meta, request)
+        if successor is not None:
+            return successor
     if meta.closed:
         if producer is not None and meta.closed_by == producer:
             return _nothing(request, producer_state, duplicate=True)
@@ -90,6 +97,32 @@ def decide_append(
         stream_seq=request.stream_seq,
         producer=producer,
         producer_state=new_state,
+        successor=request.successor,
+    )
+
+
+def _successor_plan(meta: StreamMeta, request: AppendRequest) -> AppendPlan | None:
+    """Naming a successor: only with a close, and once. A stream already closed may still be
+    given one by a close-only request (a finished reply regenerated later); the same one
+    again is an idempotent repeat. None: an open stream, decided as any closing append."""
+    if not request.close:
+        raise BadRequest("successor_without_close", "Stream-Successor needs Stream-Closed: true")
+    if meta.successor is not None and meta.successor != request.successor:
+        raise Conflict("successor_conflict", "the stream already names another successor")
+    if not meta.closed:
+        return None
+    if not request.body_empty:
+        raise StreamClosed(meta.tail)
+    if meta.successor == request.successor:
+        return _nothing(request, None, duplicate=False)
+    return AppendPlan(
+        write=True,
+        data=b"",
+        close=True,
+        stream_seq=None,
+        producer=None,
+        producer_state=None,
+        successor=request.successor,
     )
 
 

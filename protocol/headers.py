@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from protocol.errors import BadRequest
 
@@ -18,6 +19,9 @@ STREAM_FORKED_FROM = "Stream-Forked-From"
 STREAM_FORK_OFFSET = "Stream-Fork-Offset"
 STREAM_FORK_SUB_OFFSET = "Stream-Fork-Sub-Offset"
 STREAM_SSE_DATA_ENCODING = "Stream-SSE-Data-Encoding"
+STREAM_SUCCESSOR = "Stream-Successor"  # Relay's extension: the stream that supersedes this one
+LINK = "Link"
+SUCCESSOR_REL = "successor-version"  # RFC 5829's relation, on every read of a superseded stream
 PRODUCER_ID = "Producer-Id"
 PRODUCER_EPOCH = "Producer-Epoch"
 PRODUCER_SEQ = "Producer-Seq"
@@ -34,6 +38,7 @@ REQUEST_HEADERS = (
     STREAM_FORKED_FROM,
     STREAM_FORK_OFFSET,
     STREAM_FORK_SUB_OFFSET,
+    STREAM_SUCCESSOR,
     PRODUCER_ID,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,
@@ -48,6 +53,8 @@ RESPONSE_HEADERS = (
     STREAM_CURSOR,
     STREAM_UP_TO_DATE,
     STREAM_SSE_DATA_ENCODING,
+    STREAM_SUCCESSOR,
+    LINK,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,
     PRODUCER_EXPECTED_SEQ,
@@ -234,3 +241,12 @@ def parse_content_type(value: str | None) -> str | None:
     if value is None:
         return None
     return stored_text("Content-Type", value, MAX_CONTENT_TYPE_BYTES)
+
+
+def successor_headers(successor: str | None) -> dict[str, str]:
+    """What every read of a superseded stream carries: the successor's path, and a ``Link``
+    a generic client can follow (RFC 8288; ``successor-version`` from RFC 5829)."""
+    if successor is None:
+        return {}
+    target = quote(successor, safe="/")
+    return {STREAM_SUCCESSOR: target, LINK: f'<{target}>; rel="{SUCCESSOR_REL}"'}

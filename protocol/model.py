@@ -40,6 +40,7 @@ class StreamMeta:
     segments: tuple[Segment, ...] = field(default=())
     soft_deleted: bool = False
     source_id: int | None = None  # the fork source's internal id
+    successor: str | None = None  # the stream that supersedes this closed one (its path)
 
 
 RECENT_ACKS = 8

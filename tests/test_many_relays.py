@@ -240,3 +240,23 @@ async def test_catch_up_reads_and_heads_right_after_another_relays_ack_see_it(
         async with http.head(url_b) as head:
             assert head.status == 200
             assert head.headers["Content-Type"] == "application/json"
+
+
+async def test_a_successor_named_through_one_relay_is_linked_by_the_other_at_once(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    """Relay B has the open stream cached; A's close names a successor; B's next read says so."""
+    a, b = relays
+    old, new = "/v1/stream/draft-1", "/v1/stream/draft-2"
+    async with aiohttp.ClientSession() as http:
+        for path in (old, new):
+            async with http.put(f"{a.url}{path}", headers=TEXT) as created:
+                assert created.status == 201
+        async with http.head(f"{b.url}{old}") as warm:
+            assert "Link" not in warm.headers
+        closing = {**TEXT, "Stream-Closed": "true", "Stream-Successor": new}
+        async with http.post(f"{a.url}{old}", headers=closing) as closed:
+            assert closed.status == 204
+        async with http.head(f"{b.url}{old}") as head:
+            assert head.headers["Link"] == f'<{new}>; rel="successor-version"'
+            assert head.headers["Stream-Closed"] == "true"

@@ -18,6 +18,7 @@ from protocol.errors import (
 )
 from protocol.headers import ProducerHeaders
 from protocol.model import ProducerState, StreamMeta
+from relay.store.common import after_append
 
 OPEN = StreamMeta(1, "s", "text/plain", tail=10)
 CLOSED = replace(OPEN, closed=True)
@@ -193,3 +194,38 @@ def test_a_closed_stream_reports_its_final_tail() -> None:
     with pytest.raises(StreamClosed) as caught:
         decide_append(CLOSED, None, req())
     assert caught.value.tail == CLOSED.tail
+
+
+@pytest.mark.parametrize(
+    ("meta", "request_", "outcome"),
+    [
+        pytest.param(OPEN, req(b"", close=True, successor="/n"), "/n", id="close-names-it"),
+        pytest.param(OPEN, req(close=True, successor="/n"), "/n", id="last-append-and-close"),
+        pytest.param(CLOSED, req(b"", close=True, successor="/n"), "/n", id="after-the-close"),
+        pytest.param(
+            replace(CLOSED, successor="/n"),
+            req(b"", close=True, successor="/n"),
+            None,
+            id="same-again-is-idempotent",
+        ),
+        pytest.param(OPEN, req(successor="/n"), BadRequest, id="without-a-close"),
+        pytest.param(
+            replace(CLOSED, successor="/n"),
+            req(b"", close=True, successor="/m"),
+            Conflict,
+            id="another-is-refused",
+        ),
+        pytest.param(CLOSED, req(close=True, successor="/n"), StreamClosed, id="data-after-close"),
+    ],
+)
+def test_naming_a_successor(
+    meta: StreamMeta, request_: AppendRequest, outcome: str | type[Exception] | None
+) -> None:
+    if isinstance(outcome, type):
+        with pytest.raises(outcome):
+            decide_append(meta, None, request_)
+        return
+    plan = decide_append(meta, None, request_)
+    assert plan.write is (outcome is not None) and plan.successor == outcome
+    if plan.write:
+        assert plan.close and after_append(meta, plan, 0.0).successor == outcome

@@ -62,3 +62,9 @@ def test_the_subscriptions_walkthrough_runs_on_postgres_with_two_workers(
     relay = RelayProcess(tmp_path / "data", "--database-url", pg_url, "--workers", "2")
     out = _run_section(relay, "Subscriptions")
     assert '{"ok":true,"next_wake":false}' in out
+
+
+def test_the_supersede_recipe_runs_as_pasted(tmp_path: Path) -> None:
+    out = _run_section(RelayProcess(tmp_path / "data"), "Correcting a stream: supersede it")
+    assert 'rel="successor-version"' in out and "/v1/stream/answer-2>" in out
+    assert out.rstrip().endswith("The capital is Paris.")

@@ -72,6 +72,8 @@ async def get(request: web.Request) -> web.StreamResponse:
         response = _chunk_response(request, ctx, meta, chunk, cursor_value=None)
     if access is not None and not access.public:
         response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
+    if meta.successor is not None:
+        response.headers.update(h.successor_headers(meta.successor))
     return response
 
 
@@ -322,6 +324,7 @@ async def _sse(
             else caching.private(caching.SSE_CACHE_CONTROL),
             ACCEL_BUFFERING: "no",
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
+            **h.successor_headers(meta.successor),
         },
     )
     ctx.limits.enter_reader()

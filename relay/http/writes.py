@@ -9,7 +9,7 @@ from protocol import jsonmode
 from protocol.append import AppendRequest
 from protocol.caching import NO_STORE
 from protocol.create import CreateRequest, ForkRequest
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, ProtocolError
 from protocol.lifecycle import Expiry, format_rfc3339
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_offset
@@ -26,6 +26,8 @@ def meta_headers(meta: StreamMeta) -> dict[str, str]:
         out[h.STREAM_TTL] = str(meta.ttl)
     if meta.expires_at is not None:
         out[h.STREAM_EXPIRES_AT] = format_rfc3339(meta.expires_at)
+    if meta.successor is not None:
+        out.update(h.successor_headers(meta.successor))
     return out
 
 
@@ -85,6 +87,7 @@ async def append(request: web.Request) -> web.Response:
     producer = h.parse_producer(
         hdrs.get(h.PRODUCER_ID), hdrs.get(h.PRODUCER_EPOCH), hdrs.get(h.PRODUCER_SEQ)
     )
+    successor = await _successor(ctx, path, hdrs.get(h.STREAM_SUCCESSOR))
     with ctx.limits.admit_write() as admission:
         body = await read_body(request, ctx.config.max_body_bytes, admission)
         content_type = h.parse_content_type(hdrs.get("Content-Type"))
@@ -102,6 +105,7 @@ async def append(request: web.Request) -> web.Response:
             producer=producer,
             data_error=data_error,
             body_empty=not body,
+            successor=successor,
         )
         # Once queued, the append commits even if the client goes away, and the committer
         # hands it to the commit sink (relay/sink.py), which wakes its readers.
@@ -118,6 +122,22 @@ async def append(request: web.Request) -> web.Response:
         out[h.PRODUCER_SEQ] = str(plan.producer_state.last_seq)
         status = 200 if plan.write and plan.data else 204
     return web.Response(status=status, headers=out)
+
+
+async def _successor(ctx: Context, path: str, header: str | None) -> str | None:
+    """A ``Stream-Successor`` value: a stream path (as ``Stream-Forked-From`` takes one) of a
+    stream that exists now and is not this one. It is checked here, before the close; a
+    successor deleted later leaves readers a Link to a 404, as any deleted stream would."""
+    if header is None:
+        return None
+    successor = source_path(header, ctx.config.max_path_length)
+    if successor == path:
+        raise BadRequest("invalid_successor", "a stream cannot succeed itself")
+    try:
+        await ctx.store.head(successor, ctx.clock(), touch=False)
+    except ProtocolError:
+        raise BadRequest("invalid_successor", "Stream-Successor names no live stream") from None
+    return successor
 
 
 async def append_json(ctx: Context, path: str, message: bytes) -> None:

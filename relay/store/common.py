@@ -22,7 +22,7 @@ from protocol.model import StreamMeta
 META_COLUMNS = (
     "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
     "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
-    "fork_offset, soft_deleted"
+    "fork_offset, soft_deleted, successor"
 )
 """The stream row as every query returns it; :func:`row_meta` reads it back."""
 
@@ -71,6 +71,7 @@ def row_meta(row: Any) -> StreamMeta:
         fork_offset=row[15],
         soft_deleted=bool(row[16]),
         source_id=row[13],
+        successor=row[17],
     )
 
 
@@ -84,6 +85,7 @@ def after_append(meta: StreamMeta, plan: AppendPlan, now: float) -> StreamMeta:
         last_access=max(meta.last_access, now),
         stream_seq=plan.stream_seq or meta.stream_seq,
         closed_by=closed_by or meta.closed_by,
+        successor=plan.successor or meta.successor,
     )
 
 

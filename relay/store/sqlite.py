@@ -430,7 +430,7 @@ class SqliteStore:
         closed_by = after.closed_by if plan.close else None
         conn.execute(
             "UPDATE streams SET tail = ?, closed = ?, last_access = ?, stream_seq = ?, "
-            "closed_by_id = ?, closed_by_epoch = ?, closed_by_seq = ? WHERE id = ?",
+            "closed_by_id = ?, closed_by_epoch = ?, closed_by_seq = ?, successor = ? WHERE id = ?",
             (
                 after.tail,
                 int(after.closed),
@@ -439,6 +439,7 @@ class SqliteStore:
                 closed_by.producer_id if closed_by else None,
                 closed_by.epoch if closed_by else None,
                 closed_by.seq if closed_by else None,
+                after.successor,
                 meta.stream_id,
             ),
         )

@@ -40,9 +40,11 @@ WITH chunks AS (
     UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
         last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
         compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
+        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq,
+        successor = u.successor
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
-                $11::bigint[], $12::bigint[]) AS u(id, tail, closed, at, seq, cid, cepoch, cseq)
+                $11::bigint[], $12::bigint[], $20::text[])
+        AS u(id, tail, closed, at, seq, cid, cepoch, cseq, successor)
     WHERE s.id = u.id
 ), producers AS (
     INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
@@ -58,10 +60,11 @@ WITH streams AS (
     UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
         last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
         compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq
+        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq,
+        successor = u.successor
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
-                $11::bigint[], $12::bigint[], $20::bigint[])
-        AS u(id, tail, closed, at, seq, cid, cepoch, cseq, expected)
+                $11::bigint[], $12::bigint[], $20::text[], $21::bigint[])
+        AS u(id, tail, closed, at, seq, cid, cepoch, cseq, successor, expected)
     WHERE s.id = u.id AND s.tail = u.expected AND NOT s.closed AND NOT s.soft_deleted
     RETURNING s.id
 ), chunks AS (

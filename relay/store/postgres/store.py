@@ -317,16 +317,19 @@ class PostgresStore:
         Any relay's commit NOTIFYs before it is acknowledged, and Postgres sends a listening
         session the notifications committed before a query ahead of that query's answer, so
         after one round trip on the LISTEN connection (:meth:`_notified`, shared by every
-        caller waiting for it) ``_known`` is as fresh as a query would be. What no NOTIFY
-        announces stays with the database: a soft-deleted stream (it may be purged and its
-        path re-created) and a TTL stream that looks expired (other relays' reads extend it).
+        caller waiting for it) ``_known`` is as fresh as a query would be. What a NOTIFY
+        does not carry stays with the database: a closed stream (its close may have named a
+        successor), a soft-deleted one (it may be purged and its path re-created) and a TTL
+        stream that looks expired (other relays' reads extend it).
         """
         if not self._listening or path not in self._known.by_path:
             return None
         if not await self._notified():
             return None
         meta = self._known.by_path.get(path)
-        if meta is None or meta.soft_deleted or (meta.ttl is not None and is_expired(meta, now)):
+        if meta is None or meta.closed or meta.soft_deleted:
+            return None
+        if meta.ttl is not None and is_expired(meta, now):
             return None
         return meta
 
@@ -697,6 +700,7 @@ class PostgresStore:
             CHANNEL,
             notify,
             [encode_acks(p.acks) for p in producers],
+            [m.successor for m in metas],
             *guard,
         )
         state.written += len(rows)

@@ -1,0 +1,114 @@
+"""Superseding a stream ("regenerate from here", a correction a late reader must not see):
+fork a successor at the last good offset, append the corrected continuation, then close the
+old stream naming it with ``Stream-Successor``. Every read of the old stream then carries
+``Link: <successor>; rel="successor-version"``; the old branch stays readable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from relay.app import make_app
+from relay.config import Config
+from tests.stores import Backend, backend
+
+__all__ = ["backend"]  # the fixture, imported so pytest finds it here
+
+TEXT = {"Content-Type": "text/plain"}
+OLD, NEW = "/v1/stream/chat/1/reply-a", "/v1/stream/chat/1/reply-b"
+LINK = f'<{NEW}>; rel="successor-version"'
+
+
+@pytest.fixture
+async def client(backend: Backend, aiohttp_client: AiohttpClient) -> TestClient:
+    config = Config(data_dir=str(backend.data_dir), database_url=backend.url or "")
+    return await aiohttp_client(make_app(config))
+
+
+async def _post(client: TestClient, path: str, body: bytes = b"", **headers: str) -> Any:
+    async with client.post(path, data=body, headers={**TEXT, **headers}) as response:
+        return response.status, dict(response.headers), await response.text()
+
+
+async def test_regenerate_from_here_forks_continues_and_links_the_old_reply(
+    client: TestClient,
+) -> None:
+    assert (await client.put(OLD, headers=TEXT)).status == 201
+    await _post(client, OLD, b"The capital is ")
+    good = (await client.head(OLD)).headers["Stream-Next-Offset"]
+    await _post(client, OLD, b"Lyon.")  # the part to regenerate
+    fork = {**TEXT, "Stream-Forked-From": OLD, "Stream-Fork-Offset": good}
+    assert (await client.put(NEW, headers=fork)).status == 201
+    await _post(client, NEW, b"Paris.")
+    status, _, _ = await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    assert status == 204
+
+    for response in (
+        await client.get(OLD, params={"offset": "-1"}),
+        await client.head(OLD),
+        await client.get(OLD, params={"offset": "-1", "live": "long-poll"}),
+        await client.get(OLD, params={"offset": "-1", "live": "sse"}),
+    ):
+        assert response.headers["Link"] == LINK
+        assert response.headers["Stream-Successor"] == NEW
+        assert "Link" in response.headers.get("Access-Control-Expose-Headers", "Link")
+    old = await client.get(OLD, params={"offset": "-1"})
+    assert await old.text() == "The capital is Lyon."  # the old branch stays readable
+    new = await client.get(NEW, params={"offset": "-1"})
+    assert await new.text() == "The capital is Paris."
+    assert "Link" not in new.headers
+
+    # The same successor again is an idempotent repeat; another one is refused.
+    again = await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    assert again[0] == 204
+    assert (await client.put("/v1/stream/chat/1/reply-c", headers=TEXT)).status == 201
+    other = await _post(
+        client, OLD, **{"Stream-Closed": "true", "Stream-Successor": "chat/1/reply-c"}
+    )
+    assert other[0] == 409 and "successor_conflict" in other[2]
+
+
+async def test_a_finished_reply_can_name_its_successor_later(client: TestClient) -> None:
+    """The common chat case: the reply closed when the model finished; the user regenerates."""
+    assert (await client.put(OLD, headers=TEXT)).status == 201
+    await _post(client, OLD, b"done", **{"Stream-Closed": "true"})
+    assert (await client.put(NEW, headers=TEXT)).status == 201
+    status, headers, _ = await _post(
+        client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW}
+    )
+    assert status == 204 and headers["Stream-Closed"] == "true"
+    read = await client.get(OLD, params={"offset": "-1"})
+    assert read.headers["Link"] == LINK and await read.text() == "done"
+    late = await _post(client, OLD, b"more", **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    assert late[0] == 409  # data after the close is refused as ever
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        pytest.param({"Stream-Successor": NEW}, "successor_without_close", id="without-close"),
+        pytest.param(
+            {"Stream-Closed": "true", "Stream-Successor": "chat/1/missing"},
+            "invalid_successor",
+            id="missing-successor",
+        ),
+        pytest.param(
+            {"Stream-Closed": "true", "Stream-Successor": OLD}, "invalid_successor", id="itself"
+        ),
+        pytest.param(
+            {"Stream-Closed": "true", "Stream-Successor": "../etc"}, "invalid_path", id="bad-path"
+        ),
+    ],
+)
+async def test_a_bad_successor_is_a_clear_400_and_changes_nothing(
+    client: TestClient, headers: dict[str, str], code: str
+) -> None:
+    assert (await client.put(OLD, headers=TEXT)).status == 201
+    assert (await client.put(NEW, headers=TEXT)).status == 201
+    status, _, body = await _post(client, OLD, **headers)
+    assert status == 400 and code in body
+    head = await client.head(OLD)
+    assert "Stream-Closed" not in head.headers and "Link" not in head.headers
