@@ -75,6 +75,7 @@ class CreatePlan:
     data: bytes
     source: StreamMeta | None
     fork_offset: int
+    retained_from: int = 0  # a fork's prefix is its source's: so is its horizon
 
 
 def needs_source_bytes(request: CreateRequest) -> bool:
@@ -121,13 +122,16 @@ def plan_create(
     data = request.body
     if is_json(content_type) and data:
         data = jsonmode.encode_messages(data, allow_empty=True)
-    return CreatePlan(content_type, expiry, request.closed, data, source, fork_offset)
+    horizon = source.retained_from if fork is not None and source is not None else 0
+    return CreatePlan(content_type, expiry, request.closed, data, source, fork_offset, horizon)
 
 
 def _fork_point(source: StreamMeta, fork: ForkRequest, after_anchor: bytes) -> int:
     anchor = source.tail if fork.offset is None else fork.offset
     if anchor > source.tail:
         raise BadRequest("fork_offset_beyond_tail", "Stream-Fork-Offset is past the tail")
+    if anchor < source.retained_from:
+        raise Conflict("fork_before_retention", "the fork point is before the retained data")
     if fork.sub_offset == 0:
         return anchor
     if is_json(source.content_type):

@@ -20,6 +20,8 @@ STREAM_FORK_OFFSET = "Stream-Fork-Offset"
 STREAM_FORK_SUB_OFFSET = "Stream-Fork-Sub-Offset"
 STREAM_SSE_DATA_ENCODING = "Stream-SSE-Data-Encoding"
 STREAM_SUCCESSOR = "Stream-Successor"  # Relay's extension: the stream that supersedes this one
+STREAM_RETAIN_FROM = "Stream-Retain-From"  # Relay's extension (admin): advance the horizon
+STREAM_RETAINED_FROM = "Stream-Retained-From"  # where a stream's retained data starts
 LINK = "Link"
 SUCCESSOR_REL = "successor-version"  # RFC 5829's relation, on every read of a superseded stream
 PRODUCER_ID = "Producer-Id"
@@ -39,6 +41,7 @@ REQUEST_HEADERS = (
     STREAM_FORK_OFFSET,
     STREAM_FORK_SUB_OFFSET,
     STREAM_SUCCESSOR,
+    STREAM_RETAIN_FROM,
     PRODUCER_ID,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,
@@ -54,6 +57,7 @@ RESPONSE_HEADERS = (
     STREAM_UP_TO_DATE,
     STREAM_SSE_DATA_ENCODING,
     STREAM_SUCCESSOR,
+    STREAM_RETAINED_FROM,
     LINK,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,

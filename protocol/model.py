@@ -41,6 +41,7 @@ class StreamMeta:
     soft_deleted: bool = False
     source_id: int | None = None  # the fork source's internal id
     successor: str | None = None  # the stream that supersedes this closed one (its path)
+    retained_from: int = 0  # the retention horizon: reads before it are 410
 
 
 RECENT_ACKS = 8

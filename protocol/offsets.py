@@ -48,6 +48,7 @@ class ReadStart:
     """Where a read begins: a position, the stream's start, or its tail (``now``)."""
 
     position: int | None  # None means "the tail at the time of reading"
+    beginning: bool = False  # ``-1`` (or no offset): wherever the stream's retained data starts
 
     @property
     def is_now(self) -> bool:
@@ -57,7 +58,7 @@ class ReadStart:
 def parse_read_offset(raw: str | None) -> ReadStart:
     """Parse the ``offset`` query parameter, including the ``-1`` and ``now`` sentinels."""
     if raw is None or raw == BEGINNING:
-        return ReadStart(0)
+        return ReadStart(0, beginning=True)
     if raw == NOW:
         return ReadStart(None)
     return ReadStart(parse_offset(raw))

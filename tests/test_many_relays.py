@@ -260,3 +260,25 @@ async def test_a_successor_named_through_one_relay_is_linked_by_the_other_at_onc
         async with http.head(f"{b.url}{old}") as head:
             assert head.headers["Link"] == f'<{new}>; rel="successor-version"'
             assert head.headers["Stream-Closed"] == "true"
+
+
+async def test_a_horizon_advanced_through_one_relay_holds_at_the_other_at_once(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    a, b = relays
+    url_a, url_b = f"{a.url}/v1/stream/kept", f"{b.url}/v1/stream/kept"
+    async with aiohttp.ClientSession() as http:
+        async with http.put(url_a, headers=TEXT) as created:
+            assert created.status == 201
+        for part in (b"old-", b"new"):
+            async with http.post(url_a, data=part, headers=TEXT) as r:
+                assert r.status == 204
+        async with http.get(url_b, params={"offset": "-1"}) as warm:  # B knows the stream
+            assert await warm.read() == b"old-new"
+        horizon = "0000000000000000_0000000000000004"
+        async with http.put(url_a, headers={"Stream-Retain-From": horizon}) as r:
+            assert r.status == 200
+        async with http.get(url_b, params={"offset": "-1"}) as read:
+            assert await read.read() == b"new"
+        async with http.get(url_b, params={"offset": "0000000000000000_0000000000000000"}) as r:
+            assert r.status == 410 and r.headers["Stream-Retained-From"] == horizon

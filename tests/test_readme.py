@@ -68,3 +68,10 @@ def test_the_supersede_recipe_runs_as_pasted(tmp_path: Path) -> None:
     out = _run_section(RelayProcess(tmp_path / "data"), "Correcting a stream: supersede it")
     assert 'rel="successor-version"' in out and "/v1/stream/answer-2>" in out
     assert out.rstrip().endswith("The capital is Paris.")
+
+
+def test_the_retention_recipe_runs_as_pasted(tmp_path: Path) -> None:
+    out = _run_section(
+        RelayProcess(tmp_path / "data"), "Retention: keep a stream from an offset on"
+    )
+    assert "retain: 200\nnew\nbefore: 410\n" in out

@@ -30,6 +30,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.offsets import format_offset
+from protocol.retention import BeforeRetention
 from relay.auth.errors import Forbidden
 from relay.http.context import REQUEST_ID
 
@@ -68,6 +69,12 @@ CHALLENGE = 'Bearer realm="relay"'
 INVALID_TOKEN = 'Bearer realm="relay", error="invalid_token"'
 
 
+def _before_retention(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, BeforeRetention)
+    # no-store: the horizon only moves forward, but a cache must not pin this answer either
+    return {h.STREAM_RETAINED_FROM: format_offset(exc.retained_from), "Cache-Control": NO_STORE}
+
+
 def _allow(exc: BaseException) -> dict[str, str]:
     assert isinstance(exc, MethodNotAllowed)
     return {"Allow": ", ".join(exc.allow)}
@@ -89,6 +96,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, HeaderFn]] = {
     StreamClosed: (409, _closed),
     SequenceGap: (409, _gap),
     Gone: (410, _none),
+    BeforeRetention: (410, _before_retention),
     PayloadTooLarge: (413, _none),
     Overloaded: (429, _retry),
     Unavailable: (503, _retry),

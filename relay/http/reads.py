@@ -13,6 +13,7 @@ from protocol.errors import BadRequest, NotFound, ProtocolError
 from protocol.lifecycle import deadline
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
+from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
 from relay.auth.errors import Unauthorized
 from relay.http.context import Context, context
@@ -60,6 +61,10 @@ async def get(request: web.Request) -> web.StreamResponse:
     position = meta.tail if start.position is None else start.position
     if position > meta.tail:
         raise BadRequest("offset_beyond_tail", "offset is past the end of the stream")
+    if start.beginning:
+        position = max(position, meta.retained_from)  # -1: where retained data starts
+    else:
+        check_retained(meta, position)
     access = request.get(ACCESS) if ctx.auth is not None else None
     if live == "sse":
         return await _sse(request, ctx, meta, position, access)
@@ -82,10 +87,16 @@ async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
     limit = ctx.config.max_chunk_bytes
     end = min(meta.tail, start + limit)
     json_mode = h.is_json(meta.content_type)
-    first = start - 1 if json_mode and start > 0 else start  # proves start is a boundary
+    # The byte before proves start is a message boundary (the horizon is one by construction,
+    # and its previous byte may be gone).
+    first = start - 1 if json_mode and start > meta.retained_from else start
     data = ctx.hub.held(meta.stream_id, first, end)
     if data is None:
         data = await ctx.store.read(meta, first, end)
+        if len(data) != end - first:  # rows gone: the horizon passed this reader meanwhile
+            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+            check_retained(current, first)
+            raise RuntimeError(f"stream {meta.stream_id}: short read at {first}")
     if first < start:
         _check_boundary(data[:1])
         data = data[1:]
@@ -313,7 +324,7 @@ async def _sse(
     """
     json_mode = h.is_json(meta.content_type)
     binary = not h.is_text_like(meta.content_type)
-    if json_mode and 0 < position < meta.tail:  # before the 200 goes out
+    if json_mode and meta.retained_from < position < meta.tail:  # before the 200 goes out
         _check_boundary(await ctx.store.read(meta, position - 1, position))
     response = web.StreamResponse(
         status=200,

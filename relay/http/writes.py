@@ -28,6 +28,8 @@ def meta_headers(meta: StreamMeta) -> dict[str, str]:
         out[h.STREAM_EXPIRES_AT] = format_rfc3339(meta.expires_at)
     if meta.successor is not None:
         out.update(h.successor_headers(meta.successor))
+    if meta.retained_from:
+        out[h.STREAM_RETAINED_FROM] = format_offset(meta.retained_from)
     return out
 
 
@@ -35,6 +37,8 @@ async def create(request: web.Request) -> web.Response:
     ctx = context(request)
     path = stream_path(request.raw_path, ctx.config.max_path_length)
     hdrs = request.headers
+    if h.STREAM_RETAIN_FROM in hdrs:
+        return await _retain(request, ctx, path, hdrs[h.STREAM_RETAIN_FROM])
     ttl = hdrs.get(h.STREAM_TTL)
     expires = hdrs.get(h.STREAM_EXPIRES_AT)
     expiry = Expiry(
@@ -62,6 +66,19 @@ async def create(request: web.Request) -> web.Response:
         if ctx.subscriptions is not None:
             ctx.subscriptions.on_append(path, result.meta.fork_offset)
     return web.Response(status=201 if result.created else 200, headers=out)
+
+
+async def _retain(request: web.Request, ctx: Context, path: str, value: str) -> web.Response:
+    """``PUT`` with ``Stream-Retain-From`` (the admin action, as every PUT): advance an existing
+    stream's retention horizon. It never creates, and takes no body or other settings."""
+    offset = parse_offset(value.strip())
+    with ctx.limits.admit_write() as admission:
+        if await read_body(request, ctx.config.max_body_bytes, admission):
+            raise BadRequest("retention_with_body", "Stream-Retain-From takes no body")
+        meta = await ctx.store.retain(path, offset, ctx.clock())
+    out = meta_headers(meta)
+    out["Cache-Control"] = NO_STORE
+    return web.Response(status=200, headers=out)
 
 
 def _fork_request(request: web.Request, max_path: int) -> ForkRequest | None:

@@ -170,6 +170,15 @@ class Store(Protocol):
         """
         ...
 
+    async def retain(self, path: str, offset: int, now: float) -> StreamMeta:
+        """Advance the stream's retention horizon to ``offset`` (never back) and delete the
+        rows before it that no descendant fork can still read; returns the stream after.
+
+        Raises NotFound, Gone, BadRequest (past the tail, not a JSON message boundary),
+        Conflict (before the current horizon), Unavailable.
+        """
+        ...
+
     async def reap(self, now: float) -> int:
         """Remove expired streams and unreferenced soft-deleted ones; returns how many expired.
 

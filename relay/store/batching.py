@@ -75,7 +75,14 @@ class ReapOp:
     now: float
 
 
-WriteOp = CreateOp | AppendOp | DeleteOp | ReapOp
+@dataclass(frozen=True, slots=True)
+class RetainOp:
+    path: str
+    offset: int
+    now: float
+
+
+WriteOp = CreateOp | AppendOp | DeleteOp | ReapOp | RetainOp
 """One queued write; stores dispatch on its type with ``match``."""
 
 

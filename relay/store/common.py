@@ -22,7 +22,7 @@ from protocol.model import StreamMeta
 META_COLUMNS = (
     "id, path, content_type, tail, closed, ttl, expires_at, last_access, created_at, "
     "stream_seq, closed_by_id, closed_by_epoch, closed_by_seq, source_id, forked_from, "
-    "fork_offset, soft_deleted, successor"
+    "fork_offset, soft_deleted, successor, retained_from"
 )
 """The stream row as every query returns it; :func:`row_meta` reads it back."""
 
@@ -52,6 +52,16 @@ def decode_acks(text: str | None) -> tuple[tuple[int, int], ...]:
     return tuple((int(seq), int(offset)) for seq, offset in pairs)
 
 
+def retention_limit_sql(table: str, param: str) -> str:
+    """The lowest horizon among a stream's descendant forks (NULL when it has none): rows of
+    the stream ending at or before ``min(its horizon, this)`` can be read by nobody."""
+    return (
+        f"WITH RECURSIVE d(id, h) AS (SELECT id, retained_from FROM {table} "
+        f"WHERE source_id = {param} UNION ALL SELECT s.id, s.retained_from FROM {table} s "
+        "JOIN d ON s.source_id = d.id) SELECT min(h) FROM d"
+    )
+
+
 def row_meta(row: Any) -> StreamMeta:
     """A stream row (columns in ``META_COLUMNS`` order) as the protocol sees it."""
     closed_by = ProducerHeaders(row[10], row[11], row[12]) if row[10] is not None else None
@@ -72,6 +82,7 @@ def row_meta(row: Any) -> StreamMeta:
         soft_deleted=bool(row[16]),
         source_id=row[13],
         successor=row[17],
+        retained_from=row[18],
     )
 
 

@@ -27,6 +27,7 @@ from protocol.create import CreatePlan, CreateRequest, plan_create
 from protocol.errors import NotFound, ProtocolError
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta, fork_segments
+from protocol.retention import plan_horizon
 from relay.store.base import (
     AppendResult,
     CreateResult,
@@ -40,6 +41,7 @@ from relay.store.batching import (
     CreateOp,
     DeleteOp,
     ReapOp,
+    RetainOp,
     Touches,
     WriteOp,
 )
@@ -52,12 +54,14 @@ from relay.store.common import (
     numbered_sql,
     purge_chain_sql,
     resolve_fork,
+    retention_limit_sql,
     row_meta,
     segment_ranges,
     stitch,
 )
 
 _PURGE_CHAIN = purge_chain_sql("streams", "?")
+_RETENTION_LIMIT = retention_limit_sql("streams", "?")
 CACHE_LIMIT = 100_000
 
 
@@ -229,6 +233,10 @@ class SqliteStore:
         result: int = await self._committer.submit(ReapOp(now))
         return result
 
+    async def retain(self, path: str, offset: int, now: float) -> StreamMeta:
+        result: StreamMeta = await self._committer.submit(RetainOp(path, offset, now))
+        return result
+
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
         meta = self._cache.get(path)
         if meta is None:
@@ -344,6 +352,8 @@ class SqliteStore:
                 return self._do_delete(conn, state, path, now)
             case ReapOp(now):
                 return self._do_reap(conn, state, now)
+            case RetainOp(path, offset, now):
+                return self._do_retain(conn, state, path, offset, now)
 
     def _flush_rows(self, conn: sqlite3.Connection, state: _Batch) -> None:
         rows = state.rows.drain()
@@ -393,8 +403,8 @@ class SqliteStore:
         tail = plan.fork_offset + len(plan.data)
         row = conn.execute(
             "INSERT INTO streams (path, content_type, tail, closed, ttl, expires_at, "
-            "last_access, created_at, source_id, forked_from, fork_offset) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {META_COLUMNS}",
+            "last_access, created_at, source_id, forked_from, fork_offset, retained_from) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {META_COLUMNS}",
             (
                 path,
                 plan.content_type,
@@ -407,6 +417,7 @@ class SqliteStore:
                 source_id,
                 forked_from,
                 plan.fork_offset,
+                plan.retained_from,
             ),
         ).fetchone()
         return self._with_segments(conn, row_meta(row))
@@ -469,6 +480,25 @@ class SqliteStore:
         self._flush_rows(conn, state)
         self._remove(conn, state, meta)
         return meta
+
+    def _do_retain(
+        self, conn: sqlite3.Connection, state: _Batch, path: str, offset: int, now: float
+    ) -> StreamMeta:
+        meta = self._visible(conn, path, now)
+        self._flush_rows(conn, state)
+        before = self._range(conn, meta, offset - 1, offset) if offset > 0 else b""
+        horizon = plan_horizon(meta, offset, before)
+        if horizon is None:
+            return meta
+        conn.execute("UPDATE streams SET retained_from = ? WHERE id = ?", (horizon, meta.stream_id))
+        floor = conn.execute(_RETENTION_LIMIT, (meta.stream_id,)).fetchone()[0]
+        limit = horizon if floor is None else min(horizon, floor)
+        conn.execute(
+            "DELETE FROM chunks WHERE stream_id = ? AND end_pos <= ?", (meta.stream_id, limit)
+        )
+        after = replace(meta, retained_from=horizon)
+        state.updated[path] = after
+        return after
 
     def _do_reap(self, conn: sqlite3.Connection, state: _Batch, now: float) -> int:
         self._flush_rows(conn, state)
@@ -542,7 +572,10 @@ class SqliteStore:
         return replace(meta, segments=fork_segments(chain))
 
     def _read_range(self, meta: StreamMeta, start: int, end: int) -> bytes:
-        conn = self._reader()
+        return self._range(self._reader(), meta, start, end)
+
+    @staticmethod
+    def _range(conn: sqlite3.Connection, meta: StreamMeta, start: int, end: int) -> bytes:
         out = bytearray()
         for stream_id, lo, hi in segment_ranges(meta, start, end):
             rows = conn.execute(

@@ -27,6 +27,7 @@ class Batch:
     rows: StagedRows = field(default_factory=StagedRows)
     moved: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id -> (tail, closed)
     removed: list[int] = field(default_factory=list)  # ids deleted, soft-deleted or expired
+    retained: list[int] = field(default_factory=list)  # ids whose retention horizon moved
     metas: dict[str, StreamMeta] = field(default_factory=dict)  # locked this transaction
     producers: dict[tuple[int, str], ProducerState | None] = field(default_factory=dict)
     producer_writes: dict[tuple[int, str], ProducerState] = field(default_factory=dict)
@@ -70,8 +71,10 @@ def parse_payload(body: str) -> Iterator[tuple[int, int, str]]:
 
 
 def notify_payload(origin: str, state: Batch) -> str:
-    """``origin|id:tail:flag,...``; flag 0 open, 1 closed, d removed; ``*``: re-check all."""
+    """``origin|id:tail:flag,...``; flag 0 open, 1 closed, d removed, r horizon moved; ``*``:
+    re-check all."""
     entries = [f"{sid}:{tail}:{int(closed)}" for sid, (tail, closed) in state.moved.items()]
     entries += [f"{sid}:0:d" for sid in state.removed]
+    entries += [f"{sid}:0:r" for sid in state.retained]
     text = f"{origin}|" + ",".join(entries)
     return text if len(text) <= NOTIFY_LIMIT else f"{origin}|*"

@@ -7,9 +7,16 @@ from dataclasses import replace
 import asyncpg
 
 from protocol.model import StreamMeta, fork_segments
-from relay.store.common import META_COLUMNS, purge_chain_sql, segment_ranges, stitch
+from relay.store.common import (
+    META_COLUMNS,
+    purge_chain_sql,
+    retention_limit_sql,
+    segment_ranges,
+    stitch,
+)
 
 PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
+RETENTION_LIMIT = retention_limit_sql("relay_streams", "$1")
 CHAIN = """
 WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
     SELECT id, fork_offset, source_id, 0 FROM relay_streams WHERE id = $1

@@ -29,6 +29,7 @@ from protocol.create import CreateRequest, plan_create
 from protocol.errors import NotFound, ProtocolError, Unavailable
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta
+from protocol.retention import plan_horizon
 from relay.store.base import (
     AppendResult,
     CreateResult,
@@ -42,6 +43,7 @@ from relay.store.batching import (
     CreateOp,
     DeleteOp,
     ReapOp,
+    RetainOp,
     Touches,
     WriteOp,
 )
@@ -62,6 +64,7 @@ from relay.store.postgres.statements import (
     LOCK,
     PRODUCERS,
     PURGE_CHAIN,
+    RETENTION_LIMIT,
     WRITE,
     read_range,
     with_segments,
@@ -272,6 +275,10 @@ class PostgresStore:
 
     async def reap(self, now: float) -> int:
         result: int = await self._committer.submit(ReapOp(now))
+        return result
+
+    async def retain(self, path: str, offset: int, now: float) -> StreamMeta:
+        result: StreamMeta = await self._committer.submit(RetainOp(path, offset, now))
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
@@ -589,7 +596,8 @@ class PostgresStore:
                     outcomes.append(await self._dispatch(conn, state, op))
                 except ProtocolError as exc:
                     outcomes.append(exc)
-            notify = notify_payload(self._origin, state) if state.moved or state.removed else None
+            changed = state.moved or state.removed or state.retained
+            notify = notify_payload(self._origin, state) if changed else None
             await self._write(conn, state, notify)
         return state, outcomes
 
@@ -603,6 +611,8 @@ class PostgresStore:
                 return await self._do_delete(conn, state, path, now)
             case ReapOp(now):
                 return await self._do_reap(conn, state, now)
+            case RetainOp(path, offset, now):
+                return await self._do_retain(conn, state, path, offset, now)
 
     async def _lock(
         self, conn: asyncpg.Connection, state: Batch, batch: list[WriteOp], touches: Touches
@@ -753,8 +763,8 @@ class PostgresStore:
             return CreateResult(outcome, created=False)
         row = await conn.fetchrow(
             "INSERT INTO relay_streams (path, content_type, tail, closed, ttl, expires_at, "
-            "last_access, created_at, last_append, source_id, forked_from, fork_offset) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8, $9, $10) "
+            "last_access, created_at, last_append, source_id, forked_from, fork_offset, "
+            "retained_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8, $9, $10, $11) "
             f"ON CONFLICT (path) DO NOTHING RETURNING {META_COLUMNS}",
             request.path,
             outcome.content_type,
@@ -766,6 +776,7 @@ class PostgresStore:
             source.stream_id if source else None,
             source.path if source else None,
             outcome.fork_offset,
+            outcome.retained_from,
         )
         if row is None:  # another relay created it concurrently: judge against theirs
             raced = await self._load(conn, request.path, lock=True)
@@ -793,6 +804,34 @@ class PostgresStore:
         await self._remove(conn, state, meta)
         state.metas.pop(path, None)
         return meta
+
+    async def _do_retain(
+        self, conn: asyncpg.Connection, state: Batch, path: str, offset: int, now: float
+    ) -> StreamMeta:
+        """Advance the horizon under the stream's lock; delete the rows nobody can read now
+        (before it and before every descendant fork's own horizon)."""
+        await self._write(conn, state)
+        meta = await self._load(conn, path, lock=True)
+        if meta is None:
+            raise NotFound()
+        check_visible(meta, now)
+        before = await read_range(conn, meta, offset - 1, offset) if offset > 0 else b""
+        horizon = plan_horizon(meta, offset, before)
+        if horizon is None:
+            return meta
+        await conn.execute(
+            "UPDATE relay_streams SET retained_from = $2 WHERE id = $1", meta.stream_id, horizon
+        )
+        floor = await conn.fetchval(RETENTION_LIMIT, meta.stream_id)
+        await conn.execute(
+            "DELETE FROM relay_chunks WHERE stream_id = $1 AND end_pos <= $2",
+            meta.stream_id,
+            horizon if floor is None else min(horizon, floor),
+        )
+        after = replace(meta, retained_from=horizon)
+        state.metas[path] = after
+        state.retained.append(meta.stream_id)
+        return after
 
     async def _do_reap(self, conn: asyncpg.Connection, state: Batch, now: float) -> int:
         await self._write(conn, state)
@@ -911,6 +950,8 @@ class PostgresStore:
                 self._known.removed(sid)
                 if events is not None:
                     events.deleted(sid)
+            elif flag == "r":  # the horizon moved: this relay's copy may never answer again
+                self._known.removed(sid)
             else:
                 self._known.moved(sid, tail, flag == "1")
                 if events is not None:

@@ -24,7 +24,9 @@ CREATE TABLE relay_streams (
     -- Written since its last compaction: the compactor looks at these streams only.
     compact_pending BOOLEAN NOT NULL DEFAULT false,
     -- The stream that supersedes this closed one (Stream-Successor), named by every read.
-    successor TEXT
+    successor TEXT,
+    -- The retention horizon: reads before it are 410 Gone (a fork inherits its source's).
+    retained_from BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX relay_streams_source ON relay_streams (source_id) WHERE source_id IS NOT NULL;
 CREATE INDEX relay_streams_expiry ON relay_streams (expires_at) WHERE expires_at IS NOT NULL;
