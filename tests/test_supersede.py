@@ -5,8 +5,10 @@ old stream naming it with ``Stream-Successor``. Every read of the old stream the
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
@@ -20,6 +22,31 @@ __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 TEXT = {"Content-Type": "text/plain"}
 OLD, NEW = "/v1/stream/chat/1/reply-a", "/v1/stream/chat/1/reply-b"
 LINK = f'<{NEW}>; rel="successor-version"'
+
+
+async def stored_bytes(backend: Backend, path: str) -> bytes:
+    """Every byte the database itself holds for ``path``'s own rows, queried directly."""
+    if backend.url is None:
+        conn = sqlite3.connect(backend.data_dir / "relay.sqlite3")
+        try:
+            rows = conn.execute(
+                "SELECT c.data FROM chunks c JOIN streams s ON s.id = c.stream_id "
+                "WHERE s.path = ? ORDER BY c.start_pos",
+                (path,),
+            ).fetchall()
+        finally:
+            conn.close()
+    else:
+        pg = await asyncpg.connect(backend.url)
+        try:
+            rows = await pg.fetch(
+                "SELECT c.data FROM relay_chunks c JOIN relay_streams s ON s.id = c.stream_id "
+                "WHERE s.path = $1 ORDER BY c.start_pos",
+                path,
+            )
+        finally:
+            await pg.close()
+    return b"".join(bytes(row[0]) for row in rows)
 
 
 @pytest.fixture
@@ -112,3 +139,29 @@ async def test_a_bad_successor_is_a_clear_400_and_changes_nothing(
     assert status == 400 and code in body
     head = await client.head(OLD)
     assert "Stream-Closed" not in head.headers and "Link" not in head.headers
+
+
+async def test_revoking_a_superseded_reply_erases_what_no_fork_inherits(
+    client: TestClient, backend: Backend
+) -> None:
+    """Moderation or PII: supersede, then delete the old stream. Its successor (a fork)
+    inherits the good prefix, so the old stream is soft-deleted (410 for everyone) and every
+    byte past what any fork inherits is erased from the database, not just hidden."""
+    assert (await client.put(OLD, headers=TEXT)).status == 201
+    await _post(client, OLD, b"Your card is ")
+    good = (await client.head(OLD)).headers["Stream-Next-Offset"]
+    await _post(client, OLD, b"4111-1111-SECRET")  # same commit batch or not: one row or two
+    await _post(client, OLD, b" and more SECRET")
+    fork = {**TEXT, "Stream-Forked-From": OLD, "Stream-Fork-Offset": good}
+    assert (await client.put(NEW, headers=fork)).status == 201
+    await _post(client, NEW, b"[redacted]")
+    await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    assert b"SECRET" in await stored_bytes(backend, OLD)
+
+    assert (await client.delete(OLD)).status == 204
+    assert (await client.get(OLD, params={"offset": "-1"})).status == 410
+    assert await stored_bytes(backend, OLD) == b"Your card is "  # only the inherited prefix
+    new = await client.get(NEW, params={"offset": "-1"})
+    assert await new.text() == "Your card is [redacted]"
+    assert (await client.delete(NEW)).status == 204  # the last fork: everything goes
+    assert await stored_bytes(backend, OLD) == b""

@@ -521,10 +521,23 @@ class SqliteStore:
     # -- helpers -----------------------------------------------------------------------------
 
     def _remove(self, conn: sqlite3.Connection, state: _Batch, meta: StreamMeta) -> None:
-        """Soft-delete while forks reference the stream; otherwise purge and cascade."""
+        """Soft-delete while forks reference the stream, erasing every byte no fork inherits;
+        otherwise purge and cascade."""
         state.removed.append(meta.stream_id)
-        if conn.execute("SELECT 1 FROM streams WHERE source_id = ?", (meta.stream_id,)).fetchone():
+        inherited = conn.execute(
+            "SELECT max(fork_offset) FROM streams WHERE source_id = ?", (meta.stream_id,)
+        ).fetchone()[0]
+        if inherited is not None:
             conn.execute("UPDATE streams SET soft_deleted = 1 WHERE id = ?", (meta.stream_id,))
+            conn.execute(
+                "DELETE FROM chunks WHERE stream_id = ? AND start_pos >= ?",
+                (meta.stream_id, inherited),
+            )
+            conn.execute(
+                "UPDATE chunks SET data = substr(data, 1, ? - start_pos), end_pos = ? "
+                "WHERE stream_id = ? AND start_pos < ? AND end_pos > ?",
+                (inherited, inherited, meta.stream_id, inherited, inherited),
+            )
             state.updated[meta.path] = replace(meta, soft_deleted=True)
             return
         self._purge(conn, state, meta.stream_id)

@@ -17,6 +17,13 @@ from relay.store.common import (
 
 PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
 RETENTION_LIMIT = retention_limit_sql("relay_streams", "$1")
+ERASE_BEYOND = (
+    "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2",
+    "UPDATE relay_chunks SET data = substring(data FROM 1 FOR ($2 - start_pos)::int), "
+    "end_pos = $2 WHERE stream_id = $1 AND start_pos < $2 AND end_pos > $2",
+)
+"""Erase a soft-deleted stream's bytes from offset $2 on (none of its forks reads them): rows
+beyond go, the row across is cut there."""
 CHAIN = """
 WITH RECURSIVE chain(id, fork_offset, source_id, depth) AS (
     SELECT id, fork_offset, source_id, 0 FROM relay_streams WHERE id = $1

@@ -60,6 +60,7 @@ from relay.store.postgres.known import Known, Owned, OwnedStreams
 from relay.store.postgres.plan import Batch, notify_payload, parse_payload, stage_append
 from relay.store.postgres.schema import apply_migrations, migrations
 from relay.store.postgres.statements import (
+    ERASE_BEYOND,
     GUARDED_WRITE,
     LOCK,
     PRODUCERS,
@@ -856,15 +857,19 @@ class PostgresStore:
         return len(rows)
 
     async def _remove(self, conn: asyncpg.Connection, state: Batch, meta: StreamMeta) -> None:
-        """Soft-delete while forks reference the stream; otherwise purge and cascade."""
+        """Soft-delete while forks reference the stream, erasing every byte no fork inherits;
+        otherwise purge and cascade."""
         state.removed.append(meta.stream_id)
         state.moved.pop(meta.stream_id, None)
-        if await conn.fetchval(
-            "SELECT 1 FROM relay_streams WHERE source_id = $1 LIMIT 1", meta.stream_id
-        ):
+        inherited = await conn.fetchval(
+            "SELECT max(fork_offset) FROM relay_streams WHERE source_id = $1", meta.stream_id
+        )
+        if inherited is not None:
             await conn.execute(
                 "UPDATE relay_streams SET soft_deleted = true WHERE id = $1", meta.stream_id
             )
+            for statement in ERASE_BEYOND:
+                await conn.execute(statement, meta.stream_id, inherited)
             return
         await self._purge(conn, meta.stream_id)
 
