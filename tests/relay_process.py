@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -105,3 +108,18 @@ async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:
             offset = r.headers["Stream-Next-Offset"]
             if r.headers.get("Stream-Up-To-Date") == "true":
                 return bytes(out)
+
+
+@contextlib.contextmanager
+def on_store(request: Any, tmp_path: Path, *extra: str) -> Iterator[RelayProcess]:
+    """A started relay on the store ``request.param`` names (``sqlite`` or ``postgres``, on a
+    database from the ``pg_url`` fixture), stopped afterwards; for parametrized fixtures."""
+    args = tuple(extra)
+    if request.param == "postgres":
+        args += ("--database-url", request.getfixturevalue("pg_url"))
+    process = RelayProcess(tmp_path / "data", *args)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

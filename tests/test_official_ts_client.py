@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.auth_helpers import ALL, AUDIENCE, jwks, token, write_json
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, on_store
 
 OFFICIAL = Path(__file__).resolve().parent.parent / "conformance" / "official"
 
@@ -24,15 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProcess]:
-    extra: tuple[str, ...] = ("--long-poll-timeout", "2")
-    if request.param == "postgres":
-        extra += ("--database-url", request.getfixturevalue("pg_url"))
-    process = RelayProcess(tmp_path / "data", *extra)
-    process.start()
-    try:
+    with on_store(request, tmp_path, "--long-poll-timeout", "2") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_typescript_producer_and_live_reader(relay: RelayProcess) -> None:

@@ -65,7 +65,7 @@ def test_the_subscriptions_walkthrough_runs_on_postgres_with_two_workers(
 
 
 def test_the_supersede_recipe_runs_as_pasted(tmp_path: Path) -> None:
-    out = _run_section(RelayProcess(tmp_path / "data"), "Correcting a stream: supersede it")
+    out = _run_section(RelayProcess(tmp_path / "data"), "Correcting a stream")
     assert 'rel="successor-version"' in out and "/v1/stream/answer-2>" in out
     assert out.rstrip().endswith("The capital is Paris.")
 
