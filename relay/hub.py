@@ -30,6 +30,8 @@ RECENT_BYTES = 1024 * 1024
 """Most recent bytes held per stream; a longer append is never held."""
 HELD_BYTES = 64 * 1024 * 1024
 """Default cap on recent bytes held across all streams."""
+MAX_HELD_STREAMS = 100_000
+"""Streams whose recent bytes are held at once: tiny appends to many streams are bounded too."""
 LINGER_SECONDS = 10.0
 MAX_LINGERING = 10_000
 
@@ -261,6 +263,8 @@ class Hub:
             return
         held = self._held.get(stream_id)
         if held is None:
+            if len(self._held) >= MAX_HELD_STREAMS:
+                self._forget(next(iter(self._held)))
             held = self._held[stream_id] = _Held()
         else:
             self._held.move_to_end(stream_id)

@@ -319,3 +319,22 @@ async def test_subscription_routes_use_the_same_grants(
     assert r.status == 200 and r.content_type == "application/jwk-set+json"
     assert (await client.delete(sub, headers=bearer(token([reader], aud=AUDIENCE)))).status == 403
     assert (await client.delete(sub, headers=allowed)).status == 204
+
+
+async def test_naming_a_successor_needs_read_on_it(
+    backend: Backend, aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """A successor's existence is checked, so a writer may only name streams it can read."""
+    client, _ = await auth_client(aiohttp_client, backend, tmp_path)
+    await seed(client, "chat/old")
+    await seed(client, "chat/new")
+    await seed(client, "private/other")
+    writer = bearer(token([{"path": "chat/**", "actions": ["read", "append"]}]))
+    closing = {**TEXT, **writer, "Stream-Closed": "true"}
+    elsewhere = await client.post(
+        url("chat/old"), headers={**closing, "Stream-Successor": "private/other"}
+    )
+    assert elsewhere.status == 403
+    assert "Stream-Closed" not in (await client.head(url("chat/old"), headers=writer)).headers
+    named = await client.post(url("chat/old"), headers={**closing, "Stream-Successor": "chat/new"})
+    assert named.status == 204

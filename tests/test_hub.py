@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
+import pytest
+
 from relay.hub import Hub
 
 READERS = 5000
@@ -203,3 +205,13 @@ async def test_lingering_watches_expire() -> None:
         pass  # any release sweeps what lingered too long
     with hub.subscribe(1) as again:
         assert again.known_tail() is None
+
+
+async def test_the_number_of_streams_held_is_capped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny appends to very many streams must not grow the hub without bound."""
+    monkeypatch.setattr("relay.hub.MAX_HELD_STREAMS", 3)
+    hub = Hub()
+    for stream_id in range(5):
+        hub.publish(stream_id, 0, b"x", 1, False)
+    assert [hub.held(n, 0, 1) is not None for n in range(5)] == [False, False, True, True, True]
+    assert hub.held_bytes == 3

@@ -13,8 +13,10 @@ from protocol.errors import BadRequest, ProtocolError
 from protocol.lifecycle import Expiry, format_rfc3339
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_offset
+from relay.auth.authorizer import ACCESS
+from relay.auth.grants import READ
 from relay.http.context import Context, context, read_body
-from relay.http.paths import source_path, stream_path
+from relay.http.paths import PREFIX, source_path, stream_path
 
 
 def meta_headers(meta: StreamMeta) -> dict[str, str]:
@@ -104,7 +106,7 @@ async def append(request: web.Request) -> web.Response:
     producer = h.parse_producer(
         hdrs.get(h.PRODUCER_ID), hdrs.get(h.PRODUCER_EPOCH), hdrs.get(h.PRODUCER_SEQ)
     )
-    successor = await _successor(ctx, path, hdrs.get(h.STREAM_SUCCESSOR))
+    successor = await _successor(request, ctx, path, hdrs.get(h.STREAM_SUCCESSOR))
     with ctx.limits.admit_write() as admission:
         body = await read_body(request, ctx.config.max_body_bytes, admission)
         content_type = h.parse_content_type(hdrs.get("Content-Type"))
@@ -141,7 +143,9 @@ async def append(request: web.Request) -> web.Response:
     return web.Response(status=status, headers=out)
 
 
-async def _successor(ctx: Context, path: str, header: str | None) -> str | None:
+async def _successor(
+    request: web.Request, ctx: Context, path: str, header: str | None
+) -> str | None:
     """A ``Stream-Successor`` value: a stream path (as ``Stream-Forked-From`` takes one) of a
     stream that exists now and is not this one. It is checked here, before the close; a
     successor deleted later leaves readers a Link to a 404, as any deleted stream would."""
@@ -150,6 +154,10 @@ async def _successor(ctx: Context, path: str, header: str | None) -> str | None:
     successor = source_path(header, ctx.config.max_path_length)
     if successor == path:
         raise BadRequest("invalid_successor", "a stream cannot succeed itself")
+    access = request.get(ACCESS) if ctx.auth is not None else None
+    if access is not None:  # naming a stream reveals whether it exists: the writer must see it
+        assert ctx.auth is not None
+        ctx.auth.permit(access.principal, READ, successor[len(PREFIX) :])
     try:
         await ctx.store.head(successor, ctx.clock(), touch=False)
     except ProtocolError:
