@@ -22,6 +22,8 @@ STREAM_SSE_DATA_ENCODING = "Stream-SSE-Data-Encoding"
 STREAM_SUCCESSOR = "Stream-Successor"  # Relay's extension: the stream that supersedes this one
 STREAM_RETAIN_FROM = "Stream-Retain-From"  # Relay's extension (admin): advance the horizon
 STREAM_RETAINED_FROM = "Stream-Retained-From"  # where a stream's retained data starts
+STREAM_REVOKE_FROM = "Stream-Revoke-From"  # Relay's extension, on DELETE: these bytes must go
+STREAM_REVOKE_FORKS = "Stream-Revoke-Forks"  # ...and so must the forks that inherit them
 LINK = "Link"
 SUCCESSOR_REL = "successor-version"  # RFC 5829's relation, on every read of a superseded stream
 PRODUCER_ID = "Producer-Id"
@@ -42,6 +44,8 @@ REQUEST_HEADERS = (
     STREAM_FORK_SUB_OFFSET,
     STREAM_SUCCESSOR,
     STREAM_RETAIN_FROM,
+    STREAM_REVOKE_FROM,
+    STREAM_REVOKE_FORKS,
     PRODUCER_ID,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,

@@ -338,3 +338,19 @@ async def test_naming_a_successor_needs_read_on_it(
     assert "Stream-Closed" not in (await client.head(url("chat/old"), headers=writer)).headers
     named = await client.post(url("chat/old"), headers={**closing, "Stream-Successor": "chat/new"})
     assert named.status == 204
+
+
+async def test_revoking_with_forks_needs_admin_on_every_fork(
+    backend: Backend, aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    client, _ = await auth_client(aiohttp_client, backend, tmp_path)
+    await seed(client, "chat/src")
+    fork = {**TEXT, **bearer(ADMIN_KEY), "Stream-Forked-From": "chat/src"}
+    assert (await client.put(url("elsewhere/copy"), headers=fork)).status == 201
+    moderator = bearer(token([{"path": "chat/**", "actions": ALL}]))
+    revoke = {"Stream-Revoke-From": "0000000000000000_0000000000000000"}
+    refused = await client.delete(
+        url("chat/src"), headers={**moderator, **revoke, "Stream-Revoke-Forks": "true"}
+    )
+    assert refused.status == 403
+    assert (await client.head(url("elsewhere/copy"), headers=bearer(ADMIN_KEY))).status == 200

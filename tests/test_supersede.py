@@ -165,3 +165,33 @@ async def test_revoking_a_superseded_reply_erases_what_no_fork_inherits(
     assert await new.text() == "Your card is [redacted]"
     assert (await client.delete(NEW)).status == 204  # the last fork: everything goes
     assert await stored_bytes(backend, OLD) == b""
+
+
+async def test_revoking_bytes_a_fork_inherits_is_refused_unless_that_fork_goes_too(
+    client: TestClient, backend: Backend
+) -> None:
+    assert (await client.put(OLD, headers=TEXT)).status == 201
+    await _post(client, OLD, b"good ")
+    good = (await client.head(OLD)).headers["Stream-Next-Offset"]
+    await _post(client, OLD, b"PII")
+    fork = {**TEXT, "Stream-Forked-From": OLD}
+    assert (await client.put(NEW, headers={**fork, "Stream-Fork-Offset": good})).status == 201
+    leak = "/v1/stream/chat/1/copy"  # forked at the tail: it inherits the PII
+    assert (await client.put(leak, headers=fork)).status == 201
+    deeper = {**TEXT, "Stream-Forked-From": leak}
+    assert (await client.put("/v1/stream/chat/1/copy-2", headers=deeper)).status == 201
+
+    revoke = {"Stream-Revoke-From": good}
+    refused = await client.delete(OLD, headers=revoke)
+    assert refused.status == 409
+    body = await refused.text()
+    assert "inherited_by_fork" in body and "copy" in body and "reply-b" not in body
+    assert (await client.get(OLD, params={"offset": "-1"})).status == 200  # nothing changed
+
+    gone = await client.delete(OLD, headers={**revoke, "Stream-Revoke-Forks": "true"})
+    assert gone.status == 204
+    for path in (leak, "/v1/stream/chat/1/copy-2"):
+        assert (await client.head(path)).status == 404
+    assert (await client.get(OLD, params={"offset": "-1"})).status == 410
+    assert await stored_bytes(backend, OLD) == b"good "
+    assert await (await client.get(NEW, params={"offset": "-1"})).text() == "good "

@@ -14,9 +14,10 @@ from protocol.lifecycle import Expiry, format_rfc3339
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_offset
 from relay.auth.authorizer import ACCESS
-from relay.auth.grants import READ
+from relay.auth.grants import ADMIN, READ
 from relay.http.context import Context, context, read_body
 from relay.http.paths import PREFIX, source_path, stream_path
+from relay.store.base import Revocation
 
 
 def meta_headers(meta: StreamMeta) -> dict[str, str]:
@@ -175,9 +176,20 @@ async def append_json(ctx: Context, path: str, message: bytes) -> None:
 async def delete(request: web.Request) -> web.Response:
     ctx = context(request)
     path = stream_path(request.raw_path, ctx.config.max_path_length)
+    hdrs = request.headers
+    header = hdrs.get(h.STREAM_REVOKE_FROM)
+    revoke = Revocation(parse_offset(header.strip())) if header is not None else None
+    if revoke is not None and h.is_true(hdrs.get(h.STREAM_REVOKE_FORKS)):
+        forks = frozenset(await ctx.store.inheriting(path, revoke.offset))
+        revoke = Revocation(revoke.offset, forks)
+        access = request.get(ACCESS) if ctx.auth is not None else None
+        if access is not None:
+            assert ctx.auth is not None
+            for fork in forks:  # deleting a fork is that fork's admin action
+                ctx.auth.permit(access.principal, ADMIN, fork[len(PREFIX) :])
     with ctx.limits.admit_write():
         # The store tells the hub about the removal itself, after the commit.
-        await ctx.store.delete(path, ctx.clock())
+        await ctx.store.delete(path, ctx.clock(), revoke)
     ctx.metrics.streams_deleted.inc()
     return web.Response(status=204)
 

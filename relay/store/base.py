@@ -45,6 +45,15 @@ class StoreEvents(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """A DELETE's ``Stream-Revoke-From``: bytes from ``offset`` on must be erased; ``forks``
+    are the inheriting streams the caller may delete with it (already authorized)."""
+
+    offset: int
+    forks: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class CreateResult:
     meta: StreamMeta
     created: bool  # False: an idempotent repeat of an existing, matching stream
@@ -163,11 +172,19 @@ class Store(Protocol):
         """
         ...
 
-    async def delete(self, path: str, now: float) -> StreamMeta:
-        """Delete a stream (soft-delete while forks reference it); returns what was deleted.
+    async def delete(self, path: str, now: float, revoke: Revocation | None = None) -> StreamMeta:
+        """Delete a stream (soft-delete while forks reference it, erasing every byte no fork
+        inherits); returns what was deleted. With ``revoke``, its bytes from ``revoke.offset``
+        on must go: the forks that inherit any of them (and their descendants) are deleted too
+        when all are in ``revoke.forks``, else nothing is and Conflict says which.
 
-        Raises NotFound, Gone (already soft-deleted), Unavailable.
+        Raises NotFound, Gone (already soft-deleted), Conflict, Unavailable.
         """
+        ...
+
+    async def inheriting(self, path: str, offset: int) -> list[str]:
+        """Paths of every stream that can read ``path``'s bytes at or past ``offset`` (forks
+        made past it and their descendants): what revoking those bytes would delete."""
         ...
 
     async def retain(self, path: str, offset: int, now: float) -> StreamMeta:

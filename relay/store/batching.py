@@ -39,6 +39,7 @@ from relay.store.base import (
     COMMIT_SECONDS_BOUNDS,
     AppendResult,
     Distribution,
+    Revocation,
     StoreEvents,
     StoreStats,
 )
@@ -68,6 +69,7 @@ class AppendOp:
 class DeleteOp:
     path: str
     now: float
+    revoke: Revocation | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from protocol.append import AppendPlan
 from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
-from protocol.errors import BadRequest, ProtocolError
+from protocol.errors import BadRequest, Conflict, ProtocolError
 from protocol.headers import ProducerHeaders, is_json
 from protocol.jsonmode import SEPARATOR
 from protocol.model import StreamMeta
@@ -60,6 +60,26 @@ def retention_limit_sql(table: str, param: str) -> str:
         f"WHERE source_id = {param} UNION ALL SELECT s.id, s.retained_from FROM {table} s "
         "JOIN d ON s.source_id = d.id) SELECT min(h) FROM d"
     )
+
+
+def inheriting_sql(table: str, stream: str, offset: str) -> str:
+    """Every stream that can read ``stream``'s bytes at or past ``offset``: its forks made past
+    that offset and all their descendants, as (id, path)."""
+    return (
+        f"WITH RECURSIVE d(id, path) AS (SELECT id, path FROM {table} "
+        f"WHERE source_id = {stream} AND fork_offset > {offset} "
+        f"UNION ALL SELECT s.id, s.path FROM {table} s JOIN d ON s.source_id = d.id) "
+        "SELECT id, path FROM d"
+    )
+
+
+def refuse_inherited(inheriting: list[tuple[int, str]], allowed: frozenset[str]) -> list[int]:
+    """The ids to delete with a revocation; Conflict if any inheriting stream is not allowed."""
+    refused = sorted(path for _, path in inheriting if path not in allowed)
+    if refused:
+        names = ", ".join(refused[:5]) + (" ..." if len(refused) > 5 else "")
+        raise Conflict("inherited_by_fork", f"forks inherit these bytes: {names}")
+    return [stream_id for stream_id, _ in inheriting]
 
 
 def row_meta(row: Any) -> StreamMeta:

@@ -31,6 +31,7 @@ from protocol.retention import plan_horizon
 from relay.store.base import (
     AppendResult,
     CreateResult,
+    Revocation,
     StoreEvents,
     StoreStartupError,
     StoreStats,
@@ -51,8 +52,10 @@ from relay.store.common import (
     after_append,
     decode_acks,
     encode_acks,
+    inheriting_sql,
     numbered_sql,
     purge_chain_sql,
+    refuse_inherited,
     resolve_fork,
     retention_limit_sql,
     row_meta,
@@ -62,6 +65,7 @@ from relay.store.common import (
 
 _PURGE_CHAIN = purge_chain_sql("streams", "?")
 _RETENTION_LIMIT = retention_limit_sql("streams", "?")
+_INHERITING = inheriting_sql("streams", "?", "?")
 CACHE_LIMIT = 100_000
 
 
@@ -225,9 +229,19 @@ class SqliteStore:
         )
         return result
 
-    async def delete(self, path: str, now: float) -> StreamMeta:
-        result: StreamMeta = await self._committer.submit(DeleteOp(path, now))
+    async def delete(self, path: str, now: float, revoke: Revocation | None = None) -> StreamMeta:
+        result: StreamMeta = await self._committer.submit(DeleteOp(path, now, revoke))
         return result
+
+    async def inheriting(self, path: str, offset: int) -> list[str]:
+        def query() -> list[str]:
+            conn = self._reader()
+            row = conn.execute("SELECT id FROM streams WHERE path = ?", (path,)).fetchone()
+            if row is None:
+                return []
+            return [r[1] for r in conn.execute(_INHERITING, (row[0], offset)).fetchall()]
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, query)
 
     async def reap(self, now: float) -> int:
         result: int = await self._committer.submit(ReapOp(now))
@@ -348,8 +362,8 @@ class SqliteStore:
                 return self._do_append(conn, state, path, request, now)
             case CreateOp(request, now):
                 return self._do_create(conn, state, request, now)
-            case DeleteOp(path, now):
-                return self._do_delete(conn, state, path, now)
+            case DeleteOp(path, now, revoke):
+                return self._do_delete(conn, state, path, now, revoke)
             case ReapOp(now):
                 return self._do_reap(conn, state, now)
             case RetainOp(path, offset, now):
@@ -474,10 +488,26 @@ class SqliteStore:
         return AppendResult(after, plan, meta.tail)
 
     def _do_delete(
-        self, conn: sqlite3.Connection, state: _Batch, path: str, now: float
+        self,
+        conn: sqlite3.Connection,
+        state: _Batch,
+        path: str,
+        now: float,
+        revoke: Revocation | None = None,
     ) -> StreamMeta:
         meta = self._visible(conn, path, now)
         self._flush_rows(conn, state)
+        if revoke is not None:
+            found = conn.execute(_INHERITING, (meta.stream_id, revoke.offset)).fetchall()
+            doomed = refuse_inherited([(r[0], r[1]) for r in found], revoke.forks)
+            if doomed:
+                for stream_id, fork_path in found:
+                    state.updated[fork_path] = None
+                    state.removed.append(stream_id)
+                marks = ",".join("?" * len(doomed))
+                for table, column in (("chunks", "stream_id"), ("producers", "stream_id")):
+                    conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", doomed)
+                conn.execute(f"DELETE FROM streams WHERE id IN ({marks})", doomed)
         self._remove(conn, state, meta)
         return meta
 

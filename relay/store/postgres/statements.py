@@ -9,6 +9,7 @@ import asyncpg
 from protocol.model import StreamMeta, fork_segments
 from relay.store.common import (
     META_COLUMNS,
+    inheriting_sql,
     purge_chain_sql,
     retention_limit_sql,
     segment_ranges,
@@ -17,6 +18,7 @@ from relay.store.common import (
 
 PURGE_CHAIN = purge_chain_sql("relay_streams", "$1")
 RETENTION_LIMIT = retention_limit_sql("relay_streams", "$1")
+INHERITING = inheriting_sql("relay_streams", "$1", "$2")
 ERASE_BEYOND = (
     "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2",
     "UPDATE relay_chunks SET data = substring(data FROM 1 FOR ($2 - start_pos)::int), "

@@ -33,6 +33,7 @@ from protocol.retention import plan_horizon
 from relay.store.base import (
     AppendResult,
     CreateResult,
+    Revocation,
     StoreEvents,
     StoreStartupError,
     StoreStats,
@@ -47,7 +48,14 @@ from relay.store.batching import (
     Touches,
     WriteOp,
 )
-from relay.store.common import META_COLUMNS, decode_acks, encode_acks, resolve_fork, row_meta
+from relay.store.common import (
+    META_COLUMNS,
+    decode_acks,
+    encode_acks,
+    refuse_inherited,
+    resolve_fork,
+    row_meta,
+)
 from relay.store.postgres.compaction import COMPACT_PASS_BYTES, CompactionPass, compact_pass
 from relay.store.postgres.connections import (
     DISCONNECTS,
@@ -62,6 +70,7 @@ from relay.store.postgres.schema import apply_migrations, migrations
 from relay.store.postgres.statements import (
     ERASE_BEYOND,
     GUARDED_WRITE,
+    INHERITING,
     LOCK,
     PRODUCERS,
     PURGE_CHAIN,
@@ -270,9 +279,16 @@ class PostgresStore:
         )
         return result
 
-    async def delete(self, path: str, now: float) -> StreamMeta:
-        result: StreamMeta = await self._committer.submit(DeleteOp(path, now))
+    async def delete(self, path: str, now: float, revoke: Revocation | None = None) -> StreamMeta:
+        result: StreamMeta = await self._committer.submit(DeleteOp(path, now, revoke))
         return result
+
+    async def inheriting(self, path: str, offset: int) -> list[str]:
+        async with self._conn() as conn:
+            stream_id = await conn.fetchval("SELECT id FROM relay_streams WHERE path = $1", path)
+            if stream_id is None:
+                return []
+            return [row[1] for row in await conn.fetch(INHERITING, stream_id, offset)]
 
     async def reap(self, now: float) -> int:
         result: int = await self._committer.submit(ReapOp(now))
@@ -608,8 +624,8 @@ class PostgresStore:
                 return await self._do_append(conn, state, path, request, now)
             case CreateOp(request, now):
                 return await self._do_create(conn, state, request, now)
-            case DeleteOp(path, now):
-                return await self._do_delete(conn, state, path, now)
+            case DeleteOp(path, now, revoke):
+                return await self._do_delete(conn, state, path, now, revoke)
             case ReapOp(now):
                 return await self._do_reap(conn, state, now)
             case RetainOp(path, offset, now):
@@ -795,13 +811,33 @@ class PostgresStore:
         return CreateResult(meta, created=True)
 
     async def _do_delete(
-        self, conn: asyncpg.Connection, state: Batch, path: str, now: float
+        self,
+        conn: asyncpg.Connection,
+        state: Batch,
+        path: str,
+        now: float,
+        revoke: Revocation | None = None,
     ) -> StreamMeta:
         await self._write(conn, state)
         meta = await self._load(conn, path, lock=True)
         if meta is None:
             raise NotFound()
         check_visible(meta, now)
+        if revoke is not None:
+            found = await conn.fetch(INHERITING, meta.stream_id, revoke.offset)
+            doomed = refuse_inherited([(r[0], r[1]) for r in found], revoke.forks)
+            if doomed:
+                state.removed.extend(doomed)
+                for fork_path in (r[1] for r in found):
+                    state.metas.pop(fork_path, None)
+                for table, column in (
+                    ("relay_chunks", "stream_id"),
+                    ("relay_producers", "stream_id"),
+                    ("relay_streams", "id"),
+                ):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE {column} = ANY($1::bigint[])", doomed
+                    )
         await self._remove(conn, state, meta)
         state.metas.pop(path, None)
         return meta
