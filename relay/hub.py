@@ -59,8 +59,11 @@ class _Watch:
     deleted: bool = False
     readers: int = 0
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
+    shared: dict[object, object] = field(default_factory=dict)
+    """What readers woken by one commit share (one rendered answer); emptied at the next."""
 
     def signal(self) -> None:
+        self.shared.clear()
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -93,6 +96,12 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._watch.closed
+
+    @property
+    def shared(self) -> dict[object, object]:
+        """Scratch space every reader of this stream shares until the next commit wakes them:
+        readers woken together at the same position render their answer once."""
+        return self._watch.shared
 
     def known_tail(self) -> int | None:
         return self._watch.tail

@@ -81,6 +81,34 @@ async def test_long_poll_woken_by_many_messages_gets_whole_messages(serve: Serve
     assert first + rest == MESSAGES
 
 
+async def test_long_polls_woken_by_one_commit_share_one_rendered_answer(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One render per wake: a thousand readers of one chat cost their writes, not a render
+    each. Each still gets its own complete answer (and its own cursor)."""
+    from relay.http import reads
+
+    renders = 0
+    render = reads._render
+
+    def counted(meta: StreamMeta, data: bytes) -> bytes:
+        nonlocal renders
+        renders += 1
+        return render(meta, data)
+
+    monkeypatch.setattr(reads, "_render", counted)
+    client = await serve()
+    tail = (await client.put(STREAM, headers=JSON)).headers["Stream-Next-Offset"]
+    params = {"offset": tail, "live": "long-poll"}
+    polls = [asyncio.create_task(client.get(STREAM, params=params)) for _ in range(20)]
+    await until(lambda: ctx_of(client).hub.parked_readers == 20)
+    assert (await client.post(STREAM, data=b'[{"n":1}]', headers=JSON)).status == 204
+    answers = await asyncio.gather(*polls)
+    assert [await answer.json() for answer in answers] == [[{"n": 1}]] * 20
+    assert {answer.headers["ETag"] for answer in answers} == {answers[0].headers["ETag"]}
+    assert renders == 1
+
+
 def sse_events(body: bytes) -> list[tuple[str, str]]:
     events = []
     for block in body.decode().split("\n\n"):

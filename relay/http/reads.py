@@ -36,6 +36,7 @@ class Chunk:
     end: int
     up_to_date: bool
     closed: bool  # the chunk ends at the final offset of a closed stream
+    rendered: bytes | None = None  # the response body, when already rendered for others
 
 
 async def get(request: web.Request) -> web.StreamResponse:
@@ -178,7 +179,8 @@ def _chunk_response(
     )
     if caching.matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=out)
-    return web.Response(status=200, headers=out, body=_render(meta, chunk.data))
+    body = chunk.rendered if chunk.rendered is not None else _render(meta, chunk.data)
+    return web.Response(status=200, headers=out, body=body)
 
 
 def _cache_control(ctx: Context, meta: StreamMeta, *, open_tail: bool, now: bool) -> str:
@@ -301,15 +303,25 @@ async def _wait_checking(
 
 
 async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int) -> Chunk:
-    """The data past ``position`` that woke a reader: from the hub's memory, else the store."""
+    """The data past ``position`` that woke a reader: from the hub's memory, else the store.
+
+    Readers woken by one commit at the same position share one chunk, rendered once (the
+    fan-out case: a thousand long-polls of one chat take the same bytes)."""
     tail = sub.known_tail()
     assert tail is not None
     closed = sub.closed
+    key = (position, tail, closed)
+    shared = sub.shared.get(key)
+    if isinstance(shared, Chunk):
+        return shared
     latest = replace(meta, tail=tail, closed=closed)
     data = sub.take(position, ctx.config.max_chunk_bytes, json_mode=h.is_json(meta.content_type))
-    if data is None:
-        return await _read_chunk(ctx, latest, position)
-    return _chunk(latest, position, data)
+    chunk = (
+        await _read_chunk(ctx, latest, position) if data is None else _chunk(latest, position, data)
+    )
+    chunk = replace(chunk, rendered=_render(meta, chunk.data))
+    sub.shared[key] = chunk
+    return chunk
 
 
 async def _sse(
