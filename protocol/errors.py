@@ -42,6 +42,18 @@ class Conflict(ProtocolError):
     """The request conflicts with the stream's state or configuration (409)."""
 
 
+class StreamDiverged(Conflict):
+    """The database holds less of this stream than this relay acknowledged (a failover to a
+    standby that was behind): writing now would hand out different bytes at offsets already
+    served, so writes are refused until an operator decides (409)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "stream_diverged",
+            "the database lost acknowledged appends of this stream (failover?); writes refused",
+        )
+
+
 class StreamClosed(Conflict):
     """An append to a closed stream (409 with Stream-Closed and the final offset)."""
 

@@ -99,6 +99,11 @@ class _StoreCollector(Collector):
                 stats.guarded_writes,
             ),
             (
+                "relay_store_diverged_streams",
+                "Streams the database held less of than this relay acknowledged (writes refused)",
+                stats.diverged_streams,
+            ),
+            (
                 "relay_store_guard_misses",
                 "One-round-trip writes refused because a stream changed (re-run with locks)",
                 stats.guard_misses,

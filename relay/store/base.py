@@ -119,6 +119,7 @@ class StoreStats:
     statements: int | None = None  # sent by the committer (Postgres), BEGIN and COMMIT included
     guarded_writes: int | None = None  # batches committed in one round trip, without locks
     guard_misses: int | None = None  # guarded writes refused (a stream changed), re-run locked
+    diverged_streams: int | None = None  # found behind what this relay acknowledged (failover)
     pool_in_use: int | None = None
     pool_size: int | None = None
 

@@ -29,6 +29,7 @@ import orjson
 import structlog
 
 from protocol import subscriptions as rules
+from protocol.errors import Unavailable
 from protocol.glob import Matcher, compile_glob
 from relay.http.paths import PREFIX
 from relay.metrics import SubscriptionMetrics
@@ -185,6 +186,9 @@ class Subscriptions:
                     await self._take(self.clock())
             except asyncio.CancelledError:
                 raise
+            except Unavailable as exc:  # the database is away (the store logs the outage)
+                log.info("subscription worker waiting for the database", reason=str(exc))
+                await asyncio.sleep(self.settings.poll_interval)
             except Exception:
                 log.exception("subscription worker pass failed")
                 await asyncio.sleep(self.settings.poll_interval)

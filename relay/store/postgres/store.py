@@ -26,7 +26,7 @@ import structlog
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest, plan_create
-from protocol.errors import NotFound, ProtocolError, Unavailable
+from protocol.errors import NotFound, ProtocolError, StreamDiverged, Unavailable
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta
 from protocol.retention import plan_horizon
@@ -119,6 +119,7 @@ class PostgresStore:
         self._events: StoreEvents | None = None
         self._known = Known()
         self._owned = OwnedStreams()
+        self._diverged: set[int] = set()  # streams the database lost acknowledged appends of
         self._listening = False  # _known is trusted only while notifications flow
         self._listen_conn: asyncpg.Connection | None = None
         self._barrier: asyncio.Future[bool] | None = None  # the next barrier's callers
@@ -140,6 +141,7 @@ class PostgresStore:
                 "statements",  # sent by the committer, BEGIN and COMMIT included
                 "guarded_writes",  # batches committed in one round trip
                 "guard_misses",  # guarded writes refused (a stream changed): re-run locked
+                "diverged",  # streams found behind what this relay acknowledged
             ),
             0,
         )
@@ -212,6 +214,7 @@ class PostgresStore:
             statements=counts["statements"],
             guarded_writes=counts["guarded_writes"],
             guard_misses=counts["guard_misses"],
+            diverged_streams=counts["diverged"],
             pool_in_use=size - pool.get_idle_size() if pool is not None else 0,
             pool_size=size,
         )
@@ -528,7 +531,7 @@ class PostgresStore:
             path, request = op.path, op.request
             meta = state.metas.get(path)
             owned = owned_streams.get(path)
-            if owned is None:
+            if owned is None or owned.meta.stream_id in self._diverged:
                 return None
             if meta is None:
                 meta = owned.meta
@@ -579,6 +582,24 @@ class PostgresStore:
         self._committed(state)
         return outcomes
 
+    def _check_not_behind(self, meta: StreamMeta) -> None:
+        """A locked row whose tail is below what this relay committed or heard for the same
+        stream means the database lost acknowledged appends (a failover to a standby that
+        was behind): tails never move back. Refuse writes to it from now on, loudly."""
+        owned = self._owned.by_path.get(meta.path)
+        views = (owned.meta if owned is not None else None, self._known.by_path.get(meta.path))
+        seen = [v.tail for v in views if v is not None and v.stream_id == meta.stream_id]
+        if meta.stream_id in self._diverged or not seen or max(seen) <= meta.tail:
+            return
+        self._diverged.add(meta.stream_id)
+        self._stats["diverged"] += 1
+        log.error(
+            "database is behind what this relay acknowledged; refusing writes to the stream",
+            path=meta.path,
+            acknowledged_tail=max(seen),
+            database_tail=meta.tail,
+        )
+
     def _writer_failed(self, conn: asyncpg.Connection, exc: BaseException) -> None:
         """After a failed statement on the committer's connection: a connection that is gone
         means the database is (Unavailable); cancellation and the like propagate; anything
@@ -594,11 +615,11 @@ class PostgresStore:
             raise exc
 
     def _guard_missed(self, state: Batch, exc: BaseException) -> None:
+        """Counted; the locking re-run replaces what this relay knew (and compares it first:
+        a database behind it means lost appends, see ``_check_not_behind``)."""
         self._stats["guard_misses"] += 1
         sqlstate = getattr(exc, "sqlstate", None)
         log.debug("guarded write refused, locking", error=type(exc).__name__, sqlstate=sqlstate)
-        for path in state.metas:
-            self._owned.drop_path(path)
         return None
 
     async def _transaction(
@@ -648,6 +669,7 @@ class PostgresStore:
                 meta = await with_segments(conn, row_meta(row))
                 state.metas[meta.path] = meta
                 state.locked[meta.stream_id] = (meta.tail, meta.closed)
+                self._check_not_behind(meta)
         if touches:
             await conn.execute(
                 "UPDATE relay_streams s SET last_access = greatest(s.last_access, t.at) "
@@ -751,6 +773,9 @@ class PostgresStore:
                 raise NotFound()
             state.metas[path] = meta
             state.locked[meta.stream_id] = (meta.tail, meta.closed)
+            self._check_not_behind(meta)
+        if meta.stream_id in self._diverged:
+            raise StreamDiverged()
         key = (meta.stream_id, request.producer.producer_id) if request.producer else None
         producer_state = await self._producer(conn, state, key) if key else None
         result = stage_append(state, path, meta, producer_state, request, now)
