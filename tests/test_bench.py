@@ -98,3 +98,37 @@ async def test_a_pinned_server_gets_its_own_core() -> None:
         assert GENERATOR_CPU not in server_cores
     else:
         assert SERVER_CPU in server_cores or len(server_cores) == 1
+
+
+def test_capacity_runs_relays_side_by_side_on_one_database(pg_url: str) -> None:
+    """Every relay count gets its run, every token is read back from the relay it went to,
+    and the database's side (CPU of the local server, WAL, connections) is measured."""
+    argv = ["bench", "--targets", "relay", "--no-pin", "--scenarios", "capacity"]
+    argv += ["--relays", "1,3", "--connections", "3", "--count", "15", "--database-url", pg_url]
+    args = build_parser().parse_args(argv)
+    results = run_results(args)
+
+    assert [(r.scenario, r.variant) for r in results] == [
+        ("capacity", "1 relays, 3 conns"),
+        ("capacity", "3 relays, 3 conns"),
+    ]
+    for result in results:
+        assert result.lost == 0
+        assert result.operations == 3 * 15
+        assert result.usage.appends == 3 * 15  # summed over every relay's /metrics
+        assert result.usage.wal is not None and result.usage.wal > 0
+        assert result.note.endswith("db connections per relay")
+    one, three = results
+    assert one.usage.server_cpu is not None and three.usage.server_cpu is not None
+    table = report(results, args)
+    assert "\ncapacity: tokens per second per fully busy core" in table
+    assert "  3 relays, 3 conns: a relay core " in table
+
+
+def test_capacity_needs_postgres() -> None:
+    args = build_parser().parse_args(
+        ["bench", "--no-pin", "--scenarios", "capacity", "--relays", "2", "--count", "1"]
+    )
+    results = run_results(args)
+    assert results == []
+    assert "capacity: not run, it needs --database-url" in report(results, args)

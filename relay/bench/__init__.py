@@ -17,8 +17,9 @@ from pathlib import Path
 
 import aiohttp
 
+from relay.bench import capacity
 from relay.bench.report import Result, render
-from relay.bench.scenarios import BARE_SCENARIOS, SCENARIOS, Options
+from relay.bench.scenarios import BARE_SCENARIOS, DEFAULT_SCENARIOS, SCENARIOS, Options
 from relay.bench.targets import TARGETS, TargetSpec, can_pin, pin_generator, start_target
 
 TOKEN_P99_BUDGET = 0.100
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--scenarios",
         type=_names(tuple(SCENARIOS)),
-        default=tuple(SCENARIOS),
-        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all)",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity)",
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
@@ -136,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--message-rate", type=float, default=defaults.message_rate, help="fanout: messages/s")
     add("--catchup-mib", type=int, default=defaults.catchup_mib, help="catchup: MiB read back")
+    add(
+        "--relays",
+        type=_counts,
+        default=defaults.relays,
+        help="capacity: relay processes on the one database, counts to try, comma-separated",
+    )
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -155,6 +162,7 @@ def options(args: argparse.Namespace) -> Options:
         catchup_mib=args.catchup_mib,
         streams=args.streams,
         parked=args.parked,
+        relays=args.relays,
     )
 
 
@@ -224,6 +232,9 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
         if rows:
             lines += ["", render(scenario, rows)]
     lines += _token_summary(results)
+    lines += capacity.summary(results)
+    if "capacity" in args.scenarios and not args.database_url:
+        lines += ["", "capacity: not run, it needs --database-url (relays sharing a Postgres)"]
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 
-from relay.bench.targets import Target
+from relay.bench.targets import Target, postgres_cpu_seconds
 
 GENERATOR_LIMITED = 0.9
 """Share of its core the generator may use before a run says it measured the generator."""
@@ -34,6 +34,7 @@ class Snapshot:
     generator_cpu: float
     counters: dict[str, float]
     wal: int | None  # Postgres WAL position, bytes
+    database_cpu: float | None = None  # the local Postgres server's CPU seconds so far
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Usage:
     appends: float | None
     wal: int | None  # WAL bytes Postgres wrote meanwhile (any database of that server)
     statements: float | None = None  # the committer's (Postgres), BEGIN and COMMIT included
+    database_cpu: float | None = None  # the local Postgres server's (all its databases)
 
     @property
     def generator_share(self) -> float:
@@ -54,15 +56,29 @@ class Usage:
 
 async def snapshot(client: aiohttp.ClientSession, target: Target) -> Snapshot:
     counters = await _store_counters(client, target) if target.has_metrics else {}
-    wal = await _wal_position(target.database_url) if target.database_url else None
-    return Snapshot(time.perf_counter(), target.cpu_seconds(), time.process_time(), counters, wal)
+    wal, database_cpu = await database_position(target.database_url)
+    return Snapshot(
+        time.perf_counter(),
+        target.cpu_seconds(),
+        time.process_time(),
+        counters,
+        wal,
+        database_cpu,
+    )
 
 
-async def _wal_position(url: str) -> int:
-    """How far Postgres's write-ahead log has come: the write amplification of tokens."""
+async def database_position(url: str) -> tuple[int | None, float | None]:
+    """How far Postgres's write-ahead log has come (the write amplification of tokens) and
+    how much CPU the server has used, when it runs on this machine."""
+    if not url:
+        return None, None
     conn = await asyncpg.connect(url)
     try:
-        return int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+        row = await conn.fetchrow(
+            "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS wal, pg_backend_pid() AS pid"
+        )
+        assert row is not None
+        return int(row["wal"]), postgres_cpu_seconds(int(row["pid"]))  # while it exists
     finally:
         await conn.close()
 
@@ -85,6 +101,9 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         appends=delta("relay_store_appends"),
         wal=None if before.wal is None or after.wal is None else after.wal - before.wal,
         statements=delta("relay_store_statements"),
+        database_cpu=None
+        if before.database_cpu is None or after.database_cpu is None
+        else after.database_cpu - before.database_cpu,
     )
 
 
@@ -158,6 +177,7 @@ HEADLINES = {
     "catchup": Headline("MiB/s", True),
     "memory": Headline("p99", False),
     "ledger": Headline("CPU/req", False),
+    "capacity": Headline("ops/s", True),
 }
 
 
@@ -165,7 +185,7 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
-    header += ["gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
+    header += ["db CPU", "gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
     header += ["held rate"]
     header += ["/ reference", "/ bare"]
     header += ["notes"]
@@ -210,6 +230,10 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
     if u.server_cpu is not None and u.wall:
         share = u.server_cpu / u.wall
         server = f"{u.server_cpu * 1e6 / per_op:,.0f} us/{result.unit} ({share:.0%})"
+    database = "-"
+    if u.database_cpu is not None and u.wall:
+        share = u.database_cpu / u.wall
+        database = f"{u.database_cpu * 1e6 / per_op:,.0f} us/{result.unit} ({share:.0%})"
     generator = f"{u.generator_share:.0%}"
     if result.generator_limited:
         generator += " generator-limited"
@@ -230,6 +254,7 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         "-" if p99 is None else f"{p99 * 1000:.2f}",
         f"{result.lost}",
         server,
+        database,
         generator,
         commits,
         statements,

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from protocol import headers as h
+from relay.bench.capacity import capacity
 from relay.bench.ledger import ledger
 from relay.bench.report import Result, snapshot, usage
 from relay.bench.targets import Target
@@ -52,6 +53,8 @@ class Options:
     """memory: streams the parked readers spread over."""
     parked: int = 5000
     """memory: parked long-poll readers."""
+    relays: tuple[int, ...] = (1, 2)
+    """capacity: how many relays share the database, one run per count."""
 
 
 class BenchError(RuntimeError):
@@ -499,6 +502,9 @@ SCENARIOS = {
     "catchup": catchup,
     "memory": memory,
     "ledger": ledger,
+    "capacity": capacity,
 }
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name != "capacity")
+"""What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres."""
 BARE_SCENARIOS = ("append", "ledger")
 """The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

@@ -64,6 +64,8 @@ class Target:
     has_metrics: bool
     database_url: str = ""
     """Where a relay target keeps its streams (Postgres), to read the WAL position."""
+    spec: TargetSpec | None = None
+    """How it was started, so a scenario can start more relays like it (``capacity``)."""
 
     def resident_mib(self) -> float | None:
         """The server process's resident set (VmRSS), in MiB."""
@@ -80,13 +82,44 @@ class Target:
         return process_cpu_seconds(self.pid) if self.pid is not None else None
 
 
-def process_cpu_seconds(pid: int) -> float:
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` from the state field on (the command name may contain spaces)."""
     with open(f"/proc/{pid}/stat") as stat:
         text = stat.read()
-    # The command name may contain spaces; the fields after it are fixed. utime and stime are
-    # fields 14 and 15, so 11 and 12 after the state field.
-    fields = text[text.rindex(")") + 2 :].split()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    # utime and stime are fields 14 and 15, so 11 and 12 after the state field.
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(backend_pid: int) -> float | None:
+    """CPU time of the whole local Postgres server one of whose backends is ``backend_pid``.
+
+    That is the postmaster's own time, what its exited children used (cutime and cstime:
+    backends of closed connections), and every live child's (backends, WAL writer,
+    checkpointer). None when the server is not on this machine (no such process here).
+    """
+    try:
+        with open(f"/proc/{backend_pid}/comm") as comm:
+            if not comm.read().startswith("postgres"):
+                return None
+        root = int(_stat(backend_pid)[1])
+        fields = _stat(root)
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                child = _stat(int(entry))
+            except (OSError, ValueError):
+                continue  # exited meanwhile; the root's cutime has it now or soon
+            if child[1] == str(root):
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def can_pin() -> bool:
@@ -127,7 +160,9 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
         try:
             await _wait_ready(base, proc, label)
             database = spec.database_url if spec.name == "relay" else ""
-            yield Target(spec.name, label, base, proc.pid, spec.name == "relay", database)
+            yield Target(
+                spec.name, label, base, proc.pid, spec.name == "relay", database, spec
+            )
         finally:
             proc.terminate()
             try:
