@@ -1,5 +1,7 @@
-"""An idempotent, batching producer for Durable Streams (Producer-Id/Epoch/Seq)."""
+"""An idempotent, batching producer for Durable Streams (Producer-Id/Epoch/Seq), and the
+corrections Relay supports on what it wrote (revise, supersede, retain)."""
 
+from relay_producer.corrections import retain, revise, supersede
 from relay_producer.errors import (
     ContentTypeMismatch,
     ProducerError,
@@ -18,4 +20,7 @@ __all__ = [
     "StreamClosed",
     "StreamNotFound",
     "StreamProducer",
+    "retain",
+    "revise",
+    "supersede",
 ]
