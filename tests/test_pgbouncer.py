@@ -149,7 +149,7 @@ async def test_a_pooled_relay_leaves_no_session_state_in_shared_sessions(
         try:
             sessions = await direct.fetch(
                 "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() ORDER BY pid"
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
             )
         finally:
             await direct.close()
