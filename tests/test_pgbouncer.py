@@ -20,9 +20,11 @@ import aiohttp
 import asyncpg
 import pytest
 
+from relay import cli
 from relay.store.base import Store
 from relay.store.postgres.connections import pooled_options
 from tests import test_many_relays, test_store_contract
+from tests.auth_helpers import ALL, api_key_entry, bearer, write_json
 from tests.pgbouncer import PgBouncer, pgbouncer
 from tests.relay_process import RelayProcess, read_all
 from tests.stores import Backend
@@ -107,15 +109,20 @@ async def test_asyncpg_s_statement_cache_breaks_behind_a_transaction_pooler(
 async def test_a_pooled_relay_leaves_no_session_state_in_shared_sessions(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """A whole relay (store pool, committer, subscriptions, compaction) through a PgBouncer
-    with one server session: that session holds no prepared statement and no lock
-    afterwards, and the relay's only session of its own is the direct one, listening."""
+    """A whole relay (store pool, committer, subscriptions, compaction, the revocation poll)
+    and ``relay revoke`` through a PgBouncer with one server session: that session holds no
+    prepared statement and no lock afterwards, and the relay's only session of its own is the
+    direct one, listening."""
+    keys = tmp_path / "keys.json"
+    write_json(keys, {"keys": [api_key_entry("k-1", "ops", [{"path": "**", "actions": ALL}])]})
     bouncer = PgBouncer(pg_url, pool_size=1)
     bouncer.start()
-    relay = RelayProcess(tmp_path / "data", *_pooled(bouncer, pg_url))
+    flags = _pooled(bouncer, pg_url)
+    relay = RelayProcess(tmp_path / "data", *flags, "--auth-api-keys", str(keys))
     try:
         relay.start()
-        async with aiohttp.ClientSession() as http:
+        assert await asyncio.to_thread(cli.main, ["revoke", *flags, "--jti", "leaked"]) == 0
+        async with aiohttp.ClientSession(headers=bearer("k-1")) as http:
             base = f"{relay.url}/v1/stream"
             async with http.put(f"{base}/wake", json=[]) as created:
                 assert created.status == 201
