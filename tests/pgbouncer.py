@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,12 @@ def _binary() -> str:
     if found is None:
         raise RuntimeError("pgbouncer is not installed: run scripts/install-pgbouncer as root")
     return found
+
+
+def _version() -> tuple[int, ...]:
+    """``pgbouncer --version``'s first line, ``PgBouncer 1.18.0``, as (1, 18, 0)."""
+    out = subprocess.run([_binary(), "--version"], capture_output=True, text=True, check=True)
+    return tuple(int(part) for part in re.findall(r"\d+", out.stdout.split()[1])[:3])
 
 
 class PgBouncer:
@@ -67,10 +74,20 @@ class PgBouncer:
             f"default_pool_size = {self.pool_size}\n"
             "max_client_conn = 500\n"
             "server_round_robin = 0\n"  # LIFO, the default: see test_pgbouncer's hop test
+            # PgBouncer 1.21+ can track named prepared statements itself (on by default from
+            # 1.22; 1.18 rejects the setting); off, every version behaves as Debian 12's 1.18.
+            + ("max_prepared_statements = 0\n" if _version() >= (1, 21) else "")
         )
         return ini
 
     def start(self, timeout: float = 10.0) -> None:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         ini = self._write_config()
         command = [_binary(), str(ini)]
         if os.geteuid() == 0:  # pgbouncer refuses to run as root: become nobody
