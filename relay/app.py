@@ -57,6 +57,8 @@ def make_store(config: Config) -> Store:
             commit_interval=config.commit_interval,
             max_fork_scan=config.max_fork_scan_bytes,
             command_timeout=config.db_timeout,
+            direct_url=config.direct_database_url,
+            pooler=config.database_pooler,
         )
     from relay.store.sqlite import SqliteStore
 
@@ -352,7 +354,7 @@ def make_subscriptions(ctx: Context) -> Subscriptions | None:
     config = ctx.config
     db: Database
     if isinstance(ctx.store, PostgresStore):
-        db = PostgresDatabase(ctx.store.url, config.db_timeout)
+        db = PostgresDatabase(ctx.store.url, config.db_timeout, pooler=ctx.store.pooler)
     elif isinstance(ctx.store, SqliteStore):
         db = SqliteDatabase(ctx.store.db_path)
     else:

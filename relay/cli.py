@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from relay.workers import WorkerSpec
 
 
-DATABASE_SETTINGS = ("database_url", "db_timeout", "log_level", "log_format")
+DATABASE_SETTINGS = (
+    "database_url",
+    "database_pooler",
+    "direct_database_url",
+    "db_timeout",
+    "log_level",
+    "log_format",
+)
 """What the commands that only open the database read (migrate, revoke, rotate-webhook-key)."""
 
 
@@ -268,9 +275,10 @@ def _migrate(config: config_mod.Config) -> int:
         return 2
     from relay.logging import configure
     from relay.store.postgres import migrate
+    from relay.store.postgres.connections import direct_url
 
     configure(config.log_level, config.log_format)
-    applied = asyncio.run(migrate(config.database_url))
+    applied = asyncio.run(migrate(direct_url(config)))  # the migration lock needs a session
     structlog.get_logger("relay").info("schema migrated", version=applied)
     return 0
 
@@ -284,10 +292,11 @@ def _revoke(config: config_mod.Config, jti: str | None, kid: str | None) -> int:
         )
         return 2
     from relay.store.postgres import revoke
+    from relay.store.postgres.connections import direct_url
 
     kind, value = ("jti", jti) if jti is not None else ("kid", kid)
     assert value is not None
-    asyncio.run(revoke(config.database_url, kind, value))
+    asyncio.run(revoke(direct_url(config), kind, value))  # it migrates first: a session
     print(f"revoked {kind} {value}")
     return 0
 

@@ -80,6 +80,13 @@ def _host_list(text: str) -> str:
     return ",".join(hosts)
 
 
+def _pooler(text: str) -> str:
+    kind = text.strip().lower()
+    if kind not in ("none", "transaction"):
+        raise ValueError("must be none or transaction")
+    return kind
+
+
 def _log_format(text: str) -> str:
     fmt = text.strip().lower()
     if fmt not in ("auto", "console", "json"):
@@ -115,6 +122,20 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "",
         "Postgres URL (postgresql://...); when set, streams live in Postgres, not data-dir",
+    ),
+    Setting(
+        "database_pooler",
+        _pooler,
+        "none",
+        "none, or transaction: database-url is a transaction-mode pooler such as PgBouncer "
+        "(no prepared-statement cache on its connections; needs direct-database-url)",
+    ),
+    Setting(
+        "direct_database_url",
+        str,
+        "",
+        "Postgres URL bypassing any pooler, for LISTEN and migrations (session state); "
+        "default: database-url",
     ),
     Setting(
         "long_poll_timeout",
@@ -297,6 +318,8 @@ class Config:
     workers: int = 1
     data_dir: str = "./data"
     database_url: str = ""
+    database_pooler: str = "none"
+    direct_database_url: str = ""
     long_poll_timeout: float = 30.0
     sse_reconnect_interval: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024
@@ -343,6 +366,13 @@ class Config:
 WORKERS_NEED_POSTGRES = (
     "--workers > 1 needs --database-url: the embedded store is one process's"
     " (its data directory is locked by one writer)"
+)
+
+
+POOLER_NEEDS_DIRECT_URL = (
+    "--database-pooler transaction needs --direct-database-url (RELAY_DIRECT_DATABASE_URL): a"
+    " URL that reaches Postgres itself, not the pooler, for LISTEN and the migration lock,"
+    " which need a session of their own"
 )
 
 
@@ -422,6 +452,8 @@ def load(
             raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
     if values["workers"] > 1 and not values["database_url"]:
         raise ConfigError(WORKERS_NEED_POSTGRES)
+    if values["database_pooler"] != "none" and not values["direct_database_url"]:
+        raise ConfigError(POOLER_NEEDS_DIRECT_URL)
     known = {f.name for f in fields(Config)}
     assert known == set(values), "SETTINGS and Config disagree"
     return Config(**values)

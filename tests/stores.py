@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ BACKENDS = ["sqlite", "postgres"]
 
 @dataclass(frozen=True)
 class Backend:
-    """Where a backend keeps its data: a directory for sqlite, a database URL for Postgres."""
+    """Where a backend keeps its data: a directory for sqlite, a database URL for Postgres
+    (with ``options`` for every store opened, such as a pooler's, see tests/test_pgbouncer)."""
 
     name: str
     data_dir: Path
     url: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @asynccontextmanager
     async def open(self, **options: Any) -> AsyncIterator[Store]:
@@ -33,7 +35,7 @@ class Backend:
         else:
             from relay.store.postgres import PostgresStore
 
-            store = PostgresStore(self.url, **options)
+            store = PostgresStore(self.url, **{**self.options, **options})
         await store.open()
         try:
             yield store

@@ -90,6 +90,7 @@ def test_settings_resolve_in_order(
         ),
         pytest.param(["--webhook-concurrency", "0"], {}, "--webhook-concurrency", id="conc"),
         pytest.param(["--access-log", "maybe"], {}, "--access-log", id="access-log-word"),
+        pytest.param(["--database-pooler", "session"], {}, "--database-pooler", id="pooler"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(
@@ -121,6 +122,32 @@ def test_serve_help_documents_every_flag_and_its_variable() -> None:
 def test_a_bad_setting_stops_serve_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve", "--port", "nope"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_a_transaction_pooler_without_a_direct_url_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match="--direct-database-url"):
+        parse(
+            ["--database-url", "postgresql://pgbouncer/relay", "--database-pooler", "transaction"]
+        )
+    with pytest.raises(ConfigError, match="RELAY_DIRECT_DATABASE_URL"):
+        parse([], {"RELAY_DATABASE_POOLER": "Transaction"})
+    config = parse(
+        ["--database-pooler", "transaction"],
+        {"RELAY_DIRECT_DATABASE_URL": "postgresql://db/relay"},
+    )
+    assert (config.database_pooler, config.direct_database_url) == (
+        "transaction",
+        "postgresql://db/relay",
+    )
+
+
+def test_serve_refuses_a_transaction_pooler_without_a_direct_url(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RELAY_DIRECT_DATABASE_URL", raising=False)
+    argv = ["serve", "--database-url", "postgresql://x/y", "--database-pooler", "transaction"]
+    assert cli.main(argv) == 2
+    assert "--database-pooler transaction needs --direct-database-url" in capsys.readouterr().err
 
 
 def test_migrate_without_a_database_url_explains_itself(

@@ -8,6 +8,7 @@ is woken by an append through another (LISTEN/NOTIFY; the long-poll timeout here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from tests.relay_process import RelayProcess, live_readers
 TEXT = {"Content-Type": "text/plain"}
 
 
-@pytest.fixture
-def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayProcess]]:
+@contextlib.contextmanager
+def relay_pair(tmp_path: Path, *database: str) -> Iterator[tuple[RelayProcess, RelayProcess]]:
+    """Two started relays on the database that the ``database`` flags name."""
     pair = tuple(
-        RelayProcess(tmp_path / name, "--database-url", pg_url, "--long-poll-timeout", "20")
-        for name in ("a", "b")
+        RelayProcess(tmp_path / name, *database, "--long-poll-timeout", "20") for name in "ab"
     )
     try:
         for relay in pair:
@@ -33,6 +34,12 @@ def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayPro
     finally:
         for relay in pair:
             relay.stop()
+
+
+@pytest.fixture
+def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayProcess]]:
+    with relay_pair(tmp_path, "--database-url", pg_url) as pair:
+        yield pair
 
 
 async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:

@@ -79,6 +79,7 @@ class Authorizer:
         self._issuer = config.auth_issuer or None
         self._skew = config.auth_clock_skew
         self._database_url = config.database_url
+        self._database_pooler = config.database_pooler
         self._jwks_url = config.auth_jwks_url or None
         self._on_failure = on_failure
         self.clock = clock
@@ -182,9 +183,13 @@ class Authorizer:
         """Mirror ``relay_revocations`` on a connection of our own, reconnecting when lost."""
         import asyncpg
 
+        from relay.store.postgres.connections import pooled_options
+
         if self._db is None or self._db.is_closed():
             self._db = None
-            self._db = await asyncpg.connect(self._database_url, timeout=10)
+            self._db = await asyncpg.connect(
+                self._database_url, timeout=10, **pooled_options(self._database_pooler)
+            )
         rows = await self._db.fetch("SELECT kind, value FROM relay_revocations", timeout=10)
         jtis = frozenset(r["value"] for r in rows if r["kind"] == "jti")
         kids = frozenset(r["value"] for r in rows if r["kind"] == "kid")

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from protocol.errors import Unavailable
+from relay.store.postgres.connections import pooled_options
 
 Row = Sequence[Any]
 
@@ -169,14 +170,19 @@ class PostgresDatabase:
 
     backend = "postgres"
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, *, pooler: str = "none") -> None:
         self._url = url
         self._timeout = timeout or None
+        self._pooler = pooler  # each transaction stands alone: a pooler may sit in between
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
-            self._url, min_size=1, max_size=4, command_timeout=self._timeout
+            self._url,
+            min_size=1,
+            max_size=4,
+            command_timeout=self._timeout,
+            **pooled_options(self._pooler),
         )
 
     async def close(self) -> None:

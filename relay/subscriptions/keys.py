@@ -129,9 +129,12 @@ def rotate_command(config: Config) -> int:
         db: Database
         if config.database_url:
             from relay.store.postgres import migrate
+            from relay.store.postgres.connections import direct_url
 
-            await migrate(config.database_url)
-            db = PostgresDatabase(config.database_url, config.db_timeout)
+            await migrate(direct_url(config))
+            db = PostgresDatabase(
+                config.database_url, config.db_timeout, pooler=config.database_pooler
+            )
         else:
             path = Path(config.data_dir) / "relay.sqlite3"
             if not path.exists():

@@ -1,10 +1,16 @@
-"""What losing the database looks like to asyncpg, and how pooled connections are kept."""
+"""What losing the database looks like to asyncpg, how pooled connections are kept, and
+which connections may go through a pooler such as PgBouncer."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from protocol.errors import Unavailable
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 DISCONNECTS: tuple[type[BaseException], ...] = (
     OSError,
@@ -40,3 +46,22 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
 )
+
+
+def pooled_options(pooler: str) -> dict[str, Any]:
+    """asyncpg options for connections to ``database_url``, which may be a pooler.
+
+    Behind a transaction-mode pooler each transaction of one client connection may run in a
+    different server session, so a named prepared statement (asyncpg caches every query as
+    one) is missing there, or clashes with another client's. With the cache off asyncpg sends
+    each statement's Parse with its Bind, in one message, unnamed: nothing outlives the
+    transaction. Relay's pooled work keeps no other session state (no ``SET``, session locks
+    or LISTEN); what needs a session goes to :func:`direct_url`.
+    """
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+
+
+def direct_url(config: Config) -> str:
+    """Where work that needs a session of its own connects (LISTEN and its barrier, the
+    migration lock): ``direct_database_url``, else ``database_url`` (no pooler)."""
+    return config.direct_database_url or config.database_url

@@ -63,6 +63,7 @@ from relay.store.postgres.connections import (
     RETRYABLE,
     connection_lost,
     keep_session,
+    pooled_options,
 )
 from relay.store.postgres.known import Known, Owned, OwnedStreams
 from relay.store.postgres.plan import Batch, notify_payload, parse_payload, stage_append
@@ -102,8 +103,13 @@ class PostgresStore:
         compact_interval: float = 2.0,
         pool_size: int = 8,
         clock: Callable[[], float] = time.time,
+        direct_url: str = "",
+        pooler: str = "none",
     ) -> None:
-        self._url = url
+        self._url = url  # pooled work: the pool, the committer (through a pooler, if any)
+        self._direct_url = direct_url or url  # LISTEN and migrations: a session of their own
+        self._pooler = pooler
+        self._pooled = pooled_options(pooler)
         self._timeout = command_timeout or None
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -157,9 +163,14 @@ class PostgresStore:
         """The database URL (subscription state shares the database, on its own pool)."""
         return self._url
 
+    @property
+    def pooler(self) -> str:
+        """What ``url`` reaches: ``none`` (Postgres) or ``transaction`` (a pooler)."""
+        return self._pooler
+
     async def open(self) -> None:
         try:
-            conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
+            conn = await asyncpg.connect(self._direct_url, timeout=self._timeout or 10)
         except (*DISCONNECTS, asyncpg.PostgresError) as exc:
             raise StoreStartupError(f"cannot reach Postgres: {exc}") from None
         try:
@@ -173,6 +184,7 @@ class PostgresStore:
             command_timeout=self._timeout,
             timeout=self._timeout or 10,
             reset=keep_session,
+            **self._pooled,
         )
         self._committer.start()
         self._listen_task = asyncio.create_task(self._listen_forever(), name="pg-listen")
@@ -449,7 +461,10 @@ class PostgresStore:
         if self._writer is None or self._writer.is_closed():
             try:
                 self._writer = await asyncpg.connect(
-                    self._url, timeout=self._timeout or 10, command_timeout=self._timeout
+                    self._url,
+                    timeout=self._timeout or 10,
+                    command_timeout=self._timeout,
+                    **self._pooled,
                 )
                 self._writer.add_query_logger(self._count_statement)
             except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
@@ -961,7 +976,7 @@ class PostgresStore:
         while True:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._url, timeout=self._timeout or 10)
+                conn = await asyncpg.connect(self._direct_url, timeout=self._timeout or 10)
             except (*DISCONNECTS, asyncpg.PostgresError) as exc:
                 self._database_lost(type(exc).__name__)
                 await asyncio.sleep(delay)
