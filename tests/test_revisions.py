@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -28,22 +29,28 @@ def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProce
         yield process
 
 
-@pytest.mark.skipif(
+NEEDS_NODE = pytest.mark.skipif(
     shutil.which("node") is None or not (WEB / "node_modules").is_dir(),
     reason="needs node and `npm ci` in examples/chat/web (scripts/test does both)",
 )
+README = Path(__file__).resolve().parent.parent / "README.md"
+RECIPES = WEB / "e2e" / "corrections.mjs"
+
+
+def _node(script: str, url: str) -> Any:
+    """Run one of the page's node checks against ``url``; its last line is its JSON verdict."""
+    done = subprocess.run(
+        ["node", script, url], cwd=WEB, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@NEEDS_NODE
 def test_a_state_stream_revised_under_one_txid_converges_for_live_and_late_streamdb(
     relay: RelayProcess,
 ) -> None:
-    done = subprocess.run(
-        ["node", "e2e/revise-check.mjs", f"{relay.url}/v1/stream/chat/7/state"],
-        cwd=WEB,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = _node("e2e/revise-check.mjs", f"{relay.url}/v1/stream/chat/7/state")
     assert len(seen["before"]) == 3
     assert seen["before"][0]["text"] == "The capital of France is Lyon."
     corrected = [
@@ -89,3 +96,33 @@ async def test_a_token_stream_revised_converges_for_live_and_late_readers(
             for message in await response.json():
                 late.apply(message)
     assert live.text == late.text == "The capital is Paris."
+
+
+@NEEDS_NODE
+def test_the_typescript_recipes_supersede_retain_and_compact_for_a_late_streamdb(
+    relay: RelayProcess,
+) -> None:
+    """The README's recipes for the official TypeScript client, run as they are written: the
+    old reply links its successor, which holds the good prefix and the correction; after a
+    snapshot and a retention horizon a late StreamDB reader has the current rows and
+    downloaded less than the history it no longer needs."""
+    seen = _node("e2e/corrections.mjs", f"{relay.url}/v1/stream")
+    run = seen["run"]
+    assert seen["supersede"] == {
+        "old": "The capital is Lyon.",
+        "link": f'</v1/stream/ts-answer-2-{run}>; rel="successor-version"',
+        "successor": "The capital is Paris.",
+    }
+    assert seen["late"] == [{"id": str(n % 3), "title": f"title {n}"} for n in (27, 28, 29)]
+    assert seen["retainedFrom"]
+    assert 0 < seen["lateDownloaded"] < seen["historyBytes"]
+
+
+def test_the_readme_shows_the_typescript_recipes_as_the_test_runs_them() -> None:
+    source = RECIPES.read_text()
+    blocks = source.split("// -- recipe: ")[1:]
+    assert [block.split("\n", 1)[0] for block in blocks] == ["supersede", "retain"]
+    readme = README.read_text()
+    for block in blocks:
+        body = block.split("\n", 1)[1].split("// -- end", 1)[0].strip()
+        assert body in readme, f"README lacks the {block.split()[0]} recipe as written"
