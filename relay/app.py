@@ -57,6 +57,7 @@ def make_store(config: Config) -> Store:
             commit_interval=config.commit_interval,
             max_fork_scan=config.max_fork_scan_bytes,
             command_timeout=config.db_timeout,
+            read_urls=config.read_database_url,
         )
     from relay.store.sqlite import SqliteStore
 

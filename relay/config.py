@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,6 +27,8 @@ class Setting:
     kind: Callable[[str], Any]
     default: Any
     help: str
+    repeatable: bool = False
+    """The flag may be given more than once (its values are joined with commas)."""
 
 
 def _positive_float(text: str) -> float:
@@ -85,6 +88,19 @@ def _log_format(text: str) -> str:
     if fmt not in ("auto", "console", "json"):
         raise ValueError("must be auto, console or json")
     return fmt
+
+
+_URL_START = re.compile(r",\s*(?=postgres(?:ql)?://)")
+
+
+def _database_urls(text: str) -> tuple[str, ...]:
+    """Comma-separated Postgres URLs. A comma splits only before ``postgres[ql]://``: one URL
+    may itself name several hosts with commas (``postgresql://u@h1:5432,h2:5432/db``)."""
+    urls = tuple(url.strip() for url in _URL_START.split(text) if url.strip())
+    for url in urls:
+        if not url.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be postgresql:// URLs, comma-separated or the flag repeated")
+    return urls
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -220,6 +236,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a database call may take before the request is answered 503",
     ),
     Setting(
+        "read_database_url",
+        _database_urls,
+        (),
+        "hot standby of --database-url serving catch-up reads (repeat the flag, or separate "
+        "URLs with commas, for several); bytes it has not replayed yet come from the primary",
+        repeatable=True,
+    ),
+    Setting(
         "shutdown_timeout",
         _non_negative_float,
         10.0,
@@ -317,6 +341,7 @@ class Config:
     log_format: str = "auto"
     access_log: bool = True
     db_timeout: float = 5.0
+    read_database_url: tuple[str, ...] = ()
     shutdown_timeout: float = 10.0
     auth_api_keys: str = ""
     auth_jwt_keys: str = ""
@@ -343,6 +368,12 @@ class Config:
 WORKERS_NEED_POSTGRES = (
     "--workers > 1 needs --database-url: the embedded store is one process's"
     " (its data directory is locked by one writer)"
+)
+
+
+READ_REPLICAS_NEED_POSTGRES = (
+    "--read-database-url needs --database-url: read replicas are standbys of the Postgres"
+    " primary, which keeps every write, long-poll and NOTIFY"
 )
 
 
@@ -395,6 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None 
         parser.add_argument(
             flag,
             dest=setting.name,
+            action="append" if setting.repeatable else "store",
             default=None,
             metavar=setting.name.upper(),
             help=f"{setting.help} (env {env_name(setting.name)}, default {setting.default!r})",
@@ -416,12 +448,16 @@ def load(
         if raw is None:
             values[setting.name] = setting.default
             continue
+        if isinstance(raw, list):  # a repeatable flag, given once per value
+            raw = ",".join(raw)
         try:
             values[setting.name] = setting.kind(str(raw))
         except ValueError as exc:
             raise ConfigError(f"invalid {source}={raw!r}: {exc}") from None
     if values["workers"] > 1 and not values["database_url"]:
         raise ConfigError(WORKERS_NEED_POSTGRES)
+    if values["read_database_url"] and not values["database_url"]:
+        raise ConfigError(READ_REPLICAS_NEED_POSTGRES)
     known = {f.name for f in fields(Config)}
     assert known == set(values), "SETTINGS and Config disagree"
     return Config(**values)
