@@ -31,10 +31,15 @@ RETRY_SECONDS = 2.0
 
 ROWS = (
     "SELECT start_pos, data FROM relay_chunks WHERE stream_id = $1 AND end_pos > $2 "
-    "AND start_pos < $3 AND pg_is_in_recovery() ORDER BY start_pos"
+    "AND start_pos < $3 AND pg_is_in_recovery() "
+    "AND (SELECT timeline_id FROM pg_control_checkpoint()) = $4 ORDER BY start_pos"
 )
-"""A segment's rows; none from a server that is no longer a standby (promoted by a failover:
-its history may have parted from the primary's)."""
+"""A segment's rows; none from a server that is no longer a standby (promoted by a failover)
+or is not on the primary's timeline (left behind by one: its history may hold appends the new
+primary lost, then wrote differently). A standby that follows a new primary counts from its
+first restartpoint on the new timeline; until then the primary answers."""
+TIMELINE = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+"""The primary's current timeline (its WAL file names start with it)."""
 
 
 class NotAStandby(Exception):
@@ -84,6 +89,7 @@ class ReplicaReader:
         self._clock = clock
         self._next = 0
         self._system: int | None = None  # the primary's system identifier
+        self._timeline: int | None = None  # the primary's, as last seen; None: use no replica
         self.reads = 0  # reads a replica answered
         self.fallbacks = 0  # reads a replica could not answer whole (not replayed yet)
         self.errors = 0  # reads a replica failed (down, refused): the primary answered
@@ -97,6 +103,7 @@ class ReplicaReader:
         """Pools that connect on first use: a replica down at start-up only means reads go to
         the primary until it answers."""
         self._system = await primary.fetchval("SELECT system_identifier FROM pg_control_system()")
+        await self.follow(primary)
         for replica in self._replicas:
             replica.pool = await asyncpg.create_pool(
                 replica.url,
@@ -107,6 +114,14 @@ class ReplicaReader:
                 reset=keep_session,
                 init=self._check_standby,
             )
+
+    async def follow(self, primary: asyncpg.Connection) -> None:
+        """Learn the primary's timeline (at start and whenever LISTEN connects again, as after
+        a failover): replicas answer only while they are on it."""
+        try:
+            self._timeline = await primary.fetchval(TIMELINE)
+        except asyncpg.PostgresError:  # not a primary after all (recovery): no replica then
+            self._timeline = None
 
     async def close(self) -> None:
         for replica in self._replicas:
@@ -141,13 +156,14 @@ class ReplicaReader:
         if start < meta.retained_from:
             return None  # the primary may have deleted those rows: it decides what is left
         replica = self._pick()
-        if replica is None or replica.pool is None:
+        if replica is None or replica.pool is None or self._timeline is None:
             return None
+        timeline = self._timeline
         try:
             async with replica.pool.acquire(timeout=self._timeout) as conn:
                 out = bytearray()
                 for stream_id, lo, hi in segment_ranges(meta, start, end):
-                    part = covered(await conn.fetch(ROWS, stream_id, lo, hi), lo, hi)
+                    part = covered(await conn.fetch(ROWS, stream_id, lo, hi, timeline), lo, hi)
                     if part is None:
                         self.fallbacks += 1
                         self._back(replica)

@@ -996,6 +996,9 @@ class PostgresStore:
                 log.info("listen connection re-established", channel=CHANNEL)
             connected_before = True
             self._database_back()
+            if self._replicas is not None:
+                with contextlib.suppress(*DISCONNECTS):
+                    await self._replicas.follow(conn)  # a failover may have changed timelines
             try:
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
