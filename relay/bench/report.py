@@ -7,6 +7,7 @@ spent per operation and whether the generator, not the server, set the pace.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 
-from relay.bench.targets import Target
+from relay.bench.targets import Target, process_cpu_seconds
 
 GENERATOR_LIMITED = 0.9
 """Share of its core the generator may use before a run says it measured the generator."""
@@ -24,6 +25,8 @@ _STORE_COUNTERS = (
     "relay_store_rows_written",
     "relay_store_appends",
     "relay_store_statements",
+    "relay_store_replica_reads",
+    "relay_store_replica_fallbacks",
 )
 
 
@@ -34,6 +37,8 @@ class Snapshot:
     generator_cpu: float
     counters: dict[str, float]
     wal: int | None  # Postgres WAL position, bytes
+    db_cpu: dict[int, float] | None = None  # CPU seconds per process of the primary's server
+    replica_cpu: dict[int, float] | None = None  # ... and of its read replicas' servers
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class Usage:
     appends: float | None
     wal: int | None  # WAL bytes Postgres wrote meanwhile (any database of that server)
     statements: float | None = None  # the committer's (Postgres), BEGIN and COMMIT included
+    db_cpu: float | None = None  # the primary's server processes (Postgres on this machine)
+    replica_cpu: float | None = None  # the read replicas' server processes
+    replica_reads: float | None = None
+    replica_fallbacks: float | None = None
 
     @property
     def generator_share(self) -> float:
@@ -55,7 +64,61 @@ class Usage:
 async def snapshot(client: aiohttp.ClientSession, target: Target) -> Snapshot:
     counters = await _store_counters(client, target) if target.has_metrics else {}
     wal = await _wal_position(target.database_url) if target.database_url else None
-    return Snapshot(time.perf_counter(), target.cpu_seconds(), time.process_time(), counters, wal)
+    db_cpu = await _server_cpu((target.database_url,)) if target.database_url else None
+    replica_cpu = (
+        await _server_cpu(target.read_database_urls) if target.read_database_urls else None
+    )
+    return Snapshot(
+        time.perf_counter(),
+        target.cpu_seconds(),
+        time.process_time(),
+        counters,
+        wal,
+        db_cpu,
+        replica_cpu,
+    )
+
+
+async def _server_cpu(urls: Sequence[str]) -> dict[int, float] | None:
+    """CPU seconds so far of every process of the Postgres servers at ``urls`` (backends,
+    walsender, walreceiver, startup, checkpointer...) but the one asking, from ``/proc``: only
+    when they run on this machine (None otherwise). A process that exits between two
+    snapshots takes its time with it, so the bench's long-lived connections are what count."""
+    spent: dict[int, float] = {}
+    for url in urls:
+        conn = await asyncpg.connect(url)
+        try:
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+        for row in pids:
+            try:
+                spent[row[0]] = process_cpu_seconds(row[0])
+            except OSError:  # another machine's, or gone meanwhile
+                continue
+    return spent or None
+
+
+async def replicas_caught_up(target: Target) -> None:
+    """Wait until every read replica has replayed what the primary has written so far, so a
+    catch-up read measures reading old data from a replica, not replication lag."""
+    if not target.read_database_urls:
+        return
+    conn = await asyncpg.connect(target.database_url)
+    try:
+        lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+    finally:
+        await conn.close()
+    for url in target.read_database_urls:
+        replica = await asyncpg.connect(url)
+        try:
+            query = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
+            while not await replica.fetchval(query, lsn):
+                await asyncio.sleep(0.05)
+        finally:
+            await replica.close()
 
 
 async def _wal_position(url: str) -> int:
@@ -73,6 +136,11 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
             return after.counters[name] - before.counters[name]
         return None
 
+    def cpu(first: dict[int, float] | None, last: dict[int, float] | None) -> float | None:
+        if first is None or last is None:
+            return None
+        return sum(t - first.get(pid, 0.0) for pid, t in last.items() if t >= first.get(pid, 0))
+
     server = None
     if before.server_cpu is not None and after.server_cpu is not None:
         server = after.server_cpu - before.server_cpu
@@ -85,6 +153,10 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         appends=delta("relay_store_appends"),
         wal=None if before.wal is None or after.wal is None else after.wal - before.wal,
         statements=delta("relay_store_statements"),
+        db_cpu=cpu(before.db_cpu, after.db_cpu),
+        replica_cpu=cpu(before.replica_cpu, after.replica_cpu),
+        replica_reads=delta("relay_store_replica_reads"),
+        replica_fallbacks=delta("relay_store_replica_fallbacks"),
     )
 
 
@@ -165,6 +237,7 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
+    header += ["primary CPU", "replica CPU", "replica reads"]
     header += ["gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
     header += ["held rate"]
     header += ["/ reference", "/ bare"]
@@ -206,10 +279,15 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
     u = result.usage
     p50, p99 = result.p(0.50), result.p(0.99)
     per_op = result.operations or 1
-    server = "-"
-    if u.server_cpu is not None and u.wall:
-        share = u.server_cpu / u.wall
-        server = f"{u.server_cpu * 1e6 / per_op:,.0f} us/{result.unit} ({share:.0%})"
+
+    def spent(seconds: float | None) -> str:
+        if seconds is None or not u.wall:
+            return "-"
+        return f"{seconds * 1e6 / per_op:,.0f} us/{result.unit} ({seconds / u.wall:.0%})"
+
+    replicated = "-"
+    if u.replica_reads is not None:
+        replicated = f"{u.replica_reads:.0f} (+{u.replica_fallbacks or 0:.0f} fell back)"
     generator = f"{u.generator_share:.0%}"
     if result.generator_limited:
         generator += " generator-limited"
@@ -229,7 +307,10 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         "-" if p50 is None else f"{p50 * 1000:.2f}",
         "-" if p99 is None else f"{p99 * 1000:.2f}",
         f"{result.lost}",
-        server,
+        spent(u.server_cpu),
+        spent(u.db_cpu),
+        spent(u.replica_cpu),
+        replicated,
         generator,
         commits,
         statements,
