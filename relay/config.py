@@ -405,6 +405,11 @@ def env_name(setting: str) -> str:
     return "RELAY_" + setting.upper()
 
 
+def env_value(value: Any) -> str:
+    """A resolved value as its ``RELAY_*`` variable spells it (lists comma-separated)."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
     """Add one ``--flag`` per setting (or per setting named in ``only``, for commands that
     use a few); defaults stay None so the environment can apply."""

@@ -19,7 +19,7 @@ from protocol.append import AppendRequest
 from protocol.create import CreateRequest, ForkRequest
 from protocol.lifecycle import Expiry
 from protocol.model import StreamMeta
-from relay.config import ConfigError, parse
+from relay.config import ConfigError, env_value, parse
 from relay.store.postgres import PostgresStore
 from relay.store.postgres.replicas import covered
 from tests.failover import ReplicatedPair
@@ -245,6 +245,8 @@ def test_read_database_url_is_repeatable_or_comma_separated_and_needs_a_primary(
     assert repeated.read_database_url == both
     assert parse(primary, {"RELAY_READ_DATABASE_URL": f"{one}, {two}"}).read_database_url == both
     assert parse(primary).read_database_url == ()
+    as_workers_get_it = {"RELAY_READ_DATABASE_URL": env_value(both)}  # --workers children
+    assert parse(primary, as_workers_get_it).read_database_url == both
     with pytest.raises(ConfigError, match="--read-database-url needs --database-url"):
         parse(["--read-database-url", one])
     with pytest.raises(ConfigError, match="RELAY_READ_DATABASE_URL"):
