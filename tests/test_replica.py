@@ -19,6 +19,8 @@ from protocol.append import AppendRequest
 from protocol.create import CreateRequest, ForkRequest
 from protocol.lifecycle import Expiry
 from protocol.model import StreamMeta
+from relay.bench import report, run_results
+from relay.cli import build_parser
 from relay.config import ConfigError, env_value, parse
 from relay.store.postgres import PostgresStore
 from relay.store.postgres.replicas import covered
@@ -251,3 +253,17 @@ def test_read_database_url_is_repeatable_or_comma_separated_and_needs_a_primary(
         parse(["--read-database-url", one])
     with pytest.raises(ConfigError, match="RELAY_READ_DATABASE_URL"):
         parse(primary, {"RELAY_READ_DATABASE_URL": "h1:5432"})
+
+
+def test_relay_bench_catchup_reads_from_the_replica_and_reports_both_servers_cpu(
+    pair: ReplicatedPair,
+) -> None:
+    argv = ["bench", "--scenarios", "catchup", "--catchup-mib", "3", "--no-pin"]
+    argv += ["--database-url", pair.url("primary"), "--read-database-url", pair.url("standby")]
+    args = build_parser().parse_args(argv)
+    (result,) = run_results(args)
+
+    assert result.lost == 0
+    assert result.usage.replica_reads and result.usage.replica_fallbacks == 0
+    assert result.usage.db_cpu is not None and result.usage.replica_cpu is not None
+    assert "relay (postgres + replica)" in report([result], args)
