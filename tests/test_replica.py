@@ -56,12 +56,12 @@ async def _fetchval(url: str, query: str, *args: object) -> object:
         await conn.close()
 
 
-async def replayed(pair: ReplicatedPair) -> None:
+async def replayed(pair: ReplicatedPair, standby: str = "standby") -> None:
     """Until the standby has replayed everything the primary has written so far."""
     lsn = await _fetchval(pair.url("primary"), "SELECT pg_current_wal_lsn()::text")
     deadline = time.monotonic() + 60
     query = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
-    while not await _fetchval(pair.url("standby"), query, lsn):
+    while not await _fetchval(pair.url(standby), query, lsn):
         assert time.monotonic() < deadline, "the standby never caught up"
         await asyncio.sleep(0.02)
 
@@ -209,6 +209,42 @@ async def test_a_server_that_is_not_a_standby_is_never_read(pair: ReplicatedPair
         assert any("not in recovery" in str(e.get("reason")) for e in logs)
     finally:
         await store.close()
+
+
+async def test_a_standby_left_on_the_old_timeline_by_a_failover_is_never_read(
+    tmp_path: Path,
+) -> None:
+    """Standby B is stopped, an append reaches only the primary and standby C, the primary
+    dies and B is promoted: C still holds that lost append, at offsets where the new primary
+    then takes a different one. C is in recovery, of the same cluster, and holds every byte
+    asked for; only its timeline tells it apart."""
+    trio = ReplicatedPair(synchronous=False)
+    try:
+        trio.start()
+        left_behind = trio.add_standby("left-behind")
+        old = PostgresStore(trio.url("primary"), compact_interval=3600)
+        await old.open()
+        try:
+            await old.create(plain("/r/timeline", b"v1|"), NOW)
+            await replayed(trio)
+            trio.stop_standby()
+            await old.append("/r/timeline", text(b"lost"), NOW)
+            await replayed(trio, "left-behind")
+        finally:
+            await old.close()
+        trio.kill_primary()
+        trio.start_standby()
+        trio.promote()
+        new = PostgresStore(trio.url("standby"), read_urls=[left_behind], compact_interval=3600)
+        await new.open()
+        try:
+            meta = (await new.append("/r/timeline", text(b"diff"), NOW)).meta
+            assert await new.read(meta, 0, meta.tail) == b"v1|diff"
+            assert counts(new) == (0, 1, 0)
+        finally:
+            await new.close()
+    finally:
+        trio.close()
 
 
 async def test_relay_serve_reads_catch_up_from_the_replica(
