@@ -77,17 +77,17 @@ async def resume_replay(pair: ReplicatedPair) -> None:
 
 @pytest.fixture
 async def store(pair: ReplicatedPair) -> AsyncIterator[PostgresStore]:
-    opened = PostgresStore(
+    replicated = PostgresStore(
         pair.url("primary"),
         read_urls=[pair.url("standby")],
         compact_idle_seconds=0,
         compact_interval=3600,
     )
-    await opened.open()
+    await replicated.open()
     try:
-        yield opened
+        yield replicated
     finally:
-        await opened.close()
+        await replicated.close()
         await resume_replay(pair)
 
 

@@ -117,11 +117,17 @@ class ReplicaReader:
 
     async def follow(self, primary: asyncpg.Connection) -> None:
         """Learn the primary's timeline (at start and whenever LISTEN connects again, as after
-        a failover): replicas answer only while they are on it."""
+        a failover): replicas answer only while they are on it. Between losing LISTEN and
+        this, none does: a failover may be under way."""
         try:
             self._timeline = await primary.fetchval(TIMELINE)
         except asyncpg.PostgresError:  # not a primary after all (recovery): no replica then
             self._timeline = None
+
+    def forget(self) -> None:
+        """The primary may be changing (its connection was lost): no replica answers until
+        ``follow`` has read the timeline again."""
+        self._timeline = None
 
     async def close(self) -> None:
         for replica in self._replicas:

@@ -457,8 +457,9 @@ class PostgresStore:
         the primary."""
         if start >= end:
             return b""
-        if self._replicas is not None and meta.stream_id not in self._diverged:
-            data = await self._replicas.read(meta, start, end)
+        replicas = self._replicas
+        if replicas is not None and meta.stream_id not in self._diverged:
+            data = await replicas.read(meta, start, end)
             if data is not None:
                 return data
         async with self._conn() as conn:
@@ -1021,6 +1022,8 @@ class PostgresStore:
                 self._listening = False
                 self._listen_conn = None
                 self._known.clear()
+                if self._replicas is not None:
+                    self._replicas.forget()  # until LISTEN is back on whichever is primary
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
 
