@@ -59,6 +59,7 @@ def make_store(config: Config) -> Store:
             command_timeout=config.db_timeout,
             direct_url=config.direct_database_url,
             pooler=config.database_pooler,
+            read_urls=config.read_database_url,
         )
     from relay.store.sqlite import SqliteStore
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,6 +27,8 @@ class Setting:
     kind: Callable[[str], Any]
     default: Any
     help: str
+    repeatable: bool = False
+    """The flag may be given more than once (its values are joined with commas)."""
 
 
 def _positive_float(text: str) -> float:
@@ -92,6 +95,19 @@ def _log_format(text: str) -> str:
     if fmt not in ("auto", "console", "json"):
         raise ValueError("must be auto, console or json")
     return fmt
+
+
+_URL_START = re.compile(r",\s*(?=postgres(?:ql)?://)")
+
+
+def _database_urls(text: str) -> tuple[str, ...]:
+    """Comma-separated Postgres URLs. A comma splits only before ``postgres[ql]://``: one URL
+    may itself name several hosts with commas (``postgresql://u@h1:5432,h2:5432/db``)."""
+    urls = tuple(url.strip() for url in _URL_START.split(text) if url.strip())
+    for url in urls:
+        if not url.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be postgresql:// URLs, comma-separated or the flag repeated")
+    return urls
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -241,6 +257,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds a database call may take before the request is answered 503",
     ),
     Setting(
+        "read_database_url",
+        _database_urls,
+        (),
+        "hot standby of --database-url serving catch-up reads (repeat the flag, or separate "
+        "URLs with commas, for several); bytes it has not replayed yet come from the primary",
+        repeatable=True,
+    ),
+    Setting(
         "shutdown_timeout",
         _non_negative_float,
         10.0,
@@ -340,6 +364,7 @@ class Config:
     log_format: str = "auto"
     access_log: bool = True
     db_timeout: float = 5.0
+    read_database_url: tuple[str, ...] = ()
     shutdown_timeout: float = 10.0
     auth_api_keys: str = ""
     auth_jwt_keys: str = ""
@@ -374,6 +399,10 @@ POOLER_NEEDS_DIRECT_URL = (
     " URL that reaches Postgres itself, not the pooler, for LISTEN and the migration lock,"
     " which need a session of their own"
 )
+READ_REPLICAS_NEED_POSTGRES = (
+    "--read-database-url needs --database-url: read replicas are standbys of the Postgres"
+    " primary, which keeps every write, long-poll and NOTIFY"
+)
 
 
 NEEDS_AUTH = (
@@ -404,6 +433,11 @@ def env_name(setting: str) -> str:
     return "RELAY_" + setting.upper()
 
 
+def env_value(value: Any) -> str:
+    """A resolved value as its ``RELAY_*`` variable spells it (lists comma-separated)."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
     """Add one ``--flag`` per setting (or per setting named in ``only``, for commands that
     use a few); defaults stay None so the environment can apply."""
@@ -425,6 +459,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: Collection[str] | None 
         parser.add_argument(
             flag,
             dest=setting.name,
+            action="append" if setting.repeatable else "store",
             default=None,
             metavar=setting.name.upper(),
             help=f"{setting.help} (env {env_name(setting.name)}, default {setting.default!r})",
@@ -446,6 +481,8 @@ def load(
         if raw is None:
             values[setting.name] = setting.default
             continue
+        if isinstance(raw, list):  # a repeatable flag, given once per value
+            raw = ",".join(raw)
         try:
             values[setting.name] = setting.kind(str(raw))
         except ValueError as exc:
@@ -454,6 +491,8 @@ def load(
         raise ConfigError(WORKERS_NEED_POSTGRES)
     if values["database_pooler"] != "none" and not values["direct_database_url"]:
         raise ConfigError(POOLER_NEEDS_DIRECT_URL)
+    if values["read_database_url"] and not values["database_url"]:
+        raise ConfigError(READ_REPLICAS_NEED_POSTGRES)
     known = {f.name for f in fields(Config)}
     assert known == set(values), "SETTINGS and Config disagree"
     return Config(**values)

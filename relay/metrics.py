@@ -108,6 +108,17 @@ class _StoreCollector(Collector):
                 "One-round-trip writes refused because a stream changed (re-run with locks)",
                 stats.guard_misses,
             ),
+            ("relay_store_replica_reads", "Reads a read replica answered", stats.replica_reads),
+            (
+                "relay_store_replica_fallbacks",
+                "Reads a read replica had not replayed far enough for (the primary answered)",
+                stats.replica_fallbacks,
+            ),
+            (
+                "relay_store_replica_errors",
+                "Reads a read replica failed, down or refusing (the primary answered)",
+                stats.replica_errors,
+            ),
         )
         for name, doc, value in optional:
             if value is not None:
@@ -117,6 +128,10 @@ class _StoreCollector(Collector):
                 "relay_store_pool_connections_in_use",
                 "Database pool connections lent out",
                 stats.pool_in_use,
+            )
+        if stats.replicas_up is not None:
+            yield GaugeMetricFamily(
+                "relay_store_replicas_up", "Read replicas in use", stats.replicas_up
             )
         if stats.pool_size is not None:
             yield GaugeMetricFamily(

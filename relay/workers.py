@@ -34,7 +34,7 @@ import structlog
 from aiohttp import web
 
 from protocol.errors import Unavailable
-from relay.config import SETTINGS, Config, env_name
+from relay.config import SETTINGS, Config, env_name, env_value
 from relay.metrics import CONTENT_TYPE, sum_expositions
 
 log = structlog.get_logger("relay")
@@ -171,7 +171,7 @@ def _worker_environ(config: Config) -> dict[str, str]:
     """The resolved settings as ``RELAY_*`` variables (not argv: no URL shows in ``ps``)."""
     environ = dict(os.environ)
     for setting in SETTINGS:
-        environ[env_name(setting.name)] = str(getattr(config, setting.name))
+        environ[env_name(setting.name)] = env_value(getattr(config, setting.name))
     return environ
 
 

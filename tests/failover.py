@@ -52,13 +52,24 @@ class ReplicatedPair:
         self._run(f"{bin_dir}/initdb", "-D", self._dir("primary"), "-A", "trust", "-U", "relay")
         sync = ["synchronous_standby_names='*'"] if self.synchronous else []
         self._start("primary", "wal_level=replica", *sync)
-        self._run(
-            f"{bin_dir}/pg_basebackup", "-h", "127.0.0.1", "-p", str(self.ports["primary"]),
-            "-U", "relay", "-D", self._dir("standby"), "-R", "-X", "stream",
-        )  # fmt: skip
-        self._start("standby")
+        self._clone("standby")
         hosts = ",".join(f"127.0.0.1:{self.ports[n]}" for n in ("primary", "standby"))
         return f"postgresql://relay@{hosts}/postgres?target_session_attrs=read-write"
+
+    def _clone(self, name: str) -> None:
+        """A standby of the primary in its own directory, started and streaming from it."""
+        self._run(
+            f"{self._base.bin_dir}/pg_basebackup", "-h", "127.0.0.1",
+            "-p", str(self.ports["primary"]), "-U", "relay", "-D", self._dir(name), "-R",
+            "-X", "stream",
+        )  # fmt: skip
+        self._start(name)
+
+    def add_standby(self, name: str) -> str:
+        """One more standby of the primary (after ``start``); returns its URL."""
+        self.ports[name] = _free_port()
+        self._clone(name)
+        return self.url(name)
 
     def url(self, name: str) -> str:
         return f"postgresql://relay@127.0.0.1:{self.ports[name]}/postgres"
@@ -79,7 +90,7 @@ class ReplicatedPair:
         self._run(f"{self._base.bin_dir}/pg_ctl", "-D", self._dir("standby"), "-w", "promote")
 
     def close(self) -> None:
-        for name in ("standby", "primary"):
+        for name in reversed(list(self.ports)):  # standbys first
             with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
                 self._run(
                     f"{self._base.bin_dir}/pg_ctl", "-D", self._dir(name), "-m", "immediate", "stop"

@@ -66,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
+    add(
+        "--read-database-url",
+        action="append",
+        default=[],
+        help="a hot standby of --database-url for the relay's catch-up reads (repeatable); "
+        "catchup then waits for it to replay what was written before reading",
+    )
     add("--no-pin", dest="pin", action="store_false", help="do not pin server and generator")
     add(
         "--access-log",
@@ -193,7 +200,13 @@ async def _run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     for name in args.targets:
         spec = TargetSpec(
-            name, args.database_url, args.url, args.pin, args.cache_dir, args.access_log
+            name,
+            args.database_url,
+            args.url,
+            args.pin,
+            args.cache_dir,
+            args.access_log,
+            tuple(args.read_database_url),
         )
         async with start_target(spec) as target, _client(opts) as client:
             for scenario in args.scenarios:
@@ -223,6 +236,8 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     pinned = args.pin
     store = "postgres" if args.database_url else "sqlite"
+    if args.read_database_url:
+        store += f" + {len(args.read_database_url)} read replica(s)"
     lines = [
         f"relay bench: relay store={store}, {cores} cores ({_cpu_model()}), "
         + ("server on CPU 0, generator on CPU 1" if pinned else "not pinned")

@@ -47,7 +47,7 @@ async def capacity(client: aiohttp.ClientSession, target: Target, opts: Options)
             for _ in range(count - 1):
                 extra = await stack.enter_async_context(start_target(target.spec))
                 # The database is measured once per run, through the bench's own relay.
-                relays.append(replace(extra, database_url=""))
+                relays.append(replace(extra, database_url="", read_database_urls=()))
             results.append(await _run(client, relays, opts))
     return results
 
@@ -147,8 +147,8 @@ def summary(results: Sequence[Result]) -> list[str]:
             lines += ["", "capacity: tokens per second per fully busy core, from CPU per token"]
         relay_core = result.operations / u.server_cpu if u.server_cpu else 0.0
         line = f"  {result.variant}: a relay core {relay_core:,.0f} tok/s"
-        if u.database_cpu:
-            database_core = result.operations / u.database_cpu
+        if u.db_cpu:
+            database_core = result.operations / u.db_cpu
             line += (
                 f", a Postgres core {database_core:,.0f} tok/s:"
                 f" one Postgres core keeps up with {database_core / relay_core:.1f} relay cores"

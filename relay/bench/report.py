@@ -7,6 +7,7 @@ spent per operation and whether the generator, not the server, set the pace.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ _STORE_COUNTERS = (
     "relay_store_rows_written",
     "relay_store_appends",
     "relay_store_statements",
+    "relay_store_replica_reads",
+    "relay_store_replica_fallbacks",
 )
 
 
@@ -34,7 +37,8 @@ class Snapshot:
     generator_cpu: float
     counters: dict[str, float]
     wal: int | None  # Postgres WAL position, bytes
-    database_cpu: float | None = None  # the local Postgres server's CPU seconds so far
+    db_cpu: float | None = None  # CPU seconds so far of the primary's server (on this machine)
+    replica_cpu: float | None = None  # ... and of its read replicas' servers
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,10 @@ class Usage:
     appends: float | None
     wal: int | None  # WAL bytes Postgres wrote meanwhile (any database of that server)
     statements: float | None = None  # the committer's (Postgres), BEGIN and COMMIT included
-    database_cpu: float | None = None  # the local Postgres server's (all its databases)
+    db_cpu: float | None = None  # the primary's server processes (Postgres on this machine)
+    replica_cpu: float | None = None  # the read replicas' server processes
+    replica_reads: float | None = None
+    replica_fallbacks: float | None = None
 
     @property
     def generator_share(self) -> float:
@@ -56,31 +63,57 @@ class Usage:
 
 async def snapshot(client: aiohttp.ClientSession, target: Target) -> Snapshot:
     counters = await _store_counters(client, target) if target.has_metrics else {}
-    wal, database_cpu = await database_position(target.database_url)
+    wal, db_cpu = await database_position(target.database_url)
+    replica_cpu: float | None = None
+    for url in target.read_database_urls:
+        spent = (await database_position(url, wal=False))[1]
+        replica_cpu = None if spent is None else (replica_cpu or 0.0) + spent
     return Snapshot(
         time.perf_counter(),
         target.cpu_seconds(),
         time.process_time(),
         counters,
         wal,
-        database_cpu,
+        db_cpu,
+        replica_cpu,
     )
 
 
-async def database_position(url: str) -> tuple[int | None, float | None]:
-    """How far Postgres's write-ahead log has come (the write amplification of tokens) and
-    how much CPU the server has used, when it runs on this machine."""
+async def database_position(url: str, *, wal: bool = True) -> tuple[int | None, float | None]:
+    """How far Postgres's write-ahead log has come (the write amplification of tokens) and how
+    much CPU its server has used: the postmaster and all its children, exited ones included
+    (see ``postgres_cpu_seconds``), when it runs on this machine."""
     if not url:
         return None, None
     conn = await asyncpg.connect(url)
     try:
-        row = await conn.fetchrow(
-            "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS wal, pg_backend_pid() AS pid"
-        )
-        assert row is not None
-        return int(row["wal"]), postgres_cpu_seconds(int(row["pid"]))  # while it exists
+        pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        position = None
+        if wal:
+            position = int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+        return position, postgres_cpu_seconds(pid)  # while that backend exists
     finally:
         await conn.close()
+
+
+async def replicas_caught_up(target: Target) -> None:
+    """Wait until every read replica has replayed what the primary has written so far, so a
+    catch-up read measures reading old data from a replica, not replication lag."""
+    if not target.read_database_urls:
+        return
+    conn = await asyncpg.connect(target.database_url)
+    try:
+        lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+    finally:
+        await conn.close()
+    for url in target.read_database_urls:
+        replica = await asyncpg.connect(url)
+        try:
+            query = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
+            while not await replica.fetchval(query, lsn):
+                await asyncio.sleep(0.05)
+        finally:
+            await replica.close()
 
 
 def usage(before: Snapshot, after: Snapshot) -> Usage:
@@ -88,6 +121,9 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         if name in before.counters and name in after.counters:
             return after.counters[name] - before.counters[name]
         return None
+
+    def cpu(first: float | None, last: float | None) -> float | None:
+        return None if first is None or last is None else last - first
 
     server = None
     if before.server_cpu is not None and after.server_cpu is not None:
@@ -101,9 +137,10 @@ def usage(before: Snapshot, after: Snapshot) -> Usage:
         appends=delta("relay_store_appends"),
         wal=None if before.wal is None or after.wal is None else after.wal - before.wal,
         statements=delta("relay_store_statements"),
-        database_cpu=None
-        if before.database_cpu is None or after.database_cpu is None
-        else after.database_cpu - before.database_cpu,
+        db_cpu=cpu(before.db_cpu, after.db_cpu),
+        replica_cpu=cpu(before.replica_cpu, after.replica_cpu),
+        replica_reads=delta("relay_store_replica_reads"),
+        replica_fallbacks=delta("relay_store_replica_fallbacks"),
     )
 
 
@@ -185,7 +222,8 @@ def render(scenario: str, results: Sequence[Result]) -> str:
     """One markdown table; relay rows carry relay / reference and relay / bare ratios."""
     headline = HEADLINES[scenario]
     header = ["target", "setting", "ops", "rate", "p50 ms", "p99 ms", "lost", "server CPU"]
-    header += ["db CPU", "gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
+    header += ["db CPU", "replica CPU", "replica reads"]
+    header += ["gen CPU", "commits/op", "stmts/commit", "rows/op", "batch", "WAL B/op"]
     header += ["held rate"]
     header += ["/ reference", "/ bare"]
     header += ["notes"]
@@ -226,14 +264,15 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
     u = result.usage
     p50, p99 = result.p(0.50), result.p(0.99)
     per_op = result.operations or 1
-    server = "-"
-    if u.server_cpu is not None and u.wall:
-        share = u.server_cpu / u.wall
-        server = f"{u.server_cpu * 1e6 / per_op:,.0f} us/{result.unit} ({share:.0%})"
-    database = "-"
-    if u.database_cpu is not None and u.wall:
-        share = u.database_cpu / u.wall
-        database = f"{u.database_cpu * 1e6 / per_op:,.0f} us/{result.unit} ({share:.0%})"
+
+    def spent(seconds: float | None) -> str:
+        if seconds is None or not u.wall:
+            return "-"
+        return f"{seconds * 1e6 / per_op:,.0f} us/{result.unit} ({seconds / u.wall:.0%})"
+
+    replicated = "-"
+    if u.replica_reads is not None and result.target.read_database_urls:
+        replicated = f"{u.replica_reads:.0f} (+{u.replica_fallbacks or 0:.0f} fell back)"
     generator = f"{u.generator_share:.0%}"
     if result.generator_limited:
         generator += " generator-limited"
@@ -253,8 +292,10 @@ def _cells(result: Result, vs_reference: str, vs_bare: str) -> list[str]:
         "-" if p50 is None else f"{p50 * 1000:.2f}",
         "-" if p99 is None else f"{p99 * 1000:.2f}",
         f"{result.lost}",
-        server,
-        database,
+        spent(u.server_cpu),
+        spent(u.db_cpu),
+        spent(u.replica_cpu),
+        replicated,
         generator,
         commits,
         statements,

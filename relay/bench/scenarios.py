@@ -21,7 +21,7 @@ import orjson
 from protocol import headers as h
 from relay.bench.capacity import capacity
 from relay.bench.ledger import ledger
-from relay.bench.report import Result, snapshot, usage
+from relay.bench.report import Result, replicas_caught_up, snapshot, usage
 from relay.bench.targets import Target
 
 TOKEN_BYTES = 24
@@ -414,6 +414,7 @@ async def catchup(client: aiohttp.ClientSession, target: Target, opts: Options) 
         block = os.urandom(CATCHUP_BLOCK)
         written.update(block)
         await _post(client, url, block, headers)
+    await replicas_caught_up(target)
     before = await snapshot(client, target)
     chunks = 0
     parts: list[bytes] = []

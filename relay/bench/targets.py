@@ -53,6 +53,8 @@ class TargetSpec:
     cache_dir: Path = Path.home() / ".cache" / "relay-bench"
     access_log: str = "on"
     """The relay runs at log level info, as deployed, so its access log costs what it costs."""
+    read_database_urls: tuple[str, ...] = ()
+    """Hot standbys of ``database_url`` the relay reads catch-up bytes from."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class Target:
     has_metrics: bool
     database_url: str = ""
     """Where a relay target keeps its streams (Postgres), to read the WAL position."""
+    read_database_urls: tuple[str, ...] = ()
+    """Its read replicas, to wait for their replay and read their CPU time."""
     spec: TargetSpec | None = None
     """How it was started, so a scenario can start more relays like it (``capacity``)."""
 
@@ -159,9 +163,11 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
         )
         try:
             await _wait_ready(base, proc, label)
-            database = spec.database_url if spec.name == "relay" else ""
+            relay = spec.name == "relay"
+            database = spec.database_url if relay else ""
+            replicas = spec.read_database_urls if relay else ()
             yield Target(
-                spec.name, label, base, proc.pid, spec.name == "relay", database, spec
+                spec.name, label, base, proc.pid, relay, database, replicas, spec
             )
         finally:
             proc.terminate()
@@ -179,7 +185,12 @@ def _command(spec: TargetSpec, port: int, scratch: Path) -> tuple[list[str], Pat
         command += ["--access-log", spec.access_log]
         if spec.database_url:
             command += ["--database-url", spec.database_url]
-        return command, None, "relay (postgres)" if spec.database_url else "relay (sqlite)"
+        for url in spec.read_database_urls:
+            command += ["--read-database-url", url]
+        label = "relay (sqlite)"
+        if spec.database_url:
+            label = "relay (postgres + replica)" if spec.read_database_urls else "relay (postgres)"
+        return command, None, label
     if spec.name == "bare":
         return [sys.executable, "-m", "relay.bench.bare", str(port)], None, "bare aiohttp"
     if spec.name == "reference":

@@ -122,6 +122,10 @@ class StoreStats:
     diverged_streams: int | None = None  # found behind what this relay acknowledged (failover)
     pool_in_use: int | None = None
     pool_size: int | None = None
+    replica_reads: int | None = None  # reads a read replica answered (Postgres with replicas)
+    replica_fallbacks: int | None = None  # reads it had not replayed far enough for: primary
+    replica_errors: int | None = None  # reads it failed (down, refused): the primary answered
+    replicas_up: int | None = None  # read replicas in use now
 
 
 class Store(Protocol):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -67,6 +67,7 @@ from relay.store.postgres.connections import (
 )
 from relay.store.postgres.known import Known, Owned, OwnedStreams
 from relay.store.postgres.plan import Batch, notify_payload, parse_payload, stage_append
+from relay.store.postgres.replicas import ReplicaReader
 from relay.store.postgres.schema import apply_migrations, migrations
 from relay.store.postgres.statements import (
     ERASE_BEYOND,
@@ -105,11 +106,22 @@ class PostgresStore:
         clock: Callable[[], float] = time.time,
         direct_url: str = "",
         pooler: str = "none",
+        read_urls: Sequence[str] = (),
     ) -> None:
         self._url = url  # pooled work: the pool, the committer (through a pooler, if any)
         self._direct_url = direct_url or url  # LISTEN and migrations: a session of their own
         self._pooler = pooler
         self._pooled = pooled_options(pooler)
+        self._replicas = (
+            ReplicaReader(
+                read_urls,
+                command_timeout=command_timeout or None,
+                pool_size=pool_size,
+                options=self._pooled,  # standbys may sit behind the same kind of pooler
+            )
+            if read_urls
+            else None
+        )
         self._timeout = command_timeout or None
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -175,6 +187,8 @@ class PostgresStore:
             raise StoreStartupError(f"cannot reach Postgres: {exc}") from None
         try:
             await apply_migrations(conn)
+            if self._replicas is not None:
+                await self._replicas.open(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -204,6 +218,8 @@ class PostgresStore:
                 await asyncio.wait_for(self._pool.close(), self._timeout or 10)
             except (*DISCONNECTS, asyncpg.PostgresError):
                 self._pool.terminate()  # connections already lost: nothing left to flush
+        if self._replicas is not None:
+            await self._replicas.close()
 
     def set_listener(self, events: StoreEvents) -> None:
         self._events = events
@@ -214,8 +230,13 @@ class PostgresStore:
         size = pool.get_size() if pool is not None else 0
         base = self._committer.stats()
         counts = self._stats
+        replicas = self._replicas
         return replace(
             base,
+            replica_reads=replicas.reads if replicas else None,
+            replica_fallbacks=replicas.fallbacks if replicas else None,
+            replica_errors=replicas.errors if replicas else None,
+            replicas_up=replicas.up if replicas else None,
             appends=counts["appends"],
             rows_written=counts["rows_written"],
             unavailable=base.unavailable + counts["unavailable"],
@@ -448,8 +469,16 @@ class PostgresStore:
             return await self._load(conn, path)
 
     async def read(self, meta: StreamMeta, start: int, end: int) -> bytes:
+        """From a read replica holding all of ``[start, end)`` if there is one (never for a
+        stream the database lost appends of: a replica may hold bytes the primary lost), else
+        the primary."""
         if start >= end:
             return b""
+        replicas = self._replicas
+        if replicas is not None and meta.stream_id not in self._diverged:
+            data = await replicas.read(meta, start, end)
+            if data is not None:
+                return data
         async with self._conn() as conn:
             return await read_range(conn, meta, start, end)
 
@@ -988,6 +1017,9 @@ class PostgresStore:
                 log.info("listen connection re-established", channel=CHANNEL)
             connected_before = True
             self._database_back()
+            if self._replicas is not None:
+                with contextlib.suppress(*DISCONNECTS):
+                    await self._replicas.follow(conn)  # a failover may have changed timelines
             try:
                 conn.add_termination_listener(lambda _c, event=lost: event.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
@@ -1010,6 +1042,8 @@ class PostgresStore:
                 self._listening = False
                 self._listen_conn = None
                 self._known.clear()
+                if self._replicas is not None:
+                    self._replicas.forget()  # until LISTEN is back on whichever is primary
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
 
