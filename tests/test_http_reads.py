@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -20,6 +21,7 @@ from protocol.model import StreamMeta
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Context
+from tests.relay_process import RelayProcess
 from tests.stores import Backend, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
@@ -232,6 +234,43 @@ async def test_an_sse_reader_far_behind_still_reconnects_on_the_interval(
             await asyncio.sleep(0.002)  # slower than the relay writes
     assert body.count(b"x") < total  # ended before catching up
     assert body.rstrip().rsplit(b"\n\n", 1)[-1].startswith(b"event: control")
+
+
+async def test_a_client_that_pipelines_small_reads_and_never_reads_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """Small answers go out without a write timer; once they pile up unread (pipelined GETs,
+    nothing read back) the timer is armed again and the connection is cut, while other
+    clients are served. A relay process of its own, so it fills the socket at full speed
+    while this test does not read (in-process, the test's own loop paces it)."""
+    relay = RelayProcess(tmp_path / "data", "--write-timeout", "0.3")
+    relay.start()
+    try:
+        async with aiohttp.ClientSession(relay.url) as session:
+            await session.put("/v1/stream/small", headers=TEXT)
+            await session.post("/v1/stream/small", data=b"hello", headers=TEXT)
+            request = b"GET /v1/stream/small?offset=-1 HTTP/1.1\r\nHost: t\r\n\r\n"
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(request)
+            one = await reader.readuntil(b"hello")  # one whole answer: headers, then body
+            count = 40_000  # about 30 MB of answers, far more than the buffers hold
+            try:
+                writer.write(request * count)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                await asyncio.sleep(2.0)  # not reading meanwhile
+                async with session.get("/v1/stream/small", params={"offset": "-1"}) as other:
+                    assert await other.text() == "hello"
+                received = 0
+                async with asyncio.timeout(30):
+                    with contextlib.suppress(ConnectionError):
+                        while chunk := await reader.read(1 << 20):  # EOF: cut off
+                            received += len(chunk)
+                assert received < count * len(one) // 2  # cut off long before the end
+            finally:
+                writer.close()
+    finally:
+        relay.kill()
 
 
 async def test_a_catch_up_reader_that_stops_reading_is_dropped(
