@@ -434,11 +434,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _reap_forever(ctx: Context) -> None:
+    """Reap expired streams every ``reap_interval``. While the database is unreachable the
+    store logs the outage (once) and requests get 503; a pass then just waits for the next."""
     while True:
         await asyncio.sleep(ctx.config.reap_interval)
         try:
             expired = await ctx.store.reap(ctx.clock())
             if expired:
                 ctx.metrics.streams_expired.inc(expired)
+        except Unavailable:
+            continue
         except Exception:
             log.exception("reaper failed")

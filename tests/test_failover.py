@@ -1,4 +1,4 @@
-"""Failover without losing an acknowledged append: a relay whose database URL names a primary
+"""Failover without losing an acknowledged append: relays whose database URL names a primary
 and its synchronous standby (``target_session_attrs=read-write``) keeps every acknowledged
 append when the primary is SIGKILLed and the standby promoted, and finds the new primary by
 itself. Idempotent producers on several streams write throughout; they retry what the switch
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +39,86 @@ def pair() -> Iterator[ReplicatedPair]:
         replicated.close()
 
 
+def position(offset: str) -> int:
+    return 0 if offset == "-1" else int(offset.rsplit("_", 1)[1])
+
+
+class Follower:
+    """A live reader of one stream that rides out the failover: on a 503, a cut connection or
+    a timeout it resumes from the last offset it was given, as the official clients do. It
+    ends once it has read up to the stream's final tail (set when the producers are done)."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, live: str) -> None:
+        self.http, self.url, self.live = http, url, live
+        self.offset = "-1"
+        self.data = bytearray()
+        self.interruptions = 0
+        self.final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def done(self) -> bool:
+        return self.final.done() and position(self.offset) >= self.final.result()
+
+    async def run(self) -> None:
+        while not self.done():
+            try:
+                await (self._sse() if self.live == "sse" else self._long_poll())
+            except (TimeoutError, aiohttp.ClientError, _Refused):
+                self.interruptions += 1
+                await asyncio.sleep(0.1)
+
+    async def _long_poll(self) -> None:
+        params = {"offset": self.offset, "live": "long-poll"}
+        async with self.http.get(self.url, params=params) as r:
+            if r.status not in (200, 204):
+                raise _Refused(r.status)
+            body = await r.read()
+            self.data += body
+            self.offset = r.headers.get("Stream-Next-Offset", self.offset)
+
+    async def _sse(self) -> None:
+        params = {"offset": self.offset, "live": "sse"}
+        async with self.http.get(self.url, params=params) as r:
+            if r.status != 200:
+                raise _Refused(r.status)
+            buffer, pending = b"", bytearray()
+            async for chunk in r.content.iter_any():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    lines = event.split(b"\n")
+                    kind = next((x[6:].strip() for x in lines if x.startswith(b"event:")), b"")
+                    data = b"\n".join(
+                        x[5:].removeprefix(b" ") for x in lines if x.startswith(b"data:")
+                    )
+                    if kind == b"data":
+                        pending += data  # kept only once its control event names the offset
+                    elif kind == b"control":
+                        self.data += pending
+                        pending.clear()
+                        self.offset = json.loads(data)["streamNextOffset"]
+                        if self.done():
+                            return
+
+
+class _Refused(Exception):
+    """The relay answered, but not with data (503 while the database switches)."""
+
+
 async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_failover(
     pair: ReplicatedPair, tmp_path: Path
 ) -> None:
+    """Two relays name both hosts; each takes half the producers, and long-poll and SSE readers
+    of those streams are parked at the other relay (woken across relays by NOTIFY). After the
+    primary is SIGKILLed and the standby promoted, every acknowledged append is stored once at
+    its acknowledged offset, and every reader has exactly the stored bytes."""
     url = pair.start()
-    relay = RelayProcess(tmp_path / "data", "--database-url", url, "--db-timeout", "2")
-    relay.start()
+    relays = [
+        RelayProcess(tmp_path / name, "--database-url", url, "--db-timeout", "2",
+                     "--long-poll-timeout", "2", log=tmp_path / f"{name}.log")
+        for name in ("a", "b")
+    ]  # fmt: skip
+    for relay in relays:
+        relay.start()
     acked: dict[tuple[int, int], int] = {}
     failures = 0
     first_failure: float | None = None
@@ -48,10 +126,18 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
     switched = asyncio.Event()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            base = f"{relay.url}/v1/stream/fail"
+
+            def stream(n: int, relay: int) -> str:
+                return f"{relays[relay].url}/v1/stream/fail-{n}"
+
             for n in range(STREAMS):
-                async with http.put(f"{base}-{n}", headers={"Content-Type": "text/plain"}) as r:
+                async with http.put(stream(n, n % 2), headers={"Content-Type": "text/plain"}) as r:
                     assert r.status == 201
+            followers = [
+                Follower(http, stream(n, 1 - n % 2), "long-poll" if n < 2 else "sse")
+                for n in range(4)
+            ]
+            reading = [asyncio.create_task(f.run()) for f in followers]
 
             async def produce(n: int) -> None:
                 nonlocal failures, first_failure, recovered
@@ -65,14 +151,14 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
                     }
                     try:
                         async with http.post(
-                            f"{base}-{n}", data=record(n, seq), headers=headers
+                            stream(n, n % 2), data=record(n, seq), headers=headers
                         ) as r:
                             status = r.status
                             offset = r.headers.get("Stream-Next-Offset", "")
                     except (TimeoutError, aiohttp.ClientError):
                         status, offset = 0, ""
                     if status in (200, 204):
-                        acked[(n, seq)] = int(offset.rsplit("_", 1)[1])
+                        acked[(n, seq)] = position(offset)
                         if first_failure is not None and recovered is None:
                             recovered = time.monotonic()
                         seq += 1
@@ -92,20 +178,32 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
             await asyncio.to_thread(pair.promote)
             switched.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 90)
+            stored = []
             for n in range(STREAMS):
-                data = await read_all(http, f"{base}-{n}")
+                data = await read_all(http, stream(n, (n + 1) % 2))
+                stored.append(data)
                 records = [data[i : i + RECORD] for i in range(0, len(data), RECORD)]
                 assert records == [record(n, s) for s in range(len(records))], "lost or doubled"
-                for (stream, seq), end in acked.items():
-                    if stream == n:
+                for (which, seq), end in acked.items():
+                    if which == n:
                         assert data[end - RECORD : end] == record(n, seq)
+            for n, follower in enumerate(followers):
+                follower.final.set_result(len(stored[n]))
+            await asyncio.wait_for(asyncio.gather(*reading), 60)
+            for n, follower in enumerate(followers):
+                assert bytes(follower.data) == stored[n], f"{follower.live} reader of {n}"
     finally:
-        relay.stop()
+        for relay in relays:
+            relay.stop()
     assert first_failure is not None and recovered is not None
+    for relay in relays:  # an outage is one line when it starts, not a traceback per task
+        assert relay.log is not None
+        assert "reaper failed" not in relay.log.read_text()
     print(
-        f"\nfailover to a synchronous standby: {len(acked)} acknowledged appends, none lost; "
-        f"write outage {recovered - first_failure:.2f} s, {failures} requests answered 503 "
-        "or cut off meanwhile"
+        f"\nfailover to a synchronous standby, two relays: {len(acked)} acknowledged appends, "
+        f"none lost; write outage {recovered - first_failure:.2f} s, {failures} requests "
+        "answered 503 or cut off meanwhile; 2 long-poll and 2 SSE readers parked at the other "
+        f"relay got every byte once ({sum(f.interruptions for f in followers)} reconnects)"
     )
 
 
@@ -155,3 +253,28 @@ async def test_after_failing_over_to_a_standby_that_was_behind_writes_are_refuse
         assert "database is behind what this relay acknowledged" in log.read_text()
     finally:
         pair.close()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    shutil.which("npx") is None or not (ROOT / "conformance/official/node_modules").is_dir(),
+    reason="needs node and `npm ci` in conformance/official (scripts/test does both)",
+)
+def test_the_official_suite_passes_against_a_relay_naming_both_hosts(pair: ReplicatedPair) -> None:
+    """The whole protocol with the URL an operator gives for failover: both hosts,
+    ``target_session_attrs=read-write``, every commit acknowledged by the synchronous standby."""
+    url = pair.start()
+    done = subprocess.run(
+        [str(ROOT / "scripts/official-suite"), "--database-url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)  # vitest colours even without a tty
+    summary = [line for line in plain.splitlines() if line.strip().startswith("Tests")]
+    assert done.returncode == 0, (summary, plain[-3000:], done.stderr[-3000:])
+    assert summary and "failed" not in summary[-1], summary
+    print(f"\nofficial suite, database URL naming primary and standby: {summary[-1].strip()}")
