@@ -11,6 +11,8 @@ import pytest
 from aiohttp import web
 from relay_producer import (
     ContentTypeMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
     ProducerFenced,
     StreamClosed,
     StreamNotFound,
@@ -154,3 +156,23 @@ async def test_a_restarted_producer_takes_a_larger_epoch_and_fences_the_old_one(
         ) as stale:
             await stale.append("c")
     assert await _read(url) == "ab"
+
+
+async def test_a_malformed_request_and_an_oversized_batch_have_types_of_their_own(
+    tmp_path: Path,
+) -> None:
+    relay = RelayProcess(tmp_path / "data", "--max-body-bytes", "1024")
+    relay.start()
+    try:
+        with pytest.raises(InvalidRequest) as bad:
+            async with StreamProducer(f"{relay.url}/v1/stream/a%00b", producer_id="p"):
+                pass
+        assert bad.value.status == 400 and "invalid_path" in bad.value.body
+        async with StreamProducer(
+            f"{relay.url}/v1/stream/big", producer_id="p", content_type="text/plain"
+        ) as p:
+            with pytest.raises(PayloadTooLarge):
+                await p.append("x" * 4096)
+            assert await p.append("fits") and await _read(f"{relay.url}/v1/stream/big") == "fits"
+    finally:
+        relay.kill()

@@ -4,6 +4,8 @@ corrections Relay supports on what it wrote (revise, supersede, retain)."""
 from relay_producer.corrections import retain, revise, supersede
 from relay_producer.errors import (
     ContentTypeMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
     ProducerError,
     ProducerFenced,
     SequenceGap,
@@ -14,6 +16,8 @@ from relay_producer.producer import StreamProducer
 
 __all__ = [
     "ContentTypeMismatch",
+    "InvalidRequest",
+    "PayloadTooLarge",
     "ProducerError",
     "ProducerFenced",
     "SequenceGap",

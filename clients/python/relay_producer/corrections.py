@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from relay_producer.errors import ProducerError, StreamNotFound
+from relay_producer.errors import error_for
 from relay_producer.producer import StreamProducer
 from relay_producer.revisions import revision
 
@@ -87,6 +87,4 @@ async def _request(
         text = await resp.text()
         if resp.status in ok:
             return dict(resp.headers)
-        if resp.status == 404:
-            raise StreamNotFound(resp.status, text)
-        raise ProducerError(resp.status, text)
+        raise error_for(resp.status, resp.headers, text)

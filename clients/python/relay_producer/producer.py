@@ -16,14 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from relay_producer.errors import (
-    ContentTypeMismatch,
-    ProducerError,
-    ProducerFenced,
-    SequenceGap,
-    StreamClosed,
-    StreamNotFound,
-)
+from relay_producer.errors import ProducerError, ProducerFenced, error_for
 
 _TRANSIENT = {429, 500, 502, 503, 504}
 
@@ -188,7 +181,7 @@ class StreamProducer:
                             self.offset = offset
                         return self.offset or ""
                     if resp.status not in _TRANSIENT:
-                        raise _error(resp, text)
+                        raise error_for(resp.status, resp.headers, text)
                     retry_after = resp.headers.get("Retry-After", "")
                     if retry_after.isdigit():
                         wait = min(float(retry_after), self.max_backoff)
@@ -200,22 +193,3 @@ class StreamProducer:
             await asyncio.sleep(wait if wait is not None else delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self.max_backoff)
         raise AssertionError("unreachable")
-
-
-def _error(resp: aiohttp.ClientResponse, text: str) -> ProducerError:
-    status = resp.status
-    if status == 404:
-        return StreamNotFound(status, text)
-    if status == 403 and "Producer-Epoch" in resp.headers:
-        try:
-            current: int | None = int(resp.headers["Producer-Epoch"])
-        except ValueError:
-            current = None
-        return ProducerFenced(status, text, current)
-    if status == 409:
-        if resp.headers.get("Stream-Closed", "").lower() == "true":
-            return StreamClosed(status, text)
-        if "Producer-Expected-Seq" in resp.headers:
-            return SequenceGap(status, text)
-        return ContentTypeMismatch(status, text)
-    return ProducerError(status, text)
