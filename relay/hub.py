@@ -46,6 +46,24 @@ class _Held:
     chunks: deque[tuple[int, bytes]] = field(default_factory=deque)
     size: int = 0
 
+    def since(self, at: int) -> list[tuple[int, bytes]] | None:
+        """The held appends from the one holding byte ``at`` on, oldest first; ``[]`` when
+        ``at`` is the end of what is held, None when it is not held.
+
+        Found from the newest end: readers are nearly always at or near the tail, and a stream
+        of tokens holds thousands of tiny appends (scanning from the oldest was 6% of the
+        relay's CPU at 50 chat sessions).
+        """
+        found: list[tuple[int, bytes]] = []
+        for chunk in reversed(self.chunks):
+            chunk_start, data = chunk
+            if chunk_start + len(data) <= at:
+                return found[::-1] if chunk_start + len(data) == at else None
+            found.append(chunk)
+            if chunk_start <= at:
+                return found[::-1]
+        return None  # before the oldest held byte (or nothing held)
+
 
 _NOTHING_HELD = _Held()
 
@@ -150,16 +168,11 @@ class Subscription:
         parts: list[memoryview] = []
         size = 0
         at = start
-        for chunk_start, data in self._hub._held.get(self.stream_id, _NOTHING_HELD).chunks:
-            held_end = chunk_start + len(data)
-            if held_end <= at:
-                continue
-            if chunk_start > at:
-                break
+        for chunk_start, data in self._hub._held.get(self.stream_id, _NOTHING_HELD).since(at) or ():
             piece = memoryview(data)[at - chunk_start :]
             parts.append(piece)
             size += len(piece)
-            at = held_end
+            at = chunk_start + len(data)
             if size >= limit:
                 break
         if not parts:
@@ -250,14 +263,9 @@ class Hub:
             return None
         parts: list[memoryview] = []
         at = start
-        for chunk_start, data in held.chunks:
-            chunk_end = chunk_start + len(data)
-            if chunk_end <= at:
-                continue
-            if chunk_start > at:
-                return None
+        for chunk_start, data in held.since(start) or ():
             parts.append(memoryview(data)[at - chunk_start : min(len(data), end - chunk_start)])
-            at = min(chunk_end, end)
+            at = min(chunk_start + len(data), end)
             if at >= end:
                 return b"".join(parts)
         return None

@@ -6,6 +6,8 @@ import asyncio
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.hub import Hub
 
@@ -215,3 +217,42 @@ async def test_the_number_of_streams_held_is_capped_too(monkeypatch: pytest.Monk
         hub.publish(stream_id, 0, b"x", 1, False)
     assert [hub.held(n, 0, 1) is not None for n in range(5)] == [False, False, True, True, True]
     assert hub.held_bytes == 3
+
+
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=60),
+    cap=st.integers(20, 400),
+    start=st.integers(0, 2500),
+    length=st.integers(0, 300),
+    limit=st.integers(1, 500),
+)
+@settings(max_examples=300, deadline=None)
+def test_held_and_take_give_exactly_the_held_bytes(
+    sizes: list[int], cap: int, start: int, length: int, limit: int
+) -> None:
+    """Against a model (the concatenation of every append, less what the per-stream cap
+    evicted): a range is answered only if every byte of it is held, and then exactly."""
+
+    async def check() -> None:
+        hub = Hub(stream_bytes=cap)
+        stream = b""
+        for n, size in enumerate(sizes):
+            data = bytes([65 + n % 26]) * size
+            hub.publish(3, len(stream), data, len(stream) + size, False)
+            stream += data
+        held = hub._held.get(3)
+        chunks = held.chunks if held is not None else []
+        oldest = chunks[0][0] if chunks else len(stream)
+        newest = chunks[-1][0] + len(chunks[-1][1]) if chunks else len(stream)
+        end = min(start + length, len(stream))
+        expected = stream[start:end] if oldest <= start < end <= newest else None
+        assert hub.held(3, start, end) == expected
+        with hub.subscribe(3) as sub:
+            taken = sub.take(start, limit)
+        if oldest <= start < newest:
+            assert taken is not None and stream[start:newest].startswith(taken)
+            assert len(taken) >= min(limit, newest - start)  # whole appends, to the limit
+        else:
+            assert taken is None
+
+    asyncio.run(check())
