@@ -328,6 +328,15 @@ class Hub:
         watch.closed = watch.closed or closed
         watch.signal()
 
+    def forget_held(self) -> None:
+        """Drop every held byte and every shared render: the database may no longer be the one
+        they were committed to (a reconnect after an outage or a failover may reach a promoted
+        standby with another history), so readers read from it again."""
+        self._held.clear()
+        self._held_bytes = 0
+        for watch in self._watches.values():
+            watch.shared.clear()
+
     def deleted(self, stream_id: int) -> None:
         self._forget(stream_id)
         watch = self._watches.get(stream_id)

@@ -44,3 +44,6 @@ class CommitSink:
 
     def watched_ids(self) -> Iterable[int]:
         return self._hub.watched_ids()
+
+    def forget_held(self) -> None:
+        self._hub.forget_held()

@@ -59,6 +59,7 @@ class Recorder:
         self.heard: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.watched = watched or []
         self.local: list[tuple[str, int, int]] = []  # (path, start, tail) of local appends
+        self.forgotten = 0  # times the store said held bytes may be stale
 
     def appended(self, path: str, result: AppendResult) -> None:
         self.local.append((path, result.start, result.meta.tail))
@@ -71,6 +72,9 @@ class Recorder:
 
     def watched_ids(self) -> list[int]:
         return self.watched
+
+    def forget_held(self) -> None:
+        self.forgotten += 1
 
     async def next(self, timeout: float = 5) -> tuple[Any, ...]:
         return await asyncio.wait_for(self.heard.get(), timeout)

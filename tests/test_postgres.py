@@ -436,6 +436,45 @@ async def test_listen_reconnects_and_readers_catch_up_after_an_outage(pg_url: st
         await proxy.cut()
 
 
+async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
+    pg_url: str, tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
+    """After the connection to the database is lost, the server it comes back to may be
+    another one (a promoted standby with another history at the same offsets): the relay must
+    answer from that database, not from bytes its hub held from before."""
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
+    store = PostgresStore(proxied, command_timeout=2)
+    try:
+        client = await aiohttp_client(make_app(config, store))
+        url, plain_text = "/v1/stream/history", {"Content-Type": "text/plain"}
+        assert (await client.put(url, headers=plain_text)).status == 201
+        assert (await client.post(url, data=b"original", headers=plain_text)).status == 204
+        read = await client.get(url, params={"offset": "-1"})
+        assert await read.read() == b"original"  # from the hub's memory
+        await proxy.cut()
+        while store._listening:
+            await asyncio.sleep(0.05)
+        conn = await asyncpg.connect(pg_url)  # meanwhile the database's history changes
+        try:
+            await conn.execute(
+                "UPDATE relay_chunks SET data = 'replaced'::bytea WHERE stream_id ="
+                " (SELECT id FROM relay_streams WHERE path = $1)",
+                url,
+            )
+        finally:
+            await conn.close()
+        await proxy.restore()
+        while not store._listening:
+            await asyncio.sleep(0.05)
+        read = await client.get(url, params={"offset": "-1"})
+        assert await read.read() == b"replaced"
+        await client.close()
+    finally:
+        await proxy.cut()
+
+
 async def test_http_answers_503_with_retry_after_while_the_database_is_down(
     pg_url: str, tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:

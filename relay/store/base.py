@@ -43,6 +43,10 @@ class StoreEvents(Protocol):
         """Streams with parked readers, for re-checking after missed notifications."""
         ...
 
+    def forget_held(self) -> None:
+        """Bytes held from earlier commits may not be the database's any more (its connection
+        was lost: it may come back as another server); drop them."""
+
 
 @dataclass(frozen=True, slots=True)
 class Revocation:

@@ -1026,6 +1026,7 @@ class PostgresStore:
                 # Whatever committed while we were not listening: forget what we knew and let
                 # readers re-check.
                 self._known.clear()
+                self._forget_held()
                 self._listen_conn = conn
                 self._listening = True
                 self._wake_watched()
@@ -1042,6 +1043,7 @@ class PostgresStore:
                 self._listening = False
                 self._listen_conn = None
                 self._known.clear()
+                self._forget_held()  # the pool may reconnect first, perhaps to a new primary
                 if self._replicas is not None:
                     self._replicas.forget()  # until LISTEN is back on whichever is primary
                 with contextlib.suppress(Exception):
@@ -1071,6 +1073,10 @@ class PostgresStore:
                 self._known.moved(sid, tail, flag == "1")
                 if events is not None:
                     events.remote_commit(sid, tail, flag == "1")
+
+    def _forget_held(self) -> None:
+        if self._events is not None:
+            self._events.forget_held()
 
     def _wake_watched(self) -> None:
         ids = list(self._events.watched_ids()) if self._events is not None else []
