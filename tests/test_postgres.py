@@ -442,12 +442,7 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
     """After the connection to the database is lost, the server it comes back to may be
     another one (a promoted standby with another history at the same offsets): the relay must
     answer from that database, not from bytes its hub held from before."""
-    proxy, proxied = TcpProxy.for_url(pg_url)
-    await proxy.start()
-    config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
-    store = PostgresStore(proxied, command_timeout=2)
-    try:
-        client = await aiohttp_client(make_app(config, store))
+    async with app_behind_proxy(pg_url, tmp_path, aiohttp_client) as (proxy, store, client):
         url, plain_text = "/v1/stream/history", {"Content-Type": "text/plain"}
         assert (await client.put(url, headers=plain_text)).status == 201
         assert (await client.post(url, data=b"original", headers=plain_text)).status == 204
@@ -470,6 +465,21 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
             await asyncio.sleep(0.05)
         read = await client.get(url, params={"offset": "-1"})
         assert await read.read() == b"replaced"
+
+
+@contextlib.asynccontextmanager
+async def app_behind_proxy(
+    pg_url: str, tmp_path: Path, aiohttp_client: AiohttpClient
+) -> AsyncIterator[tuple[TcpProxy, PostgresStore, Any]]:
+    """The relay app on a store that reaches Postgres through a proxy the test can cut; the
+    client (and with it the store) closes once the test has given the database back."""
+    proxy, proxied = TcpProxy.for_url(pg_url)
+    await proxy.start()
+    config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
+    store = PostgresStore(proxied, command_timeout=2)
+    try:
+        client = await aiohttp_client(make_app(config, store))
+        yield proxy, store, client
         await client.close()
     finally:
         await proxy.cut()
@@ -478,12 +488,7 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
 async def test_http_answers_503_with_retry_after_while_the_database_is_down(
     pg_url: str, tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
-    proxy, proxied = TcpProxy.for_url(pg_url)
-    await proxy.start()
-    config = Config(data_dir=str(tmp_path), database_url=proxied, db_timeout=2)
-    store = PostgresStore(proxied, command_timeout=2)
-    try:
-        client = await aiohttp_client(make_app(config, store))
+    async with app_behind_proxy(pg_url, tmp_path, aiohttp_client) as (proxy, _, client):
         url = "/v1/stream/outage"
         assert (await client.put(url, headers={"Content-Type": "text/plain"})).status == 201
         await proxy.cut()
@@ -500,9 +505,6 @@ async def test_http_answers_503_with_retry_after_while_the_database_is_down(
         assert response.status == 204
         read = await client.get(url, params={"offset": "-1"})
         assert await read.read() == b"y"
-        await client.close()  # the store closes while the database is still there
-    finally:
-        await proxy.cut()
 
 
 async def test_the_reaper_reclaims_every_row_of_expired_streams(
