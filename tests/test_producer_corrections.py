@@ -5,6 +5,7 @@ holding the good prefix, and a retention horizon."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,20 +21,15 @@ from relay_producer import (
 )
 from relay_producer.revisions import ReplyText, token
 
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, on_store
 
 TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def relay(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    extra: tuple[str, ...] = ()
-    if request.param == "postgres":
-        extra = ("--database-url", request.getfixturevalue("pg_url"))
-    proc = RelayProcess(tmp_path / "data", *extra)
-    proc.start()
-    yield proc
-    proc.kill()
+def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProcess]:
+    with on_store(request, tmp_path) as process:
+        yield process
 
 
 async def _messages(session: aiohttp.ClientSession, url: str, offset: str = "-1") -> list[object]:
