@@ -94,6 +94,22 @@ def is_true(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "true"
 
 
+def parse_revoke_forks(value: str | None, revoke_from: str | None) -> bool:
+    """``Stream-Revoke-Forks`` (Relay's): ``true`` or ``false``, and only with
+    ``Stream-Revoke-From``. A DELETE deletes what it is told to, so a value it cannot read is
+    refused rather than taken as "no"."""
+    if value is None:
+        return False
+    flag = value.strip().lower()
+    if flag not in ("true", "false"):
+        raise BadRequest("invalid_revoke_forks", "Stream-Revoke-Forks must be true or false")
+    if revoke_from is None:
+        raise BadRequest(
+            "revoke_forks_without_from", "Stream-Revoke-Forks needs Stream-Revoke-From"
+        )
+    return flag == "true"
+
+
 def parse_ttl(value: str) -> int:
     """``Stream-TTL``: a non-negative decimal with no sign, leading zero, point or exponent."""
     if not _DECIMAL.match(value) or len(value) > 12:

@@ -15,6 +15,7 @@ from protocol.headers import (
     parse_expires_at,
     parse_non_negative,
     parse_producer,
+    parse_revoke_forks,
     parse_ttl,
 )
 
@@ -161,3 +162,38 @@ def test_media_types(content_type: str, essence: str, json: bool, text_like: boo
     assert media_type(content_type) == essence
     assert is_json(content_type) is json
     assert is_text_like(content_type) is text_like
+
+
+@pytest.mark.parametrize(
+    ("value", "revoke_from", "forks"),
+    [
+        (None, None, False),
+        (None, "0000000000000000_0000000000000004", False),
+        ("true", "0000000000000000_0000000000000004", True),
+        (" TRUE ", "0000000000000000_0000000000000004", True),
+        ("false", "0000000000000000_0000000000000004", False),
+    ],
+)
+def test_revoke_forks_reads_true_or_false(
+    value: str | None, revoke_from: str | None, forks: bool
+) -> None:
+    assert parse_revoke_forks(value, revoke_from) is forks
+
+
+@pytest.mark.parametrize(
+    ("value", "revoke_from", "code"),
+    [
+        ("maybe", "0000000000000000_0000000000000004", "invalid_revoke_forks"),
+        ("1", "0000000000000000_0000000000000004", "invalid_revoke_forks"),
+        ("", "0000000000000000_0000000000000004", "invalid_revoke_forks"),
+        ("true", None, "revoke_forks_without_from"),
+        ("false", None, "revoke_forks_without_from"),
+    ],
+)
+def test_a_delete_refuses_a_revoke_forks_it_cannot_act_on(
+    value: str, revoke_from: str | None, code: str
+) -> None:
+    """A DELETE deletes what it is told to: an unreadable flag is a 400, never a guess."""
+    with pytest.raises(BadRequest) as refused:
+        parse_revoke_forks(value, revoke_from)
+    assert refused.value.code == code

@@ -182,6 +182,9 @@ async def test_revoking_bytes_a_fork_inherits_is_refused_unless_that_fork_goes_t
     assert (await client.put("/v1/stream/chat/1/copy-2", headers=deeper)).status == 201
 
     revoke = {"Stream-Revoke-From": good}
+    for unclear in ({**revoke, "Stream-Revoke-Forks": "yes"}, {"Stream-Revoke-Forks": "true"}):
+        answer = await client.delete(OLD, headers=unclear)  # a DELETE never guesses: 400
+        assert answer.status == 400, unclear
     refused = await client.delete(OLD, headers=revoke)
     assert refused.status == 409
     body = await refused.text()

@@ -178,8 +178,9 @@ async def delete(request: web.Request) -> web.Response:
     path = stream_path(request.raw_path, ctx.config.max_path_length)
     hdrs = request.headers
     header = hdrs.get(h.STREAM_REVOKE_FROM)
+    with_forks = h.parse_revoke_forks(hdrs.get(h.STREAM_REVOKE_FORKS), header)
     revoke = Revocation(parse_offset(header.strip())) if header is not None else None
-    if revoke is not None and h.is_true(hdrs.get(h.STREAM_REVOKE_FORKS)):
+    if revoke is not None and with_forks:
         forks = frozenset(await ctx.store.inheriting(path, revoke.offset))
         revoke = Revocation(revoke.offset, forks)
         access = request.get(ACCESS) if ctx.auth is not None else None
