@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from relay_producer.errors import error_for
+from relay_producer.errors import ProducerError, error_for
 from relay_producer.producer import StreamProducer
 from relay_producer.revisions import revision
 
@@ -47,7 +47,8 @@ async def supersede(
     The fork comes first, so the successor exists when readers are pointed at it; they tail it
     live while the corrected continuation is appended. A producer still writing to ``url``
     gets 409 (closed) from then on. Closing an already closed stream this way only records
-    the successor (once; naming another later is a 409).
+    the successor (once; naming another later is a 409). If the close is refused, a successor
+    this call created is deleted again, so a failed supersede leaves no orphan fork.
     """
     base = dict(headers or {})
     fork = {
@@ -56,9 +57,15 @@ async def supersede(
         "Stream-Forked-From": url,
         "Stream-Fork-Offset": from_offset,
     }
-    await _request(session, "PUT", successor_url, fork, {200, 201})
+    created, _ = await _request(session, "PUT", successor_url, fork, {200, 201})
     close = {**base, "Stream-Closed": "true", "Stream-Successor": successor_url}
-    await _request(session, "POST", url, close, {200, 204})
+    try:
+        await _request(session, "POST", url, close, {200, 204})
+    except ProducerError:
+        if created == 201:  # ours, and no reader was pointed at it
+            async with session.delete(successor_url, headers=base):
+                pass
+        raise
     return successor_url
 
 
@@ -72,7 +79,7 @@ async def retain(
     """Keep ``url`` from ``from_offset`` on (the admin action); returns the horizon the server
     now reports. The horizon never moves back: an earlier offset is a 409."""
     sent = {**(headers or {}), "Stream-Retain-From": from_offset}
-    answer = await _request(session, "PUT", url, sent, {200})
+    _, answer = await _request(session, "PUT", url, sent, {200})
     return answer.get("Stream-Retained-From", from_offset)
 
 
@@ -82,9 +89,9 @@ async def _request(
     url: str,
     headers: dict[str, str],
     ok: set[int],
-) -> dict[str, str]:
+) -> tuple[int, dict[str, str]]:
     async with session.request(method, url, headers=headers) as resp:
         text = await resp.text()
         if resp.status in ok:
-            return dict(resp.headers)
+            return resp.status, dict(resp.headers)
         raise error_for(resp.status, resp.headers, text)
