@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -162,6 +163,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     from relay import __version__
     from relay.app import begin_shutdown, make_app
     from relay.http.context import CONTEXT
+    from relay.http.front import RelayRunner
     from relay.store.base import StoreStartupError
     from relay.workers import Worker, unblock_stop_signals, watch_parent
 
@@ -175,7 +177,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     if spec is not None:
         log = log.bind(worker=spec.index)
         worker = app[CONTEXT].worker = Worker(spec, config.workers)
-    runner = web.AppRunner(
+    runner = RelayRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
     )
     try:
@@ -183,9 +185,10 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     except StoreStartupError as exc:
         log.error("cannot start", reason=str(exc))
         return 1
+    deadline: threading.Timer | None = None
     try:
         stop = asyncio.Event()
-        _on_stop_signals(stop, exit_on_repeat=worker is None)
+        _on_stop_signals(stop, parent=os.getppid() if worker is not None else None)
         site = web.TCPSite(runner, config.host, config.port, reuse_port=worker is not None)
         try:
             await site.start()
@@ -208,6 +211,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
             pid=os.getpid(),
         )
         await stop.wait()
+        deadline = _stop_deadline(stop_seconds(config))
         begin_shutdown(app)
         await site.stop()
         await _drain(runner, DRAIN_SECONDS)
@@ -215,21 +219,50 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
         await runner.cleanup()
         if worker is not None:
             await worker.close()
+    if deadline is not None:
+        deadline.cancel()
     log.info("relay stopped")
     return 0
+
+
+STOP_GRACE = 5.0
+
+
+def stop_seconds(config: config_mod.Config) -> float:
+    """How long a graceful stop may take: the drain, in-flight handlers (shutdown-timeout),
+    then the store's last commit and its connections' close (each bounded by db-timeout)."""
+    return DRAIN_SECONDS + config.shutdown_timeout + 2 * config.db_timeout + STOP_GRACE
+
+
+def _stop_deadline(seconds: float) -> threading.Timer:
+    """Exit if the stop has not finished in ``seconds``: a stop stuck on something
+    unbounded must not leave a process holding its port and database connections (a worker
+    whose parent is gone has nobody to kill it). Safe, as after kill -9: what was
+    acknowledged is durable. A thread, so it fires even if the event loop is stuck."""
+    import structlog
+
+    def expire() -> None:
+        structlog.get_logger("relay").error("stop did not finish in time, exiting", seconds=seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 REPEAT_WINDOW = 0.1
 """Seconds within which a repeated stop signal is taken as the same stop, delivered twice."""
 
 
-def _on_stop_signals(stop: asyncio.Event, *, exit_on_repeat: bool = True) -> None:
+def _on_stop_signals(stop: asyncio.Event, *, parent: int | None = None) -> None:
     """The first SIGTERM/SIGINT sets ``stop``; the next one exits without any cleanup.
 
     Exiting at once is safe: every acknowledged append is already durable, exactly as
-    after a kill -9. A worker ignores repeats: Ctrl-C or systemd's stop signals the whole
-    group and the parent forwards the same signal, so one stop reaches it twice; a second
-    stop is the parent's to act on (it kills the workers).
+    after a kill -9. A worker (``parent``: its supervisor's pid) ignores repeats while that
+    parent lives: Ctrl-C or systemd's stop signals the whole group and the parent forwards
+    the same signal, so one stop reaches it twice; a second stop is the parent's to act on
+    (it kills the workers). Once the parent is gone, a repeat exits, as for a lone relay.
     """
     import structlog
 
@@ -244,7 +277,7 @@ def _on_stop_signals(stop: asyncio.Event, *, exit_on_repeat: bool = True) -> Non
         if stop.is_set():
             # One stop delivered twice (``timeout`` or a wrapper signals the process and its
             # group, microseconds apart) is not an operator asking again.
-            if not exit_on_repeat or loop.time() - first < REPEAT_WINDOW:
+            if os.getppid() == parent or loop.time() - first < REPEAT_WINDOW:
                 return
             log.warning("second signal, exiting now", signal=name)
             os._exit(128 + signum)

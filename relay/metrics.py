@@ -1,6 +1,6 @@
 """Prometheus metrics. Each app owns a registry, so tests can run many apps in one process.
 
-Request metrics are observed by the ``front`` middleware through children bound once per
+Request metrics are observed by ``Front`` (relay/http/front.py) through children bound once per
 label set (a label lookup per request is measurable). Store metrics are read at scrape time
 from ``Store.stats()``, so the stores stay free of this library and pay nothing per request.
 """

@@ -89,6 +89,15 @@ class RelayProcess:
                 self.proc.wait(timeout=10)
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on ``port`` (a stop closes the listener first)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def live_readers(exposition: str) -> float:
     """Parked live readers of every mode, from a ``/metrics`` text."""
     return sum(

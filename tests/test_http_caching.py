@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from protocol import caching
 from relay.app import make_app
 from relay.config import Config
+from tests.serving import RelayTestServer
 
 TEXT = {"Content-Type": "text/plain"}
 OPEN = "/v1/stream/open"
@@ -26,7 +27,7 @@ TAIL = "public, max-age=0, s-maxage=1"
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     config = Config(data_dir=str(tmp_path), long_poll_timeout=0.2, max_chunk_bytes=2)
-    async with TestClient(TestServer(make_app(config))) as client:
+    async with TestClient(RelayTestServer(make_app(config))) as client:
         await client.put(OPEN, headers=TEXT, data=b"abcd")
         await client.put(CLOSED, headers={**TEXT, "Stream-Closed": "true"}, data=b"wxyz")
         yield client

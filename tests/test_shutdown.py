@@ -14,6 +14,8 @@ import json
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,9 +24,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from relay.cli import REPEAT_WINDOW
+from relay.cli import DRAIN_SECONDS, REPEAT_WINDOW, stop_seconds
+from relay.config import Config
 from relay.hub import Hub
-from tests.relay_process import RelayProcess, live_readers, read_all
+from tests.relay_process import RelayProcess, listening, live_readers, read_all
 
 EXIT_BOUND = 5.0  # seconds; a correctness bound (a hung stop takes 10 s or more), not a benchmark
 PRODUCERS = 24
@@ -71,14 +74,6 @@ async def test_hub_shutdown_ends_parked_waits_as_timeouts() -> None:
         assert await parked is False
         assert await sub.wait_beyond(5, timeout=3600) is False
         assert await sub.wait_beyond(4, timeout=3600) is True  # data already there wins
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 async def _exit_code(relay: RelayProcess, since: float) -> tuple[int, float]:
@@ -297,7 +292,7 @@ async def test_second_signal_exits_at_once_while_a_stop_waits(
             stuck = await asyncio.to_thread(_start_append, relay.port)
             try:
                 relay.proc.send_signal(signal.SIGTERM)
-                while _listening(relay.port):  # the stop has begun once the listener is gone
+                while listening(relay.port):  # the stop has begun once the listener is gone
                     await asyncio.sleep(0.02)
                 assert relay.proc.poll() is None, "the stop did not wait for the stuck append"
                 await asyncio.sleep(
@@ -323,3 +318,17 @@ def test_one_stop_delivered_twice_at_once_is_still_graceful(tmp_path: Path) -> N
     relay.proc.send_signal(signal.SIGTERM)
     relay.proc.send_signal(signal.SIGTERM)
     assert relay.proc.wait(timeout=EXIT_BOUND) == 0  # a graceful stop exits 0, os._exit 143
+
+
+def test_a_stop_past_its_deadline_exits_the_process() -> None:
+    """Whatever a stop hangs on, the process ends once ``stop_seconds`` have passed (here a
+    stop that never returns, as the event loop of a stuck process would not)."""
+    code = "import time; from relay.cli import _stop_deadline; _stop_deadline(0.2); time.sleep(30)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20)
+    assert done.returncode == 1
+    assert b"stop did not finish in time" in done.stdout + done.stderr
+
+
+def test_the_stop_deadline_leaves_room_for_every_bounded_step() -> None:
+    config = Config(shutdown_timeout=7.0, db_timeout=3.0)
+    assert stop_seconds(config) > DRAIN_SECONDS + 7.0 + 2 * 3.0

@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from protocol.offsets import format_offset
 from relay.app import make_app
@@ -21,6 +20,7 @@ from relay.config import Config
 from relay.store.base import Store
 from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SqliteStore
+from tests.serving import RelayTestServer
 from tests.stores import Backend, backend
 from tests.webhook_receiver import Received, Receiver, verify
 
@@ -79,7 +79,7 @@ def _store(backend: Backend) -> Store:
 @pytest.fixture
 async def relay(backend: Backend) -> AsyncIterator[Relay]:
     config = Config(data_dir=str(backend.data_dir), subscription_poll_interval=0.05)
-    server = TestServer(make_app(config, _store(backend)), host="127.0.0.1")
+    server = RelayTestServer(make_app(config, _store(backend)), host="127.0.0.1")
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as http:
@@ -418,7 +418,7 @@ async def test_subscriptions_and_signing_keys_survive_a_restart(backend: Backend
     config = Config(data_dir=str(backend.data_dir), subscription_poll_interval=0.05)
     kids = []
     for round_ in range(2):
-        server = TestServer(make_app(config, _store(backend)), host="127.0.0.1")
+        server = RelayTestServer(make_app(config, _store(backend)), host="127.0.0.1")
         await server.start_server()
         try:
             async with aiohttp.ClientSession() as http:
@@ -464,13 +464,13 @@ async def test_concurrent_creates_through_two_relays_agree(pg_url: str, tmp_path
     try:
         for name in ("a", "b"):
             config = Config(data_dir=str(tmp_path / name), database_url=pg_url)
-            server = TestServer(make_app(config, PostgresStore(pg_url)), host="127.0.0.1")
+            server = RelayTestServer(make_app(config, PostgresStore(pg_url)), host="127.0.0.1")
             await server.start_server()
             servers.append(server)
         body = hook("http://127.0.0.1:9/hook", pattern="race/*")
         async with aiohttp.ClientSession() as http:
 
-            async def put(server: TestServer) -> int:
+            async def put(server: RelayTestServer) -> int:
                 url = f"http://127.0.0.1:{server.port}/v1/stream/__ds/subscriptions/race"
                 async with http.put(url, json=body) as r:
                     return r.status

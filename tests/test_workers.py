@@ -9,6 +9,7 @@ served instead of trusting the kernel's spread. Parked readers are awaited throu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,13 +20,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import WORKERS_NEED_POSTGRES
 from relay.metrics import Metrics, sum_expositions
 from relay.store.base import StoreStats
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, listening
 
 TEXT = {"Content-Type": "text/plain"}
 WORKERS = 2
@@ -286,3 +288,58 @@ async def test_workers_stop_when_the_parent_is_killed(relay: RelayProcess) -> No
     async with asyncio.timeout(EXIT_BOUND):
         while any(running(pid) for pid in workers):
             await asyncio.sleep(0.05)
+
+
+async def test_a_worker_whose_parent_is_gone_exits_on_a_second_signal(
+    relay: RelayProcess, pg_url: str
+) -> None:
+    """A worker leaves repeated stop signals to its parent, which kills workers whose stop
+    hangs. With the parent gone nobody would: there a second SIGTERM exits at once.
+
+    Each worker's stop is made to hang on an append waiting for a table lock."""
+    async with aiohttp.ClientSession() as http, http.put(f"{relay.url}/v1/stream/w", headers=TEXT):
+        pass
+    workers = relay.children()
+    lock = await asyncpg.connect(pg_url)
+    transaction = lock.transaction()
+    await transaction.start()
+    await lock.execute("LOCK TABLE relay_streams IN ACCESS EXCLUSIVE MODE")
+    stuck: list[asyncio.Task[None]] = []
+    sessions = contextlib.AsyncExitStack()
+    try:
+        seen: set[int] = set()
+        for _ in range(MAX_CONNECTIONS):
+            http, worker = await sessions.enter_async_context(connection(relay))
+            if worker in seen:
+                continue
+            seen.add(worker)
+            stuck.append(asyncio.create_task(_post(http, f"{relay.url}/v1/stream/w")))
+            if len(seen) == WORKERS:
+                break
+        assert len(seen) == WORKERS
+        await asyncio.sleep(0.3)  # the appends reach the committers, which wait on the lock
+        relay.kill()  # the workers see their pipe close and begin stopping
+        async with asyncio.timeout(EXIT_BOUND):
+            while listening(relay.port):
+                await asyncio.sleep(0.02)
+        assert all(running(pid) for pid in workers), "the stop did not wait for the appends"
+        await asyncio.sleep(0.3)  # a second stop, not the first delivered twice
+        started = time.monotonic()
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        async with asyncio.timeout(EXIT_BOUND):
+            while any(running(pid) for pid in workers):
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - started < 2.0
+    finally:
+        for task in stuck:
+            task.cancel()
+        await sessions.aclose()
+        await transaction.rollback()
+        await lock.close()
+
+
+async def _post(http: aiohttp.ClientSession, url: str) -> None:
+    with contextlib.suppress(aiohttp.ClientError):
+        async with http.post(url, data=b"x", headers=TEXT):
+            pass

@@ -11,7 +11,7 @@ from aiohttp import web
 from protocol import headers as h
 from relay.auth.authorizer import ACCESS, Access
 from relay.auth.grants import ADMIN, ANONYMOUS, APPEND, READ, Action, Principal
-from relay.http.context import CONTEXT
+from relay.http.context import context
 from relay.http.paths import PREFIX, source_path, stream_path
 
 ACTION_BY_METHOD: dict[str, Action] = {
@@ -31,7 +31,7 @@ async def authorize(request: web.Request, action: Action, path: str) -> Principa
     control is off it answers ANONYMOUS, who may do anything. Also records on the request
     whether a read may be cached publicly (``ACCESS``).
     """
-    auth = request.app[CONTEXT].auth
+    auth = context(request).auth
     if auth is None:
         return ANONYMOUS
     principal = await auth.authenticate(request.headers.get("Authorization"))
@@ -44,12 +44,12 @@ async def authorize_stream(request: web.Request) -> Principal:
     """Access control for ``/v1/stream/{path}``: read for GET and HEAD, append for POST, admin
     for PUT and DELETE; a fork (PUT with ``Stream-Forked-From``) also needs read on its
     source."""
-    max_path = request.app[CONTEXT].config.max_path_length
+    max_path = context(request).config.max_path_length
     path = stream_path(request.raw_path, max_path)
     principal = await authorize(request, ACTION_BY_METHOD[request.method], path[len(PREFIX) :])
     source = request.headers.get(h.STREAM_FORKED_FROM) if request.method == "PUT" else None
     if source is not None:
-        auth = request.app[CONTEXT].auth
+        auth = context(request).auth
         assert auth is not None
         auth.permit(principal, READ, source_path(source, max_path)[len(PREFIX) :])
     return principal

@@ -1,6 +1,6 @@
 """The ledger: the server's CPU per request, one row per request depth.
 
-Each depth adds one layer to the one before: ``healthz`` is routing and the front middleware,
+Each depth adds one layer to the one before: ``healthz`` is routing and ``Front``,
 ``head`` adds a stream lookup, ``read`` a catch-up GET of a small stream (lookup, read,
 render), ``append`` a durable POST of ``--payload`` bytes. Beside the same requests answered
 by bare aiohttp it says what each layer of Relay costs above aiohttp's own floor, which is what

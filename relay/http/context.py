@@ -92,21 +92,26 @@ class Context:
     limits: Limits
     stopping: bool = False  # set when a stop begins; new requests get 503
     access_log: FilteringBoundLogger | None = None  # where request lines go, if anywhere
-    routes: dict[object, str] = field(default_factory=dict)  # route -> its metrics label
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
     auth: Authorizer | None = None  # None: access control is off (loopback, no key source)
     subscriptions: Subscriptions | None = None  # sections 6-7 (relay/subscriptions)
+    decorate: Callable[[web.Request, web.StreamResponse], None] = lambda _req, _resp: None
+    """Adds the headers every answer carries; a handler that prepares its own answer (SSE)
+    calls it first (``relay.http.front.ResponseHeaders``, set by ``Front``)."""
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)
+CTX = web.RequestKey("relay_context", Context)
+"""The same Context on each request, set by ``Front``: requests served by the low-level
+server have no ``request.app``."""
 REQUEST_ID = web.RequestKey("relay_request_id", str)
-"""The request's id (the client's sane X-Request-Id, or ours), set by the front middleware."""
+"""The request's id (the client's sane X-Request-Id, or ours), set by ``Front``."""
 
 
 def context(request: web.Request) -> Context:
-    return request.app[CONTEXT]
+    return request[CTX]
 
 
 async def read_body(request: web.Request, limit: int, admission: WriteAdmission) -> bytes:

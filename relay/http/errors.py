@@ -1,4 +1,4 @@
-"""One table from domain errors to HTTP responses, applied by one middleware.
+"""One table from domain errors to HTTP responses, applied by ``Front``.
 
 Lookup walks the exception's class hierarchy, so a new error subclass inherits its parent's
 status until it needs its own row. Anything unknown is logged and answered 500 without detail.

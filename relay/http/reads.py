@@ -353,6 +353,7 @@ async def _sse(
     ctx.limits.enter_reader()
     ctx.metrics.sse_readers.inc()
     try:
+        ctx.decorate(request, response)
         await response.prepare(request)
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + ctx.config.sse_reconnect_interval

@@ -22,7 +22,7 @@ from protocol.errors import MethodNotAllowed, NotFound, PayloadTooLarge
 from protocol.subscriptions import LinkState
 from relay.auth.grants import ADMIN, APPEND, READ, Principal
 from relay.auth.http import authorize
-from relay.http.context import CONTEXT, Context
+from relay.http.context import Context, context
 from relay.http.paths import PREFIX
 from relay.subscriptions.service import Subscriptions
 from relay.subscriptions.state import View
@@ -52,7 +52,7 @@ async def control(request: web.Request) -> web.StreamResponse:
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[CONTEXT]
+    ctx = context(request)
     raw = request.raw_path.split("?", 1)[0]
     if not raw.startswith(CONTROL):
         raise NotFound("no such control resource")

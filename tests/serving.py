@@ -1,0 +1,18 @@
+"""Serving a Relay app in tests the way ``relay serve`` does: through ``RelayRunner``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from relay.http.front import RelayRunner
+
+
+class RelayTestServer(TestServer):
+    """``TestServer`` whose runner hands requests to the app's ``Front`` without aiohttp's
+    router, as ``relay serve`` does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return RelayRunner(self.app, **kwargs)
