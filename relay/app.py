@@ -50,6 +50,7 @@ def make_store(config: Config) -> Store:
             max_batch_ops=config.max_batch_ops,
             max_batch_bytes=config.max_batch_bytes,
             commit_interval=config.commit_interval,
+            commit_pipeline=config.commit_pipeline,
             max_fork_scan=config.max_fork_scan_bytes,
             command_timeout=config.db_timeout,
             direct_url=config.direct_database_url,

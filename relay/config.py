@@ -52,6 +52,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_COMMIT_PIPELINE = 16
+
+
+def _pipeline_depth(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_COMMIT_PIPELINE:  # each is a database connection
+        raise ValueError(f"must be 1..{MAX_COMMIT_PIPELINE}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -193,6 +203,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds between the starts of group commits (0: the next commit starts as soon as the "
         "previous ends); gathers a trickle of small writes into fewer commits, adding up to "
         "this much latency under load",
+    ),
+    Setting(
+        "commit_pipeline",
+        _pipeline_depth,
+        1,
+        "Postgres: group commits in flight at once, each on its own connection; with 2 or "
+        "more, appends to streams no commit in flight touches start the next one at once, "
+        "cutting latency for more commits (1: one at a time)",
     ),
     Setting(
         "max_inflight_writes",
@@ -353,6 +371,7 @@ class Config:
     max_batch_ops: int = 1024
     max_batch_bytes: int = 16 * 1024 * 1024
     commit_interval: float = 0.0
+    commit_pipeline: int = 1
     max_inflight_writes: int = 10000
     max_inflight_write_bytes: int = 256 * 1024 * 1024
     max_live_readers: int = 100000

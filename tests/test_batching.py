@@ -7,10 +7,20 @@ import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from protocol.append import AppendRequest
 from protocol.errors import Unavailable
 from relay.store import batching
-from relay.store.batching import Committer, DeleteOp, InternalError, Touches, WriteOp
+from relay.store.batching import (
+    AppendOp,
+    Committer,
+    DeleteOp,
+    InternalError,
+    Touches,
+    WriteOp,
+)
 
 
 class Poison(Exception):
@@ -160,3 +170,130 @@ async def test_a_commit_interval_gathers_a_trickle_but_a_lone_write_goes_at_once
     paced, first_wait = await trickle(0.05)
     assert first_wait < 0.05  # the first write did not wait out an interval
     assert alone >= 2 * paced  # same 41 writes, at most half the commits
+
+
+# -- pipelining (depth > 1) ------------------------------------------------------------------
+
+
+def append(path: str, tag: int) -> AppendOp:
+    """An append whose payload names it, so the fake can tell operations apart."""
+    return AppendOp(path, AppendRequest("text/plain", str(tag).encode()), 0.0)
+
+
+class Flights:
+    """A fake transaction that takes a while and records what was committing at once."""
+
+    def __init__(self, delays: list[float] | None = None) -> None:
+        self.delays = delays or [0.005]
+        self.running: list[list[WriteOp]] = []
+        self.overlaps: list[tuple[list[WriteOp], list[list[WriteOp]]]] = []
+        self.committed: list[WriteOp] = []  # in commit order
+        self.alone: list[bool] = []  # per batch with touches: was it alone?
+        self.most = 0
+
+    async def __call__(self, ops: list[WriteOp], touches: Touches) -> list[Any]:
+        self.overlaps.append((ops, [list(batch) for batch in self.running]))
+        if touches:
+            self.alone.append(not self.running)
+        self.running.append(ops)
+        self.most = max(self.most, len(self.running))
+        await asyncio.sleep(self.delays[len(self.overlaps) % len(self.delays)])
+        self.running.remove(ops)
+        self.committed.extend(ops)
+        return [f"done {id(o)}" for o in ops]
+
+
+def _paths(ops: list[WriteOp]) -> set[str]:
+    return {o.path for o in ops if isinstance(o, AppendOp | DeleteOp)}
+
+
+def _check_pipeline(flights: Flights, submitted: list[WriteOp], depth: int) -> None:
+    assert flights.most <= depth
+    for ops, beside in flights.overlaps:
+        for other in beside:
+            # Batches in flight together are appends only, to different streams.
+            assert all(isinstance(o, AppendOp) for o in [*ops, *other])
+            assert not _paths(ops) & _paths(other)
+    assert all(flights.alone)  # touches only ever went with a batch that started alone
+    # Each stream's operations committed in the order they were submitted.
+    for path in {p for o in submitted for p in _paths([o])}:
+        mine = [o for o in submitted if path in _paths([o])]
+        assert [o for o in flights.committed if path in _paths([o])] == mine
+
+
+async def test_pipelined_batches_overlap_only_on_different_streams() -> None:
+    flights = Flights([0.01])
+    committer = Committer(flights, max_ops=4, max_bytes=1 << 20, depth=3)
+    committer.start()
+    ops = [append(f"s{i % 12}", i) for i in range(60)]
+    results = await asyncio.gather(*(committer.submit(o) for o in ops))
+    await committer.stop()
+    assert results == [f"done {id(o)}" for o in ops]
+    assert flights.most == 3  # it did pipeline
+    _check_pipeline(flights, ops, 3)
+
+
+async def test_an_operation_other_than_an_append_commits_with_nothing_beside_it() -> None:
+    flights = Flights([0.01])
+    committer = Committer(flights, max_ops=100, max_bytes=1 << 20, depth=4)
+    committer.start()
+    early = [append(f"a{i}", i) for i in range(3)]
+    first = [asyncio.create_task(committer.submit(o)) for o in early]
+    await asyncio.sleep(0)  # the first batch is in flight
+    later = [append(f"b{i}", i) for i in range(3)]
+    ops = [*later[:1], DeleteOp("a1", 0.0), *later[1:]]
+    rest = [asyncio.create_task(committer.submit(o)) for o in ops]
+    await asyncio.gather(*first, *rest)
+    await committer.stop()
+    with_delete = next(
+        i
+        for i, (batch, _) in enumerate(flights.overlaps)
+        if not all(isinstance(o, AppendOp) for o in batch)
+    )
+    assert flights.overlaps[with_delete][1] == []  # it started alone
+    _check_pipeline(flights, [*early, *ops], 4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=st.lists(
+        st.tuples(
+            st.sampled_from(["append", "append", "append", "delete", "touch"]),
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    depth=st.integers(1, 4),
+    max_ops=st.integers(1, 5),
+    delays=st.lists(st.sampled_from([0.0, 0.001, 0.003]), min_size=1, max_size=4),
+)
+def test_pipelining_keeps_each_streams_order_and_never_shares_a_stream_in_flight(
+    plan: list[tuple[str, str, int]], depth: int, max_ops: int, delays: list[float]
+) -> None:
+    """Operations arrive in bursts (``pause`` turns of the loop apart) while batches of random
+    length commit; whatever the interleaving, the invariants of ``_check_pipeline`` hold and
+    every operation is answered."""
+
+    async def run() -> None:
+        flights = Flights(delays)
+        committer = Committer(flights, max_ops=max_ops, max_bytes=1 << 20, depth=depth)
+        committer.start()
+        submitted: list[WriteOp] = []
+        waiting = []
+        for index, (kind, path, pause) in enumerate(plan):
+            for _ in range(pause):
+                await asyncio.sleep(0)
+            if kind == "touch":
+                committer.touch(path, 1, float(index))
+                continue
+            o: WriteOp = append(path, index) if kind == "append" else DeleteOp(path, 0.0)
+            submitted.append(o)
+            waiting.append(asyncio.create_task(committer.submit(o)))
+        results = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        await committer.stop()
+        assert results == [f"done {id(o)}" for o in submitted]
+        _check_pipeline(flights, submitted, depth)
+
+    asyncio.run(run())

@@ -55,6 +55,8 @@ from relay.config import SETTINGS, Config, ConfigError, check_serving, env_name,
         pytest.param(
             ["--commit-interval", "0.01"], {}, "commit_interval", 0.01, id="commit-interval"
         ),
+        pytest.param([], {}, "commit_pipeline", 1, id="default-one-commit-at-a-time"),
+        pytest.param([], {"RELAY_COMMIT_PIPELINE": "3"}, "commit_pipeline", 3, id="pipeline"),
         pytest.param([], {}, "access_log", True, id="default-access-log"),
         pytest.param(["--access-log", "off"], {}, "access_log", False, id="access-log-off"),
         pytest.param([], {"RELAY_ACCESS_LOG": "False"}, "access_log", False, id="env-access-log"),
@@ -70,6 +72,8 @@ def test_settings_resolve_in_order(
     ("argv", "environ", "named"),
     [
         pytest.param(["--port", "70000"], {}, "--port", id="port-range"),
+        pytest.param(["--commit-pipeline", "0"], {}, "--commit-pipeline", id="pipeline-zero"),
+        pytest.param(["--commit-pipeline", "17"], {}, "--commit-pipeline", id="pipeline-max"),
         pytest.param([], {"RELAY_PORT": "http"}, "RELAY_PORT", id="port-word"),
         pytest.param(["--long-poll-timeout", "0"], {}, "--long-poll-timeout", id="zero-timeout"),
         pytest.param(

@@ -15,6 +15,14 @@ Once a batch commits, every append in it that wrote goes to ``events`` (the rela
 sink: hub, metrics, subscriptions) in commit order, before any appender resumes, and whether
 or not the client that sent it is still waiting.
 
+Pipelining (``depth`` > 1, Postgres's ``--commit-pipeline``): while batches are committing,
+another may start on its own connection, so a request waits for one commit rather than for
+the rest of the one in flight and then its own. Only appends to streams no batch in flight
+touches may join, taken in queue order, and never past a queued operation of another kind
+(create, delete, reap, retention), which waits until nothing is in flight and commits as
+today; touches go only with a batch that starts alone. So batches in flight never share a
+stream, and each stream's commits (and wakes) stay in order.
+
 Isolation: a batch whose transaction fails for a reason other than a lost database is re-run
 one operation per transaction, so one poisonous request fails alone (answered 500 without
 detail) and never takes the appends batched beside it down with it.
@@ -112,15 +120,26 @@ class Committer:
     """The batching loop (see the module docstring)."""
 
     def __init__(
-        self, apply: Apply, *, max_ops: int, max_bytes: int, min_interval: float = 0.0
+        self,
+        apply: Apply,
+        *,
+        max_ops: int,
+        max_bytes: int,
+        min_interval: float = 0.0,
+        depth: int = 1,
     ) -> None:
         self._apply = apply
         self._min_interval = min_interval
+        self._depth = max(1, depth)
+        self._flights: dict[asyncio.Task[None], list[_Pending]] = {}  # batches committing
+        self._busy: set[str] = set()  # paths the batches in flight append to
+        self._exclusive = False  # a batch in flight holds more than appends: nothing joins it
+        self._crashed: BaseException | None = None
         self._last_start = float("-inf")
         self._max_ops = max_ops
         self._max_bytes = max_bytes
         self._queue: list[_Pending] = []
-        self._committing: list[_Pending] = []  # the batch now in its transaction
+        self._committing: list[_Pending] = []  # the batch now in its transaction (depth 1)
         self.touches: Touches = {}
         self._touch_deadline = 0.0
         self._inflight: Touches = {}  # touches in the transaction now being committed
@@ -197,7 +216,10 @@ class Committer:
             self._dead = exc
             if isinstance(exc, Exception):
                 log.exception("group commit loop died")
-            for pending in [*self._committing, *self._queue]:
+            flying = [pending for batch in self._flights.values() for pending in batch]
+            for task in self._flights:
+                task.cancel()
+            for pending in [*self._committing, *flying, *self._queue]:
                 if not pending.future.done():
                     pending.future.set_exception(Unavailable("store is not committing"))
             self._queue.clear()
@@ -207,15 +229,21 @@ class Committer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._crashed is not None:
+                raise self._crashed
+            if self._flights:  # depth > 1: join those in flight, or wait for one to land
+                joining = self._take_joining() if len(self._flights) < self._depth else []
+                if joining:
+                    self._fly(joining, {})
+                else:
+                    await self._wait(None)  # a batch landing, or a new operation, wakes us
+                continue
             if not self._queue:
                 if self._closing and not self.touches:
                     return
                 due = self._closing or (self.touches and loop.time() >= self._touch_deadline)
                 if not due:
-                    self._wake.clear()
-                    timeout = self._touch_deadline - loop.time() if self.touches else None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    await self._wait(self._touch_deadline - loop.time() if self.touches else None)
                     continue
             if self._min_interval and self._queue and not self._closing:
                 # Pace commits: wait out the interval since the last one began, unless a full
@@ -228,24 +256,87 @@ class Committer:
             touches, self.touches = self.touches, {}
             if not batch and not touches:
                 continue
-            self._inflight, self._committing = touches, batch
-            outcomes = await self._commit(batch, touches)  # raises only if the loop must die
-            self._inflight, self._committing = {}, []
-            events = self.events
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if (
-                    events is not None
-                    and type(outcome) is AppendResult
-                    and outcome.plan.write
-                    and type(pending.op) is AppendOp
-                ):
-                    events.appended(pending.op.path, outcome)
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+            if self._depth == 1:
+                self._inflight, self._committing = touches, batch
+                await self._land(batch, touches)  # raises only if the loop must die
+                self._inflight, self._committing = {}, []
+            else:
+                self._fly(batch, touches)
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _fly(self, batch: list[_Pending], touches: Touches) -> None:
+        """Commit ``batch`` beside the others in flight (depth > 1)."""
+        paths = {p.op.path for p in batch if isinstance(p.op, AppendOp)}
+        exclusive = bool(touches) or not all(isinstance(p.op, AppendOp) for p in batch)
+        if exclusive:
+            self._exclusive = True
+            self._inflight = touches
+        self._busy |= paths
+        task = asyncio.create_task(self._land(batch, touches), name="group-commit-batch")
+        self._flights[task] = batch
+
+        def landed(done: asyncio.Task[None]) -> None:
+            del self._flights[done]
+            self._busy -= paths
+            if exclusive:
+                self._exclusive = False
+                self._inflight = {}
+            if not done.cancelled() and done.exception() is not None:
+                self._crashed = done.exception()
+            self._wake.set()
+
+        task.add_done_callback(landed)
+
+    def _take_joining(self) -> list[_Pending]:
+        """Queued appends that may commit beside the batches in flight, in queue order: none
+        while one of those holds more than appends; else up to the first operation of another
+        kind, skipping (with everything after them for the same stream) appends to streams in
+        flight, within the batch limits."""
+        if self._exclusive:
+            return []
+        taken: list[_Pending] = []
+        rest: list[_Pending] = []
+        held: set[str] = set()
+        size = 0
+        queue = self._queue
+        for index, pending in enumerate(queue):
+            op = pending.op
+            if type(op) is not AppendOp or (
+                taken and (len(taken) >= self._max_ops or size + pending.size > self._max_bytes)
+            ):
+                rest.extend(queue[index:])
+                break
+            if op.path in self._busy or op.path in held:
+                held.add(op.path)
+                rest.append(pending)
+                continue
+            taken.append(pending)
+            size += pending.size
+        self._queue = rest
+        return taken
+
+    async def _land(self, batch: list[_Pending], touches: Touches) -> None:
+        """Commit one batch, tell the sink, then answer its requests."""
+        outcomes = await self._commit(batch, touches)  # raises only if the loop must die
+        events = self.events
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if (
+                events is not None
+                and type(outcome) is AppendResult
+                and outcome.plan.write
+                and type(pending.op) is AppendOp
+            ):
+                events.appended(pending.op.path, outcome)
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
 
     async def _commit(self, batch: list[_Pending], touches: Touches) -> list[Any]:
         """Outcomes for ``batch``; a failing batch is split so only the culprit fails."""

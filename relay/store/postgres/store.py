@@ -107,6 +107,7 @@ class PostgresStore:
         direct_url: str = "",
         pooler: str = "none",
         read_urls: Sequence[str] = (),
+        commit_pipeline: int = 1,
     ) -> None:
         self._url = url  # pooled work: the pool, the committer (through a pooler, if any)
         self._direct_url = direct_url or url  # LISTEN and migrations: a session of their own
@@ -130,8 +131,11 @@ class PostgresStore:
             max_ops=max_batch_ops,
             max_bytes=max_batch_bytes,
             min_interval=commit_interval,
+            depth=commit_pipeline,
         )
-        self._writer: asyncpg.Connection | None = None  # owned by the committer alone
+        # The committer's own connections, one per batch in flight (--commit-pipeline), idle
+        # ones here: no pool acquire or reset per batch.
+        self._writers: list[asyncpg.Connection] = []
         self._max_fork_scan = max_fork_scan
         self._origin = uuid.uuid4().hex[:12]
         self._events: StoreEvents | None = None
@@ -211,8 +215,9 @@ class PostgresStore:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._writer is not None:
-            self._writer.terminate()  # idle between batches: nothing to flush
+        for writer in self._writers:
+            writer.terminate()  # idle between batches: nothing to flush
+        self._writers.clear()
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self._timeout or 10)
@@ -485,33 +490,49 @@ class PostgresStore:
     # -- the batch transaction ---------------------------------------------------------------
 
     async def _writer_conn(self) -> asyncpg.Connection:
-        """The committer's own connection: no pool acquire or reset per batch, and nothing
-        after COMMIT that could fail and turn a committed batch into an error."""
-        if self._writer is None or self._writer.is_closed():
-            try:
-                self._writer = await asyncpg.connect(
-                    self._url,
-                    timeout=self._timeout or 10,
-                    command_timeout=self._timeout,
-                    **self._pooled,
-                )
-                self._writer.add_query_logger(self._count_statement)
-            except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
-                self._database_lost(type(exc).__name__)
-                raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
-        return self._writer
+        """An idle connection of the committer's own, or a new one: no pool acquire or reset
+        per batch, and nothing after COMMIT that could fail and turn a committed batch into
+        an error. The batch hands it back with ``_writer_done``."""
+        while self._writers:
+            conn = self._writers.pop()
+            if not conn.is_closed():
+                return conn
+        try:
+            conn = await asyncpg.connect(
+                self._url,
+                timeout=self._timeout or 10,
+                command_timeout=self._timeout,
+                **self._pooled,
+            )
+        except Exception as exc:  # refused, shutting down, timed out, TLS: all unreachable
+            self._database_lost(type(exc).__name__)
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        conn.add_query_logger(self._count_statement)
+        return conn
+
+    def _writer_done(self, conn: asyncpg.Connection) -> None:
+        if not conn.is_closed():
+            self._writers.append(conn)
 
     def _count_statement(self, _query: object) -> None:
         self._stats["statements"] += 1
 
     async def _apply(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
+        conn = await self._writer_conn()
+        try:
+            return await self._apply_on(conn, batch, touches)
+        finally:
+            self._writer_done(conn)  # unless it was lost or terminated on the way
+
+    async def _apply_on(
+        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
+    ) -> list[Any]:
         guarded = self._plan_guarded(batch, touches)
         if guarded is not None:
-            outcomes = await self._write_guarded(*guarded)
+            outcomes = await self._write_guarded(conn, *guarded)
             if outcomes is not None:
                 return outcomes
         for attempt in range(RETRIES):
-            conn = await self._writer_conn()
             try:
                 state, outcomes = await self._transaction(conn, batch, touches)
             except RETRYABLE:
@@ -606,11 +627,10 @@ class PostgresStore:
         return state, outcomes, expected
 
     async def _write_guarded(
-        self, state: Batch, outcomes: list[Any], expected: dict[int, int]
+        self, conn: asyncpg.Connection, state: Batch, outcomes: list[Any], expected: dict[int, int]
     ) -> list[Any] | None:
         """The batch as one guarded statement; None if a stream changed underneath (then
         nothing of it was written and the caller takes the locking path)."""
-        conn = await self._writer_conn()
         try:
             await self._write(conn, state, notify_payload(self._origin, state), expected=expected)
         except BaseException as exc:
@@ -650,8 +670,7 @@ class PostgresStore:
         else is the caller's to handle (the statement, or its transaction, rolled back)."""
         lost = connection_lost(exc) or conn.is_closed()
         if lost or not isinstance(exc, Exception):
-            conn.terminate()
-            self._writer = None
+            conn.terminate()  # so it is not handed back
         if lost:
             self._database_lost(type(exc).__name__)
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
