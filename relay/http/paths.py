@@ -20,9 +20,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-@functools.lru_cache(maxsize=2048)
 def stream_path(raw_path: str, max_length: int) -> str:
-    """Decode and check a request's raw path; the decoded form names the stream.
+    """Decode and check a request's raw target (a query string is ignored); the decoded path
+    names the stream (see ``_checked_path``). The memo is keyed on the path alone: a reader's
+    every request carries another offset and cursor, which would miss it every time."""
+    return _checked_path(raw_path.partition("?")[0], max_length)
+
+
+@functools.lru_cache(maxsize=2048)
+def _checked_path(raw_path: str, max_length: int) -> str:
+    """Decode and check a request path; the decoded form names the stream.
 
     Refuses invalid percent-encoding, invalid UTF-8, NUL and other control characters, ``.``
     and ``..`` segments, empty names and paths over ``max_length`` bytes. A path under the
@@ -31,7 +38,7 @@ def stream_path(raw_path: str, max_length: int) -> str:
     thousands of times, and the checks were 2-3% of a read's CPU. At most 2,048 entries of at
     most ``3 * max_length`` bytes each.
     """
-    raw = origin_form(raw_path).split("?", 1)[0]
+    raw = origin_form(raw_path)
     if len(raw.encode()) > max_length * 3:
         raise BadRequest("path_too_long", "stream path is too long")
     if not raw.startswith(PREFIX) or raw == PREFIX:
