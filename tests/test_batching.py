@@ -126,11 +126,14 @@ class LoopBug(BaseException):
     """Something that escapes every handler inside the loop."""
 
 
-async def test_if_the_loop_dies_waiting_and_later_requests_fail_at_once() -> None:
+@pytest.mark.parametrize("depth", [1, 3])
+async def test_if_the_loop_dies_waiting_and_later_requests_fail_at_once(depth: int) -> None:
+    """Pipelined too: the batch whose commit killed the loop is answered, not left waiting."""
+
     async def broken(ops: list[WriteOp], touches: Touches) -> list[Any]:
         raise LoopBug()
 
-    committer = Committer(broken, max_ops=100, max_bytes=1 << 20)
+    committer = Committer(broken, max_ops=100, max_bytes=1 << 20, depth=depth)
     committer.start()
     waiting = [asyncio.create_task(committer.submit(op(str(i)))) for i in range(3)]
     done, _ = await asyncio.wait(waiting, timeout=5)

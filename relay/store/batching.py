@@ -286,7 +286,10 @@ class Committer:
                 self._exclusive = False
                 self._inflight = {}
             if not done.cancelled() and done.exception() is not None:
-                self._crashed = done.exception()
+                self._crashed = done.exception()  # the loop dies with it, failing the rest
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(Unavailable("store is not committing"))
             self._wake.set()
 
         task.add_done_callback(landed)
