@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from tests.failover import ReplicatedPair
@@ -192,16 +193,34 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
             await asyncio.wait_for(asyncio.gather(*reading), 60)
             for n, follower in enumerate(followers):
                 assert bytes(follower.data) == stored[n], f"{follower.live} reader of {n}"
+        # What the relays served is what the promoted standby holds (not what backends the
+        # dead primary left behind were still answering): asked directly.
+        promoted = await asyncpg.connect(pair.url("standby"))
+        try:
+            assert not await promoted.fetchval("SELECT pg_is_in_recovery()")
+            for n in range(STREAMS):
+                tail = await promoted.fetchval(
+                    "SELECT tail FROM relay_streams WHERE path = $1", f"/v1/stream/fail-{n}"
+                )
+                assert tail == len(stored[n])
+        finally:
+            await promoted.close()
     finally:
         for relay in relays:
             relay.stop()
-    assert first_failure is not None and recovered is not None
+    # A promotion fast enough that every request in flight waited it out is no outage at all.
+    assert first_failure is None or recovered is not None
     for relay in relays:  # an outage is one line when it starts, not a traceback per task
         assert relay.log is not None
         assert "reaper failed" not in relay.log.read_text()
+    outage = (
+        f"write outage {recovered - first_failure:.2f} s"
+        if first_failure is not None and recovered is not None
+        else "no request failed"
+    )
     print(
         f"\nfailover to a synchronous standby, two relays: {len(acked)} acknowledged appends, "
-        f"none lost; write outage {recovered - first_failure:.2f} s, {failures} requests "
+        f"none lost; {outage}, {failures} requests "
         "answered 503 or cut off meanwhile; 2 long-poll and 2 SSE readers parked at the other "
         f"relay got every byte once ({sum(f.interruptions for f in followers)} reconnects)"
     )
