@@ -48,19 +48,50 @@ async def _exchange(port: int, head: bytes, body: bytes) -> tuple[bytes, bytes]:
         writer.close()
 
 
+async def _expecting_append(port: int, name: str, length: int, extra: str = "") -> bytes:
+    """Create ``/v1/stream/<name>``; the head of a POST to it that waits for 100 Continue."""
+    created = await raw_request(port, "PUT", f"/v1/stream/{name}", {"Content-Type": "text/plain"})
+    assert created.status == 201
+    return (
+        f"POST /v1/stream/{name} HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {length}\r\nExpect: 100-continue\r\n{extra}\r\n"
+    ).encode()
+
+
 async def test_expect_100_continue_gets_one_interim_answer_then_the_append(port: int) -> None:
-    assert (
-        await raw_request(port, "PUT", "/v1/stream/e", {"Content-Type": "text/plain"})
-    ).status == 201
-    head = (
-        b"POST /v1/stream/e HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n"
-        b"Content-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
-    )
+    head = await _expecting_append(port, "e", 5, "Connection: close\r\n")
     interim, rest = await _exchange(port, head, b"hello")
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert rest.startswith(b"HTTP/1.1 204"), rest  # not a second 100 Continue
     read = await raw_request(port, "GET", "/v1/stream/e?offset=-1")
     assert read.body == b"hello"
+
+
+async def test_a_body_refused_before_it_is_read_is_never_invited(port: int) -> None:
+    """413 by the declared length: the final answer comes instead of ``100 Continue``, and it
+    ends the connection, so a body sent anyway is never read as a request."""
+    head = await _expecting_append(port, "big", 99_999_999)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+async def test_a_control_body_is_invited_too(port: int) -> None:
+    body = b'{"type": "webhook", "pattern": "a/*", "webhook": {"url": "http://localhost:1/h"}}'
+    head = (
+        b"PUT /v1/stream/__ds/subscriptions/s1 HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    interim, rest = await _exchange(port, head, body)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith((b"HTTP/1.1 2", b"HTTP/1.1 4")), rest
 
 
 async def test_an_unknown_expectation_is_417_and_nothing_is_appended(port: int) -> None:

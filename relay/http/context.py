@@ -106,12 +106,23 @@ CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)
 CTX = web.RequestKey("relay_context", Context)
 """The same Context on each request, set by ``Front``: requests served by the low-level
 server have no ``request.app``."""
+CONTINUE = web.RequestKey("relay_continue", bool)
+"""Set (by ``Front``) while a client waits for ``100 Continue`` before sending its body."""
 REQUEST_ID = web.RequestKey("relay_request_id", str)
 """The request's id (the client's sane X-Request-Id, or ours), set by ``Front``."""
 
 
 def context(request: web.Request) -> Context:
     return request[CTX]
+
+
+async def continue_body(request: web.Request) -> None:
+    """Invite the body a client holds back for ``100 Continue``, once; every body reader
+    calls this just before it reads, so requests refused earlier never invite one."""
+    if request.get(CONTINUE):
+        request[CONTINUE] = False
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
 
 
 async def read_body(request: web.Request, limit: int, admission: WriteAdmission) -> bytes:
@@ -125,6 +136,7 @@ async def read_body(request: web.Request, limit: int, admission: WriteAdmission)
     if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
     admission.claim(declared or 0)
+    await continue_body(request)
     body = bytearray()
     async for chunk in request.content.iter_chunked(64 * 1024):
         body += chunk

@@ -26,7 +26,7 @@ from aiohttp.http import HttpVersion11
 from protocol import headers as h
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from relay.config import Config
-from relay.http.context import CTX, REQUEST_ID, Context
+from relay.http.context import CONTINUE, CTX, REQUEST_ID, Context
 from relay.http.errors import Handler, error_response
 from relay.http.paths import PREFIX, valid_host
 
@@ -120,14 +120,16 @@ class Front:
             if ctx.stopping:  # requests still arriving on open connections get 503, not a reset
                 raise Unavailable("relay is shutting down")
             if request.headers.get(hdrs.EXPECT) is not None:
-                await _expect(request)
+                _expect(request)
             response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own refusals (a body past its limit)
             response = _plain(request, exc)
         except Exception as exc:
             response = error_response(request, exc)
-        if ctx.stopping:
-            response.force_close()  # clients reconnect elsewhere rather than race our close
+        if ctx.stopping or request.get(CONTINUE):
+            # Stopping: clients reconnect elsewhere rather than race our close. A body never
+            # invited: the client may still send it, and it must not be read as a request.
+            response.force_close()
         if not response.prepared:
             self._decorate(request, response)
         # Prepared ones (SSE) too: their end is sent here, bounded, and their length known.
@@ -150,17 +152,17 @@ class Front:
         return response
 
 
-async def _expect(request: web.Request) -> None:
-    """``Expect: 100-continue`` (curl sends it before bodies over 1 KiB): the interim answer
-    goes out before the handler reads the body; any other expectation is 417 (RFC 9110
-    10.1.1). What aiohttp's router did for every route."""
+def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` (curl sends it before bodies over 1 KiB) is noted here and
+    answered only when a handler starts reading the body (``context.continue_body``): a request
+    refused first (401, 403, 413 by its declared length, 503) is answered without inviting a
+    body it would not read. Any other expectation is 417 (RFC 9110 10.1.1)."""
     if request.version != HttpVersion11:
         return
     expect = request.headers.get(hdrs.EXPECT, "")
     if expect.lower() != "100-continue":
         raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the answer proper has not started
+    request[CONTINUE] = True
 
 
 def _plain(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:

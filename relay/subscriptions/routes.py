@@ -22,7 +22,7 @@ from protocol.errors import MethodNotAllowed, NotFound, PayloadTooLarge
 from protocol.subscriptions import LinkState
 from relay.auth.grants import ADMIN, APPEND, READ, Principal
 from relay.auth.http import authorize
-from relay.http.context import Context, context
+from relay.http.context import Context, context, continue_body
 from relay.http.paths import PREFIX
 from relay.subscriptions.service import Subscriptions
 from relay.subscriptions.state import View
@@ -126,6 +126,7 @@ async def _body(request: web.Request) -> Any:
     """The whole JSON body, at most ``MAX_CONTROL_BODY`` bytes (413 beyond). ``read(n)`` returns
     what has arrived so far, not n bytes, so read until the end or the limit."""
     data = b""
+    await continue_body(request)
     while len(data) <= MAX_CONTROL_BODY:
         piece = await request.content.read(MAX_CONTROL_BODY + 1 - len(data))
         if not piece:
