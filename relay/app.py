@@ -168,7 +168,12 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
         subscription_routes.control,
         # Probes and metrics sit outside the stream routes, so access control never covers
         # them; /health is what older scripts and probes ask for.
-        {"/healthz": healthz, "/health": healthz, "/readyz": readyz, "/metrics": metrics},
+        {
+            "/healthz": (healthz, "health"),
+            "/health": (healthz, "health"),
+            "/readyz": (readyz, "ready"),
+            "/metrics": (metrics, "metrics"),
+        },
     )
     app[FRONT] = front = Front(ctx, routes)
     # What a plain AppRunner serves; RelayRunner hands requests to ``front`` without it.

@@ -36,13 +36,14 @@ PROBE_METHODS = ("GET", "HEAD")
 
 class Routes:
     """Relay's routes: the stream prefix, its reserved control prefix (section 6, resolved
-    first), and exact probe paths; a route's metrics label comes with its handler."""
+    first), and exact probe paths, each probe with its metrics label."""
 
-    def __init__(self, stream: Handler, control: Handler, probes: Mapping[str, Handler]) -> None:
+    def __init__(
+        self, stream: Handler, control: Handler, probes: Mapping[str, tuple[Handler, str]]
+    ) -> None:
         self._stream = (stream, "stream")
         self._control = (control, "subscriptions")
         self._probes = dict(probes)
-        self._labels = {path: label for path, label in PROBE_LABELS.items() if path in probes}
 
     def resolve(self, request: web.Request) -> tuple[Handler, str]:
         """The handler and label for a request; unknown paths and methods raise (404, 405).
@@ -55,15 +56,7 @@ class Routes:
             raise NotFound("no such resource")
         if request.method not in PROBE_METHODS:
             raise MethodNotAllowed(request.method, PROBE_METHODS)
-        return probe, self._labels.get(path, "other")
-
-
-PROBE_LABELS = {
-    "/healthz": "health",
-    "/health": "health",
-    "/readyz": "ready",
-    "/metrics": "metrics",
-}
+        return probe
 
 
 REQUEST_ID_HEADER = "X-Request-Id"
