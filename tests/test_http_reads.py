@@ -88,17 +88,17 @@ async def test_long_polls_woken_by_one_commit_share_one_rendered_answer(
 ) -> None:
     """One render per wake: a thousand readers of one chat cost their writes, not a render
     each. Each still gets its own complete answer (and its own cursor)."""
-    from relay.http import reads
+    from relay.http import chunks
 
     renders = 0
-    render = reads._render
+    render = chunks.render
 
     def counted(meta: StreamMeta, data: bytes) -> bytes:
         nonlocal renders
         renders += 1
         return render(meta, data)
 
-    monkeypatch.setattr(reads, "_render", counted)
+    monkeypatch.setattr(chunks, "render", counted)
     client = await serve()
     tail = (await client.put(STREAM, headers=JSON)).headers["Stream-Next-Offset"]
     params = {"offset": tail, "live": "long-poll"}
