@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 MAX_COMMIT_PIPELINE = 16
 
 
@@ -177,6 +184,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_body_bytes", _positive_int, 16 * 1024 * 1024, "largest accepted request body"),
     Setting("max_chunk_bytes", _positive_int, 1024 * 1024, "most bytes one GET returns"),
+    Setting(
+        "compress_min_bytes",
+        _non_negative_int,
+        1024,
+        "smallest read answer of a textual stream sent compressed (zstd or gzip, as the "
+        "client's Accept-Encoding allows); 0: never compress",
+    ),
     Setting(
         "max_fork_scan_bytes",
         _positive_int,
@@ -366,6 +380,7 @@ class Config:
     sse_reconnect_interval: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_chunk_bytes: int = 1024 * 1024
+    compress_min_bytes: int = 1024
     max_fork_scan_bytes: int = 16 * 1024 * 1024
     max_path_length: int = 1024
     max_batch_ops: int = 1024

@@ -11,12 +11,14 @@ request with another Authorization value, or with none.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from backports import zstd
 
 from tests.nginx_proxy import Edge, N, Nginx, call, crowd, target
 from tests.relay_process import RelayProcess
@@ -321,3 +323,35 @@ async def test_a_deleted_stream_is_404_once_its_entries_expire(edge: Edge) -> No
             assert time.monotonic() - deleted_at < 3, "a deleted stream's tail outlived its second"
             await asyncio.sleep(0.1)
         assert reply.headers["Cache-Control"] == "no-store"
+
+
+async def test_compressed_catch_ups_are_cached_per_coding(edge: Edge) -> None:
+    """Relay compresses a catch-up as each client's Accept-Encoding allows and says Vary:
+    nginx keeps an entry per coding, each answered from the cache the second time, and never
+    hands one coding's body to a client that asked for another or for none."""
+    url = edge.stream("coded")
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": gzip.decompress,
+        "zstd": zstd.decompress,
+        "identity": bytes,
+    }
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        await make_stream(session, url, b"tok " * CHUNK)
+        read = f"{url}?offset=-1"
+        for status in ("MISS", "HIT"):
+            for coding, decode in decoders.items():
+                reply = await call(session, "GET", read, {"Accept-Encoding": coding})
+                assert reply.headers.get("Content-Encoding", "identity") == coding
+                assert reply.headers["Vary"] == "Accept-Encoding"
+                assert reply.headers["X-Cache-Status"] == status
+                assert decode(reply.body) == b"tok " * (CHUNK // 4)
+        assert edge.upstream_count(target(read), 6) == 3
+        mixed = await asyncio.gather(
+            *(
+                call(session, "GET", read, {"Accept-Encoding": coding})
+                for coding in list(decoders) * 5
+            )
+        )
+        for reply, coding in zip(mixed, list(decoders) * 5, strict=True):
+            assert decoders[coding](reply.body) == b"tok " * (CHUNK // 4)
+        assert edge.upstream_count(target(read), 21) == 3

@@ -215,6 +215,7 @@ HEADLINES = {
     "memory": Headline("p99", False),
     "ledger": Headline("CPU/req", False),
     "capacity": Headline("ops/s", True),
+    "compression": Headline("CPU/req", False),
 }
 
 

@@ -20,6 +20,7 @@ import orjson
 
 from protocol import headers as h
 from relay.bench.capacity import capacity
+from relay.bench.compression import compression
 from relay.bench.ledger import ledger
 from relay.bench.report import Result, replicas_caught_up, snapshot, usage
 from relay.bench.targets import Target
@@ -504,8 +505,10 @@ SCENARIOS = {
     "memory": memory,
     "ledger": ledger,
     "capacity": capacity,
+    "compression": compression,
 }
-DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name != "capacity")
-"""What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres."""
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in ("capacity", "compression"))
+"""What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres;
+compression measures a feature rather than the server's speed."""
 BARE_SCENARIOS = ("append", "ledger")
 """The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

@@ -4,13 +4,14 @@ both take their bytes here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol import headers as h
 from protocol import jsonmode
 from protocol.errors import BadRequest
 from protocol.model import StreamMeta
 from protocol.retention import check_retained
+from relay.http import compression
 from relay.http.context import Context
 
 
@@ -24,6 +25,15 @@ class Chunk:
     up_to_date: bool
     closed: bool  # the chunk ends at the final offset of a closed stream
     rendered: bytes | None = None  # the response body, when already rendered for others
+    _encoded: dict[str, bytes] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def encoded(self, coding: str, body: bytes) -> bytes:
+        """``body`` (this chunk rendered) compressed with ``coding``, once per chunk: readers
+        woken by one commit share the chunk, so a thousand compress it once."""
+        found = self._encoded.get(coding)
+        if found is None:
+            found = self._encoded[coding] = compression.encode(body, coding)
+        return found
 
 
 async def read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:

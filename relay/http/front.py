@@ -26,7 +26,7 @@ from aiohttp.http import HttpVersion11
 from protocol import headers as h
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from relay.config import Config
-from relay.http.context import CONTINUE, CTX, REQUEST_ID, Context
+from relay.http.context import CONTINUE, CTX, DROP, REQUEST_ID, Context
 from relay.http.errors import Handler, error_response
 from relay.http.paths import PREFIX, valid_host
 
@@ -119,14 +119,17 @@ class Front:
             response = _plain(request, exc)
         except Exception as exc:
             response = error_response(request, exc)
-        if ctx.stopping or request.get(CONTINUE):
+        if ctx.stopping or request.get(CONTINUE) or request.get(DROP):
             # Stopping: clients reconnect elsewhere rather than race our close. A body never
             # invited: the client may still send it, and it must not be read as a request.
+            # A body dropped part-read: its rest is not worth decoding to reuse the connection.
             response.force_close()
         if not response.prepared:
             self._decorate(request, response)
         # Prepared ones (SSE) too: their end is sent here, bounded, and their length known.
         await _write_bounded(request, response, ctx.config.write_timeout)
+        if request.get(DROP) and request.transport is not None:
+            request.transport.close()  # else aiohttp decodes the rest of the body to drain it
         elapsed = time.perf_counter() - started
         status = response.status
         ctx.metrics.observe_request(

@@ -15,7 +15,7 @@ from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
 from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
-from relay.http import chunks, live
+from relay.http import chunks, compression, live
 from relay.http.chunks import Chunk, check_boundary, read_chunk
 from relay.http.context import Context, context
 from relay.http.paths import stream_path
@@ -84,12 +84,14 @@ def _chunk_response(
     *,
     now: bool = False,
 ) -> web.Response:
-    tag = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed)
-    out = {
-        "Content-Type": meta.content_type,
-        h.STREAM_NEXT_OFFSET: format_offset(chunk.end),
-        "ETag": tag,
-    }
+    coding = None
+    out = {"Content-Type": meta.content_type, h.STREAM_NEXT_OFFSET: format_offset(chunk.end)}
+    if _compressible(ctx, meta, chunk):
+        out["Vary"] = "Accept-Encoding"
+        coding = compression.negotiate(request.headers.get("Accept-Encoding"))
+        if coding is not None:
+            out["Content-Encoding"] = coding
+    tag = out["ETag"] = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed, coding)
     if chunk.up_to_date:
         out[h.STREAM_UP_TO_DATE] = "true"
     if chunk.closed:
@@ -102,7 +104,17 @@ def _chunk_response(
     if caching.matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=out)
     body = chunk.rendered if chunk.rendered is not None else chunks.render(meta, chunk.data)
+    if coding is not None:
+        body = chunk.encoded(coding, body)
     return web.Response(status=200, headers=out, body=body)
+
+
+def _compressible(ctx: Context, meta: StreamMeta, chunk: Chunk) -> bool:
+    """Whether an answer's body depends on Accept-Encoding: a textual stream's chunk of at
+    least ``--compress-min-bytes``. Decided on the stored bytes, before any render, so a 304
+    carries the same Vary and ETag as the 200 it confirms."""
+    least = ctx.config.compress_min_bytes
+    return 0 < least <= len(chunk.data) and compression.compressible(meta.content_type)
 
 
 def _cache_control(ctx: Context, meta: StreamMeta, *, open_tail: bool, now: bool) -> str:
@@ -168,7 +180,12 @@ async def _sse(
     request: web.Request, ctx: Context, meta: StreamMeta, position: int, access: Access | None
 ) -> web.StreamResponse:
     """Send ``live.SseFeed``'s events until it ends (closed, deleted, revoked, or the reconnect
-    interval passed)."""
+    interval passed).
+
+    Never compressed: a compressor keeps its window per connection (91 KiB for gzip, 790 KiB
+    for zstd, against a few KiB for the whole parked reader), and a commit woken readers now
+    share as one render would be compressed once per reader, each with its own history.
+    """
     binary = not h.is_text_like(meta.content_type)
     if h.is_json(meta.content_type) and meta.retained_from < position < meta.tail:
         check_boundary(await ctx.store.read(meta, position - 1, position))  # before the 200
