@@ -258,6 +258,34 @@ SETTINGS: tuple[Setting, ...] = (
         "reading before the connection is dropped",
     ),
     Setting(
+        "first_request_timeout",
+        _positive_float,
+        10.0,
+        "seconds a new connection may take to send its first request's headers before it is "
+        "closed",
+    ),
+    Setting(
+        "header_timeout",
+        _positive_float,
+        10.0,
+        "seconds a client may take to send a request's headers from their first byte before "
+        "it gets 408 and the connection is closed",
+    ),
+    Setting(
+        "idle_timeout",
+        _positive_float,
+        75.0,
+        "seconds an idle keep-alive connection is kept open between requests (longer than a "
+        "proxy's own upstream idle timeout, 60 s in nginx and AWS ALB)",
+    ),
+    Setting(
+        "max_connections",
+        _non_negative_int,
+        0,
+        "open client connections before a new one's request gets 503 with Retry-After and the "
+        "connection is closed; 0: the open-file limit less 256",
+    ),
+    Setting(
         "reap_interval",
         _positive_float,
         0.5,
@@ -392,6 +420,10 @@ class Config:
     max_live_readers: int = 100000
     hub_memory_bytes: int = 64 * 1024 * 1024
     write_timeout: float = 30.0
+    first_request_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_connections: int = 0
     reap_interval: float = 0.5
     cors_origins: str = "*"
     log_level: str = "info"
