@@ -168,6 +168,18 @@ async def test_a_long_poll_woken_by_a_large_commit_is_compressed_once_for_all(
     assert encodes == 1
 
 
+async def test_sse_goes_uncompressed_whatever_the_client_takes(serve: Serve) -> None:
+    client = await serve(sse_reconnect_interval=0.2)
+    await chat(client)
+    events = await client.get(
+        STREAM, params={"offset": "-1", "live": "sse"}, headers={"Accept-Encoding": "gzip, zstd"}
+    )
+    assert "Content-Encoding" not in events.headers
+    body = await events.read()  # the reconnect interval ends it
+    assert body.startswith(b"event: data\n")
+    assert b'"seq":299' in body
+
+
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "zstd"])
 async def test_a_compressed_append_is_stored_decompressed(serve: Serve, coding: str) -> None:
     client = await serve()
