@@ -92,8 +92,9 @@ async def test_silent_and_slow_connections_are_closed_and_others_answered(start:
 
 async def test_a_request_head_is_timed_from_its_first_byte(start: Start) -> None:
     """On a connection that has served a request, the next head gets --header-timeout from
-    its first byte, however long the connection idled before it (within --idle-timeout)."""
-    server = await start(header_timeout=0.5, idle_timeout=60)
+    its first byte, however long the connection idled before it, and however long the first
+    request was given (a deadline later than 30 s fails the read)."""
+    server = await start(first_request_timeout=120, header_timeout=0.5, idle_timeout=120)
     port = server.port
     assert port is not None
     async with connections(port, 1) as [(reader, writer)]:
