@@ -455,9 +455,10 @@ class PostgresStore:
                 self._lookups[path] = []
                 try:
                     listening = self._listening
+                    since = self._known.mark()  # what the row may predate (Known.put)
                     meta = await self._load_pooled(path)
                     if meta is not None and listening and self._listening:
-                        self._known.put(meta)
+                        self._known.put(meta, since)
                 except Exception as exc:
                     for waiter in batch:
                         if not waiter.done():
@@ -519,17 +520,18 @@ class PostgresStore:
 
     async def _apply(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
         conn = await self._writer_conn()
+        since = self._known.mark()  # notifications heard from here merge into its result
         try:
-            return await self._apply_on(conn, batch, touches)
+            return await self._apply_on(conn, batch, touches, since)
         finally:
             self._writer_done(conn)  # unless it was lost or terminated on the way
 
     async def _apply_on(
-        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
+        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches, since: int
     ) -> list[Any]:
         guarded = self._plan_guarded(batch, touches)
         if guarded is not None:
-            outcomes = await self._write_guarded(conn, *guarded)
+            outcomes = await self._write_guarded(conn, *guarded, since)
             if outcomes is not None:
                 return outcomes
         for attempt in range(RETRIES):
@@ -547,15 +549,17 @@ class PostgresStore:
             # Committed: from here on the outcomes stand, whatever else happens.
             if not self._database_up:
                 self._database_back()
-            self._committed(state)
+            self._committed(state, since)
             return outcomes
         raise AssertionError("unreachable")
 
-    def _committed(self, state: Batch) -> None:
-        """After COMMIT: what this relay now knows exactly, and who hears of removals."""
+    def _committed(self, state: Batch, since: int) -> None:
+        """After COMMIT: what this relay now knows exactly, and who hears of removals.
+        (Another relay's commit may have been heard since the batch began: ``Known.put``
+        keeps the later tail.)"""
         self._stats["rows_written"] += state.written
         for meta in state.metas.values():
-            self._known.put(meta)
+            self._known.put(meta, since)
             self._own(state, meta)
         for stream_id in state.removed:
             self._known.removed(stream_id)
@@ -627,7 +631,12 @@ class PostgresStore:
         return state, outcomes, expected
 
     async def _write_guarded(
-        self, conn: asyncpg.Connection, state: Batch, outcomes: list[Any], expected: dict[int, int]
+        self,
+        conn: asyncpg.Connection,
+        state: Batch,
+        outcomes: list[Any],
+        expected: dict[int, int],
+        since: int,
     ) -> list[Any] | None:
         """The batch as one guarded statement; None if a stream changed underneath (then
         nothing of it was written and the caller takes the locking path)."""
@@ -643,7 +652,7 @@ class PostgresStore:
             self._database_back()
         self._stats["guarded_writes"] += 1
         self._stats["appends"] += sum(1 for result in outcomes if result.plan.data)
-        self._committed(state)
+        self._committed(state, since)
         return outcomes
 
     def _check_not_behind(self, meta: StreamMeta) -> None:
