@@ -26,7 +26,7 @@ import structlog
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest, plan_create
-from protocol.errors import NotFound, ProtocolError, StreamDiverged, Unavailable
+from protocol.errors import NotFound, ProtocolError, StorageFull, StreamDiverged, Unavailable
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta
 from protocol.retention import plan_horizon
@@ -261,6 +261,9 @@ class PostgresStore:
         """Ready when a pooled connection answers and the schema is at this relay's version."""
         if self._pool is None:
             return "store is not open"
+        fault = self._committer.write_fault()
+        if fault is not None:
+            return fault
         try:
             async with self._conn() as conn:
                 version = await conn.fetchval(
@@ -288,11 +291,29 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> Any:
-        """A pooled connection; losing the database becomes Unavailable (503)."""
-        assert self._pool is not None
+        """A pooled connection; losing the database becomes Unavailable (503).
+
+        The wait for a connection and the work on it share one ``--db-timeout``: with a
+        frozen link, a wait then a query each taking the whole timeout answered in twice it.
+        """
+        pool = self._pool
+        assert pool is not None
+        timeout = self._timeout
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+            if timeout is None:
+                async with pool.acquire() as conn:
+                    yield conn
+                return
+            deadline = asyncio.get_running_loop().time() + timeout
+            conn = await pool.acquire(timeout=timeout)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    yield conn
+            except TimeoutError:
+                conn.terminate()  # a query cut short on a link that may be frozen: not reusable
+                raise
+            finally:
+                await pool.release(conn, timeout=timeout)
         except DISCONNECTS as exc:
             if not connection_lost(exc):
                 raise
@@ -340,9 +361,16 @@ class PostgresStore:
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
-        meta = await self._known_fresh(path, now)
-        if meta is None:
-            meta = await self._shared_load(path)
+        try:
+            # The barrier and the lookup share one --db-timeout: a frozen link cost both.
+            async with asyncio.timeout(self._timeout):
+                meta = await self._known_fresh(path, now)
+                if meta is None:
+                    meta = await self._shared_load(path)
+        except TimeoutError:
+            self._stats["unavailable"] += 1
+            self._database_lost("TimeoutError")
+            raise Unavailable("database unavailable: TimeoutError") from None
         if meta is None:
             raise NotFound()
         pending = self._committer.pending_touch(path, meta.stream_id)
@@ -407,7 +435,7 @@ class PostgresStore:
         if not self._barrier_running:
             self._barrier_running = True
             self._spawn(self._run_barriers())
-        return await waiter
+        return await asyncio.shield(waiter)  # one caller's timeout must not cancel the others'
 
     async def _run_barriers(self) -> None:
         """One ``SELECT 1`` at a time on the LISTEN connection, each for everyone who asked
@@ -523,6 +551,10 @@ class PostgresStore:
         since = self._known.mark()  # notifications heard from here merge into its result
         try:
             return await self._apply_on(conn, batch, touches, since)
+        except asyncpg.exceptions.DiskFullError as exc:  # SQLSTATE 53100: rolled back
+            raise StorageFull(f"the database has no space left: {exc}") from None
+        except asyncpg.exceptions.InsufficientResourcesError as exc:  # the rest of class 53
+            raise Unavailable(f"the database is out of resources ({exc.sqlstate})") from None
         finally:
             self._writer_done(conn)  # unless it was lost or terminated on the way
 
