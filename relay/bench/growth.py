@@ -168,7 +168,7 @@ async def long(client: aiohttp.ClientSession, target: Target, opts: Options) -> 
             note=f"{rows:,} rows kept" if rows is not None else "",
         )
     ]
-    for where, position in (("start", 0), ("middle", total // 2), ("end", total - 1024)):
+    for where, position in (("start", 0), ("middle", total // 2), ("end", max(0, total - 1024))):
         variant = f"{label}: read at {where}"
         results.append(await _reads_at(client, target, url, variant, position))
     before = await snapshot(client, target)
