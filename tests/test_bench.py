@@ -136,10 +136,8 @@ def test_capacity_needs_postgres() -> None:
 
 def test_growth_scenarios_at_toy_sizes() -> None:
     """streams: a row per step and kind; long: every byte read back, rows counted."""
-    args = build_parser().parse_args(
-        ["bench", "--no-pin", "--scenarios", "streams,long", "--stream-counts", "20,50"]
-        + ["--idle-seconds", "0.2", "--long-appends", "300"]
-    )
+    growth = ["--scenarios", "streams,long", "--stream-counts", "20,50", "--idle-seconds", "0.2"]
+    args = build_parser().parse_args(["bench", "--no-pin", *growth, "--long-appends", "300"])
     results = run_results(args)
     assert [(r.scenario, r.variant, r.operations) for r in results] == [
         ("streams", "20 streams: create", 20),
