@@ -9,7 +9,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import structlog
-from aiohttp.test_utils import TestClient
 
 from relay import cli
 from relay.app import make_app
@@ -19,23 +18,24 @@ from relay.logging import configure
 from relay.store.postgres import revoke
 from tests.auth_helpers import ALL, AUDIENCE, api_key_entry, bearer, jwks, token, write_json
 from tests.relay_process import RelayProcess
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 from tests.test_auth_http import ADMIN_KEY, TEXT, ClientFactory, auth_setup, seed, url
 
 __all__ = ["backend"]
 
 
-def fast_rechecks(client: TestClient) -> Authorizer:
-    auth = client.app[CONTEXT].auth  # type: ignore[index]
+def fast_rechecks(client: AppClient) -> Authorizer:
+    auth = client.app[CONTEXT].auth
     assert auth is not None
     auth.recheck_seconds = 0.1
     auth.poll_seconds = 0.05
     return auth
 
 
-async def parked(client: TestClient, count: int = 1) -> None:
+async def parked(client: AppClient, count: int = 1) -> None:
     async with asyncio.timeout(10):
-        while client.app[CONTEXT].hub.parked_readers < count:  # type: ignore[index]
+        while client.app[CONTEXT].hub.parked_readers < count:
             await asyncio.sleep(0.01)
 
 

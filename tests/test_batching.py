@@ -4,6 +4,7 @@ happens to waiting requests if the loop itself dies. ``apply`` here is a scripte
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -210,7 +211,7 @@ def _paths(ops: list[WriteOp]) -> set[str]:
     return {o.path for o in ops if isinstance(o, AppendOp | DeleteOp)}
 
 
-def _check_pipeline(flights: Flights, submitted: list[WriteOp], depth: int) -> None:
+def _check_pipeline(flights: Flights, submitted: Sequence[WriteOp], depth: int) -> None:
     assert flights.most <= depth
     for ops, beside in flights.overlaps:
         for other in beside:
@@ -244,7 +245,7 @@ async def test_an_operation_other_than_an_append_commits_with_nothing_beside_it(
     first = [asyncio.create_task(committer.submit(o)) for o in early]
     await asyncio.sleep(0)  # the first batch is in flight
     later = [append(f"b{i}", i) for i in range(3)]
-    ops = [*later[:1], DeleteOp("a1", 0.0), *later[1:]]
+    ops: list[WriteOp] = [*later[:1], DeleteOp("a1", 0.0), *later[1:]]
     rest = [asyncio.create_task(committer.submit(o)) for o in ops]
     await asyncio.gather(*first, *rest)
     await committer.stop()

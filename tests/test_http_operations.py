@@ -7,33 +7,33 @@ import json
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
 from relay.store.sqlite import SqliteStore
+from tests.serving import AppClient
 
 TEXT = {"Content-Type": "text/plain"}
 
 
-async def _client(aiohttp_client: AiohttpClient, tmp_path: Path, **settings: object) -> TestClient:
+async def _client(aiohttp_client: AiohttpClient, tmp_path: Path, **settings: object) -> AppClient:
     config = Config(data_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
     return await aiohttp_client(make_app(config, SqliteStore(tmp_path)))
 
 
 @pytest.fixture
-async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> TestClient:
+async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> AppClient:
     return await _client(aiohttp_client, tmp_path)
 
 
-async def test_health(client: TestClient) -> None:
+async def test_health(client: AppClient) -> None:
     response = await client.get("/health")
     assert response.status == 200
     assert (await response.json())["status"] == "ok"
 
 
-async def test_metrics_count_requests_and_commits(client: TestClient) -> None:
+async def test_metrics_count_requests_and_commits(client: AppClient) -> None:
     await client.put("/v1/stream/m", headers=TEXT)
     for _ in range(3):
         await client.post("/v1/stream/m", data=b"x", headers=TEXT)
@@ -48,7 +48,7 @@ async def test_metrics_count_requests_and_commits(client: TestClient) -> None:
     assert any(name.startswith("relay_http_requests_total") for name in samples)
 
 
-async def test_any_origin_may_read_every_stream_header(client: TestClient) -> None:
+async def test_any_origin_may_read_every_stream_header(client: AppClient) -> None:
     created = await client.put("/v1/stream/c", headers={**TEXT, "Origin": "https://app.example"})
     assert created.headers["Access-Control-Allow-Origin"] == "*"
     exposed = {v.strip() for v in created.headers["Access-Control-Expose-Headers"].split(",")}
@@ -56,7 +56,7 @@ async def test_any_origin_may_read_every_stream_header(client: TestClient) -> No
     assert created.headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_preflight_allows_protocol_methods_and_headers(client: TestClient) -> None:
+async def test_preflight_allows_protocol_methods_and_headers(client: AppClient) -> None:
     response = await client.options(
         "/v1/stream/c",
         headers={

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from protocol.model import StreamMeta
@@ -22,6 +21,7 @@ from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Context
 from tests.relay_process import RelayProcess
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
@@ -32,21 +32,21 @@ STREAM = "/v1/stream/j"
 MESSAGES = [{"n": n, "pad": "m" * (n % 7) * 5} for n in range(100)]
 
 
-Serve = Callable[..., Awaitable[TestClient]]
+Serve = Callable[..., Awaitable[AppClient]]
 """Starts a relay on the test's backend with the given settings; returns its client."""
 
 
 @pytest.fixture
 def serve(backend: Backend, aiohttp_client: AiohttpClient) -> Serve:
-    async def start(**settings: Any) -> TestClient:
+    async def start(**settings: Any) -> AppClient:
         config = Config(data_dir=str(backend.data_dir), database_url=backend.url or "", **settings)
         return await aiohttp_client(make_app(config))
 
     return start
 
 
-def ctx_of(client: TestClient) -> Context:
-    return client.app[CONTEXT]  # type: ignore[index]
+def ctx_of(client: AppClient) -> Context:
+    return client.app[CONTEXT]
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -56,7 +56,7 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-async def read_all(client: TestClient, offset: str) -> list[Any]:
+async def read_all(client: AppClient, offset: str) -> list[Any]:
     """Catch-up reads from ``offset`` to the tail; each body must be a whole JSON array."""
     out: list[Any] = []
     while True:

@@ -9,20 +9,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Limits
 from relay.store.sqlite import SqliteStore
+from tests.serving import AppClient
 
 STREAM = "/v1/stream/limits"
 TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture
-async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[TestClient, SqliteStore]:
+async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[AppClient, SqliteStore]:
     config = Config(
         data_dir=str(tmp_path),
         max_inflight_writes=2,
@@ -39,7 +39,7 @@ async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[TestCl
 
 
 async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
     release = threading.Event()
@@ -67,7 +67,7 @@ async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
 
 
 async def test_live_readers_beyond_the_limit_get_429(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, _ = limited
     head = await client.head(STREAM)
@@ -84,7 +84,7 @@ async def test_live_readers_beyond_the_limit_get_429(
 
 
 async def test_body_over_the_limit_is_413_and_appends_nothing(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, _ = limited
     response = await client.post(STREAM, data=b"z" * 1001, headers={"Content-Type": "text/plain"})
@@ -94,8 +94,8 @@ async def test_body_over_the_limit_is_413_and_appends_nothing(
     assert await read.read() == b""
 
 
-def limits_of(client: TestClient) -> Limits:
-    return client.app[CONTEXT].limits  # type: ignore[index]
+def limits_of(client: AppClient) -> Limits:
+    return client.app[CONTEXT].limits
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -117,7 +117,7 @@ async def writer_blocked(store: SqliteStore) -> AsyncIterator[None]:
 
 
 async def test_inflight_write_bytes_beyond_the_limit_get_503(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
     async with writer_blocked(store):
@@ -151,7 +151,7 @@ async def test_a_lone_write_is_admitted_whatever_its_size(
 
 
 async def test_put_and_delete_go_through_admission(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
     async with writer_blocked(store):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -515,7 +515,7 @@ async def test_each_delivery_attempt_logs_one_line_without_secrets(relay: Relay)
             await relay.create_stream("log/1", b'{"a":1}')
             got = await receiver.wait_for(1)
 
-            async def logged() -> list[dict[str, Any]]:
+            async def logged() -> list[MutableMapping[str, Any]]:
                 return [e for e in logs if e["event"] == "subscription delivery"]
 
             lines = await eventually(logged)
