@@ -16,6 +16,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.waits import eventually
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -105,6 +107,17 @@ def live_readers(exposition: str) -> float:
         for line in exposition.splitlines()
         if line.startswith("relay_live_readers{")
     )
+
+
+async def parked_at(session: aiohttp.ClientSession, url: str, count: int) -> None:
+    """Until the relay at ``url`` has exactly ``count`` live readers parked, by its own gauge
+    (a write meant to wake them must not land before they wait for it)."""
+
+    async def parked() -> bool:
+        async with session.get(f"{url}/metrics") as r:
+            return live_readers(await r.text()) == count
+
+    await eventually(parked, interval=0.02, what=f"{count} live readers parked at {url}")
 
 
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:

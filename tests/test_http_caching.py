@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestClient
 from protocol import caching
 from relay.app import make_app
 from relay.config import Config
+from relay.http.context import CONTEXT
 from tests.serving import AppClient, RelayTestServer
+from tests.waits import wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 OPEN = "/v1/stream/open"
@@ -86,7 +88,7 @@ async def test_a_long_poll_from_now_woken_by_data_is_not_stored(
 ) -> None:
     """Its data is what arrived after "now"; a later "now" reader must not be handed it."""
     waiting = asyncio.create_task(client.get(OPEN, params={"offset": "now", "live": "long-poll"}))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: client.app[CONTEXT].hub.parked_readers == 1, what="the reader parked")
     await client.post(OPEN, headers=TEXT, data=b"e")
     response = await waiting
     assert (response.status, await response.read()) == (200, b"e")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from relay.config import Config
 from relay.http.context import CONTEXT, Limits
 from relay.store.sqlite import SqliteStore
 from tests.serving import AppClient
+from tests.waits import wait_for
 
 STREAM = "/v1/stream/limits"
 TEXT = {"Content-Type": "text/plain"}
@@ -42,24 +43,15 @@ async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
     limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
-    release = threading.Event()
-    # Test-side fault injection: occupy the store's writer thread so commits queue up.
-    blocker = store._writer.submit(release.wait)
-    try:
+    async with writer_blocked(store):
         pending = [
-            asyncio.create_task(
-                client.post(STREAM, data=b"x", headers={"Content-Type": "text/plain"})
-            )
-            for _ in range(2)
+            asyncio.create_task(client.post(STREAM, data=b"x", headers=TEXT)) for _ in range(2)
         ]
-        await asyncio.sleep(0.2)
-        rejected = await client.post(STREAM, data=b"y", headers={"Content-Type": "text/plain"})
+        await wait_for(lambda: limits_of(client).writes == 2, what="both writes admitted")
+        rejected = await client.post(STREAM, data=b"y", headers=TEXT)
         assert rejected.status == 503
         assert rejected.headers["Retry-After"] == "1"
         assert (await rejected.json())["error"]["code"] == "unavailable"
-    finally:
-        release.set()
-    blocker.result(timeout=5)
     for task in pending:
         assert (await task).status == 204
     read = await client.get(STREAM, params={"offset": "-1"})
@@ -73,7 +65,7 @@ async def test_live_readers_beyond_the_limit_get_429(
     head = await client.head(STREAM)
     tail = head.headers["Stream-Next-Offset"]
     parked = asyncio.create_task(client.get(STREAM, params={"offset": tail, "live": "long-poll"}))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: limits_of(client).readers == 1, what="the first reader admitted")
     rejected = await client.get(STREAM, params={"offset": tail, "live": "long-poll"})
     assert rejected.status == 429
     assert rejected.headers["Retry-After"] == "5"
@@ -98,12 +90,6 @@ def limits_of(client: AppClient) -> Limits:
     return client.app[CONTEXT].limits
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 @asynccontextmanager
 async def writer_blocked(store: SqliteStore) -> AsyncIterator[None]:
     """Test-side fault injection: occupy the store's writer thread so commits queue up."""
@@ -122,7 +108,7 @@ async def test_inflight_write_bytes_beyond_the_limit_get_503(
     client, store = limited
     async with writer_blocked(store):
         pending = asyncio.create_task(client.post(STREAM, data=b"a" * 1000, headers=TEXT))
-        await until(lambda: limits_of(client).write_bytes == 1000)
+        await wait_for(lambda: limits_of(client).write_bytes == 1000)
         declared = await client.post(STREAM, data=b"b" * 600, headers=TEXT)
         assert declared.status == 503
         assert declared.headers["Retry-After"] == "1"
@@ -158,7 +144,7 @@ async def test_put_and_delete_go_through_admission(
         pending = [
             asyncio.create_task(client.post(STREAM, data=b"x", headers=TEXT)) for _ in range(2)
         ]
-        await until(lambda: limits_of(client).writes == 2)
+        await wait_for(lambda: limits_of(client).writes == 2)
         # Before admission covered them, these queued behind the blocked writer.
         created = await asyncio.wait_for(client.put("/v1/stream/other", headers=TEXT), 5)
         assert created.status == 503

@@ -1,0 +1,74 @@
+"""Waiting in tests for a condition rather than for a length of time.
+
+A fixed sleep is slow on a fast machine and flaky on a loaded one; these poll the condition the
+sleep was hoping for, return as soon as it holds, and fail with a message naming it when it never
+does. The timeout bounds a failure only: nothing asserts how fast the condition came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+TIMEOUT = 10.0
+"""Seconds before a condition that never holds fails the test (generous: CI machines are busy)."""
+
+
+def _never(what: str | None, condition: object, timeout: float) -> AssertionError:
+    name = what or getattr(condition, "__qualname__", repr(condition))
+    return AssertionError(f"{name} did not hold within {timeout} s")
+
+
+async def wait_for(
+    condition: Callable[[], T],
+    *,
+    timeout: float = TIMEOUT,
+    interval: float = 0.01,
+    what: str | None = None,
+) -> T:
+    """Yield to the event loop until ``condition()`` (a gauge, a counter, a flag) is truthy;
+    returns that value."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise _never(what, condition, timeout)
+        await asyncio.sleep(interval)
+    return result
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = TIMEOUT,
+    interval: float = 0.05,
+    what: str | None = None,
+) -> T:
+    """Like ``wait_for`` for a check that must await (a request, a query); returns its first
+    truthy result."""
+    deadline = time.monotonic() + timeout
+    while not (result := await check()):
+        if time.monotonic() > deadline:
+            raise _never(what, check, timeout)
+        await asyncio.sleep(interval)
+    return result
+
+
+def wait_for_sync(
+    condition: Callable[[], T],
+    *,
+    timeout: float = TIMEOUT,
+    interval: float = 0.05,
+    what: str | None = None,
+) -> T:
+    """``wait_for`` for code with no event loop (subprocesses, the conformance suite): blocks
+    between polls."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise _never(what, condition, timeout)
+        time.sleep(interval)
+    return result
