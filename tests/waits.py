@@ -18,9 +18,17 @@ TIMEOUT = 10.0
 """Seconds before a condition that never holds fails the test (generous: CI machines are busy)."""
 
 
-def _never(what: str | None, condition: object, timeout: float) -> AssertionError:
-    name = what or getattr(condition, "__qualname__", repr(condition))
-    return AssertionError(f"{name} did not hold within {timeout} s")
+class _Deadline:
+    """When polling ``condition`` gives up, and the failure that names it."""
+
+    def __init__(self, condition: object, timeout: float, what: str | None) -> None:
+        self.at = time.monotonic() + timeout
+        name = what or getattr(condition, "__qualname__", repr(condition))
+        self.failure = f"{name} did not hold within {timeout} s"
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            raise AssertionError(self.failure)
 
 
 async def wait_for(
@@ -32,10 +40,9 @@ async def wait_for(
 ) -> T:
     """Yield to the event loop until ``condition()`` (a gauge, a counter, a flag) is truthy;
     returns that value."""
-    deadline = time.monotonic() + timeout
+    deadline = _Deadline(condition, timeout, what)
     while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise _never(what, condition, timeout)
+        deadline.check()
         await asyncio.sleep(interval)
     return result
 
@@ -49,10 +56,9 @@ async def eventually(
 ) -> T:
     """Like ``wait_for`` for a check that must await (a request, a query); returns its first
     truthy result."""
-    deadline = time.monotonic() + timeout
+    deadline = _Deadline(check, timeout, what)
     while not (result := await check()):
-        if time.monotonic() > deadline:
-            raise _never(what, check, timeout)
+        deadline.check()
         await asyncio.sleep(interval)
     return result
 
@@ -66,9 +72,8 @@ def wait_for_sync(
 ) -> T:
     """``wait_for`` for code with no event loop (subprocesses, the conformance suite): blocks
     between polls."""
-    deadline = time.monotonic() + timeout
+    deadline = _Deadline(condition, timeout, what)
     while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise _never(what, condition, timeout)
+        deadline.check()
         time.sleep(interval)
     return result
