@@ -109,15 +109,17 @@ def live_readers(exposition: str) -> float:
     )
 
 
-async def parked_at(session: aiohttp.ClientSession, url: str, count: int) -> None:
+async def parked_at(url: str, count: int) -> None:
     """Until the relay at ``url`` has exactly ``count`` live readers parked, by its own gauge
-    (a write meant to wake them must not land before they wait for it)."""
+    (a write meant to wake them must not land before they wait for it). A ``/metrics`` that
+    answers 503 while workers start counts none."""
+    async with aiohttp.ClientSession() as session:
 
-    async def parked() -> bool:
-        async with session.get(f"{url}/metrics") as r:
-            return live_readers(await r.text()) == count
+        async def parked() -> bool:
+            async with session.get(f"{url}/metrics") as r:
+                return live_readers(await r.text()) == count
 
-    await eventually(parked, interval=0.02, what=f"{count} live readers parked at {url}")
+        await eventually(parked, interval=0.02, what=f"{count} live readers parked at {url}")
 
 
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:

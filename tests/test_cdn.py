@@ -100,7 +100,7 @@ async def test_identical_long_polls_at_the_tail_reach_relay_once(edge: Edge) -> 
         poll = f"{url}?cursor={cursor}&live=long-poll&offset={tail}"
 
         waiting = asyncio.gather(*(call(session, "GET", poll) for _ in range(N)))
-        await parked_at(session, edge.relay.url, 1)  # the one nginx lets through; the others
+        await parked_at(edge.relay.url, 1)  # the one nginx lets through; the others
         # queue on its cache lock, and one that comes late is answered the same
         appended = await call(session, "POST", url, TEXT, b"second")
         assert appended.status == 204
@@ -127,7 +127,7 @@ async def test_long_polls_that_time_out_collapse_and_the_next_round_is_a_new_key
 
         next_round = f"{url}?cursor={cursors.pop()}&live=long-poll&offset={tail}"
         waiting = asyncio.create_task(call(session, "GET", next_round))
-        await parked_at(session, edge.relay.url, 1)
+        await parked_at(edge.relay.url, 1)
         await call(session, "POST", url, TEXT, b"y")
         reply = await asyncio.wait_for(waiting, LONG_POLL_TIMEOUT * 4)
         assert (reply.status, reply.body) == (200, b"y")
@@ -199,14 +199,14 @@ async def test_offset_now_always_reaches_relay(edge: Edge) -> None:
         # they would queue, each let upstream only after the one before it was answered.
         live_now = f"{url}?live=long-poll&offset=now"
         waiting = asyncio.gather(*(call(session, "GET", live_now) for _ in range(N)))
-        await parked_at(session, edge.relay.url, N)  # every one: none queued behind a lock
+        await parked_at(edge.relay.url, N)  # every one: none queued behind a lock
         await call(session, "POST", url, TEXT, b"one")
         replies = await asyncio.wait_for(waiting, LONG_POLL_TIMEOUT * 4)
         assert {(r.status, r.body, r.headers["X-Cache-Status"]) for r in replies} == {
             (200, b"one", "BYPASS")
         }
         later = asyncio.create_task(call(session, "GET", live_now))
-        await parked_at(session, edge.relay.url, 1)
+        await parked_at(edge.relay.url, 1)
         await call(session, "POST", url, TEXT, b"two")
         assert (await asyncio.wait_for(later, LONG_POLL_TIMEOUT * 4)).body == b"two"
         assert edge.upstream_count(target(live_now), N + 1) == N + 1

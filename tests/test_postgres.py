@@ -24,7 +24,7 @@ from relay.app import make_app
 from relay.config import Config
 from relay.store.common import numbered_sql
 from relay.store.postgres import COMPACT_BYTES, PostgresStore, apply_migrations, migrate
-from tests.pg import fresh_database
+from tests.pg import blocked_on_locks, fresh_database
 from tests.stores import Recorder
 from tests.tcp_proxy import TcpProxy
 from tests.waits import eventually, wait_for
@@ -179,25 +179,6 @@ async def _chunk_rows(pg_url: str, path: str) -> list[tuple[int, int]]:
     return [(row[0], row[1]) for row in rows]
 
 
-async def _waiting_on_a_lock(pg_url: str, statement: str) -> None:
-    """Until a backend runs ``statement`` blocked on a lock. Polls pg_stat_activity outside any
-    transaction, since inside one its snapshot never changes."""
-    conn = await asyncpg.connect(pg_url)
-
-    async def blocked() -> int:
-        waiting: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND starts_with(query, $1)",
-            statement,
-        )
-        return waiting
-
-    try:
-        await eventually(blocked, interval=0.01, what=f"a backend blocked running {statement}")
-    finally:
-        await conn.close()
-
-
 async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_bytes(
     store: PostgresStore, pg_url: str
 ) -> None:
@@ -244,7 +225,7 @@ async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_byt
             last_start,
         )
         compacted = asyncio.create_task(store.compact(NOW + 1))
-        await _waiting_on_a_lock(pg_url, "DELETE FROM relay_chunks")
+        await blocked_on_locks(pg_url, statement="DELETE FROM relay_chunks")
         await all_read_twice_more()  # during
         assert not compacted.done()
         await tx.rollback()

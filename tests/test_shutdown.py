@@ -113,7 +113,7 @@ async def test_sigterm_answers_parked_long_poll_and_ends_sse(
 
             polling = asyncio.create_task(long_poll())
             streaming = asyncio.create_task(sse())
-            await parked_at(session, relay.url, 2)
+            await parked_at(relay.url, 2)
             started = time.monotonic()
             relay.proc.send_signal(signal.SIGTERM)
 

@@ -32,7 +32,7 @@ class _Deadline:
 
 
 async def wait_for(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     *,
     timeout: float = TIMEOUT,
     interval: float = 0.01,
@@ -48,7 +48,7 @@ async def wait_for(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]],
+    check: Callable[[], Awaitable[T | None]],
     *,
     timeout: float = TIMEOUT,
     interval: float = 0.05,
@@ -64,7 +64,7 @@ async def eventually(
 
 
 def wait_for_sync(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     *,
     timeout: float = TIMEOUT,
     interval: float = 0.05,
