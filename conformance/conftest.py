@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.waits import wait_for_sync
+from tests.waits import wait_for_process
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,8 +65,6 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
         url = f"http://127.0.0.1:{port}"
 
         def answering() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {proc.returncode}")
             try:
                 httpx.get(f"{url}/v1/stream/__probe__", timeout=1)
             except httpx.TransportError:
@@ -74,7 +72,7 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
             return True
 
         try:
-            wait_for_sync(answering, timeout=20, what="relay serve answering")
+            wait_for_process(proc, answering, timeout=20, what="relay serve")
             yield url
         finally:
             proc.terminate()

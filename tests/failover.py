@@ -77,7 +77,7 @@ class ReplicatedPair:
     def url(self, name: str) -> str:
         return f"postgresql://relay@127.0.0.1:{self.ports[name]}/postgres"
 
-    async def caught_up(self, name: str = "standby") -> None:
+    async def caught_up(self, name: str = "standby", timeout: float = 60) -> None:
         """Until standby ``name`` has replayed everything the primary has written so far."""
         primary = await asyncpg.connect(self.url("primary"))
         try:
@@ -93,7 +93,8 @@ class ReplicatedPair:
             return done
 
         try:
-            await eventually(replayed, what=f"{name} replaying the primary's WAL to {written}")
+            what = f"{name} replaying the primary's WAL to {written}"
+            await eventually(replayed, timeout=timeout, interval=0.02, what=what)
         finally:
             await standby.close()
 

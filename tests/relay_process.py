@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.waits import eventually
+from tests.waits import eventually, wait_for_process
 
 
 def free_port() -> int:
@@ -50,16 +49,14 @@ class RelayProcess:
         else:
             with self.log.open("ab") as sink:
                 self.proc = subprocess.Popen(command, env=dict(os.environ), stderr=sink)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("relay did not become healthy")
+        wait_for_process(self.proc, self.healthy, timeout=timeout, what="relay serve")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                return True
+        except OSError:
+            return False
 
     def children(self) -> list[int]:
         """Pids of the relay's child processes (``--workers`` > 1), from ``/proc``."""

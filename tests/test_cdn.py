@@ -157,7 +157,7 @@ async def test_a_read_at_the_open_tail_is_never_stale_past_its_second(edge: Edge
                 break
             # nginx counts whole seconds, so "s-maxage=1" may last up to two.
             assert time.monotonic() - written_at < 3, "a stale tail outlived its lifetime"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a sleep: the poll's pace; the lifetime is what is tested
 
 
 async def test_head_is_never_cached_nor_turned_into_a_get(edge: Edge) -> None:
@@ -322,5 +322,5 @@ async def test_a_deleted_stream_is_404_once_its_entries_expire(edge: Edge) -> No
         while (reply := await call(session, "GET", at_tail)).status != 404:
             assert reply.headers["X-Cache-Status"] == "HIT"
             assert time.monotonic() - deleted_at < 3, "a deleted stream's tail outlived its second"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a sleep: the poll's pace; the lifetime is what is tested
         assert reply.headers["Cache-Control"] == "no-store"

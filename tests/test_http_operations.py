@@ -17,14 +17,13 @@ from tests.serving import AppClient
 TEXT = {"Content-Type": "text/plain"}
 
 
-async def _client(aiohttp_client: AiohttpClient, tmp_path: Path, **settings: object) -> AppClient:
-    config = Config(data_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
-    return await aiohttp_client(make_app(config, SqliteStore(tmp_path)))
+async def _client(aiohttp_client: AiohttpClient, config: Config) -> AppClient:
+    return await aiohttp_client(make_app(config, SqliteStore(Path(config.data_dir))))
 
 
 @pytest.fixture
 async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> AppClient:
-    return await _client(aiohttp_client, tmp_path)
+    return await _client(aiohttp_client, Config(data_dir=str(tmp_path)))
 
 
 async def test_health(client: AppClient) -> None:
@@ -74,7 +73,8 @@ async def test_preflight_allows_protocol_methods_and_headers(client: AppClient) 
 async def test_a_configured_origin_list_is_enforced(
     tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
-    client = await _client(aiohttp_client, tmp_path, cors_origins="https://ok.example")
+    config = Config(data_dir=str(tmp_path), cors_origins="https://ok.example")
+    client = await _client(aiohttp_client, config)
     ok = await client.get("/health", headers={"Origin": "https://ok.example"})
     assert ok.headers["Access-Control-Allow-Origin"] == "https://ok.example"
     assert ok.headers["Vary"] == "Origin"
@@ -87,7 +87,8 @@ async def test_sse_connections_end_after_the_reconnect_interval(
 ) -> None:
     """So CDNs can collapse SSE requests: the server ends each connection on a schedule, after
     a control event the client resumes from."""
-    client = await _client(aiohttp_client, tmp_path, sse_reconnect_interval=0.3)
+    config = Config(data_dir=str(tmp_path), sse_reconnect_interval=0.3)
+    client = await _client(aiohttp_client, config)
     await client.put("/v1/stream/s", headers=TEXT, data=b"hi")
     response = await client.get("/v1/stream/s", params={"offset": "-1", "live": "sse"})
     body = await asyncio.wait_for(response.read(), 5)  # EOF: the server ended it

@@ -21,6 +21,7 @@ from relay.hub import Hub
 from tests.raw_http import raw_request
 from tests.serving import AppClient
 from tests.stores import Backend, backend
+from tests.waits import wait_for
 
 __all__ = ["backend"]
 
@@ -45,9 +46,7 @@ class Relay:
 
     async def parked(self, count: int) -> None:
         """Wait until ``count`` readers are parked in the hub (not a guess with a sleep)."""
-        async with asyncio.timeout(10):
-            while self.hub.parked_readers < count:
-                await asyncio.sleep(0.005)
+        await wait_for(lambda: self.hub.parked_readers >= count, interval=0.005)
 
 
 @pytest.fixture

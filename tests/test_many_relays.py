@@ -17,6 +17,7 @@ import pytest
 
 from protocol.offsets import parse_offset
 from tests.relay_process import RelayProcess, live_readers
+from tests.waits import eventually
 
 TEXT = {"Content-Type": "text/plain"}
 
@@ -44,12 +45,12 @@ def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayPro
 
 async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:
     """Wait until ``relay`` reports ``count`` parked readers (its metrics, not a guess)."""
-    async with asyncio.timeout(10):
-        while True:
-            async with http.get(f"{relay.url}/metrics") as response:
-                if live_readers(await response.text()) >= count:
-                    return
-            await asyncio.sleep(0.02)
+
+    async def enough() -> bool:
+        async with http.get(f"{relay.url}/metrics") as response:
+            return live_readers(await response.text()) >= count
+
+    await eventually(enough, interval=0.02, what=f"{count} readers parked at {relay.url}")
 
 
 async def test_a_long_poll_at_one_relay_wakes_on_an_append_through_another(

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT
+from relay.store.postgres import PostgresStore
 from tests.serving import AppClient
 from tests.stores import Backend, backend
 from tests.tcp_proxy import TcpProxy
+from tests.waits import eventually, wait_for
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
@@ -62,12 +63,6 @@ def value(got: Samples, name: str, **labels: str) -> float:
     return got.get((name, frozenset(labels.items())), 0.0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
-
-
 async def traffic(client: AppClient) -> None:
     """One of everything the dashboard plots: writes, catch-up, long-poll and SSE reads,
     a delete, an expiry, probes and a 404."""
@@ -96,7 +91,7 @@ async def traffic(client: AppClient) -> None:
     async def expired() -> bool:
         return value(await samples(client), "relay_streams_expired_total") >= 1
 
-    await eventually(expired)
+    await eventually(expired, timeout=15)
 
 
 def fast(config: Config) -> Config:
@@ -152,9 +147,9 @@ async def test_readyz_is_503_while_postgres_is_unreachable_and_ready_again_after
         client = await aiohttp_client(app)
         assert (await client.get("/readyz")).status == 200
         store = app[CONTEXT].store
-        async with asyncio.timeout(10):
-            while not store._listening:  # type: ignore[attr-defined]  # LISTEN is up: a cut
-                await asyncio.sleep(0.01)  # now loses it, and restoring it is a reconnect
+        assert isinstance(store, PostgresStore)
+        # LISTEN is up: a cut now loses it, and restoring it is a reconnect.
+        await wait_for(lambda: store._listening, what="LISTEN up")
         await proxy.cut()
         response = await client.get("/readyz")
         assert response.status == 503
@@ -172,7 +167,7 @@ async def test_readyz_is_503_while_postgres_is_unreachable_and_ready_again_after
                 return False
             return value(await samples(client), "relay_store_listen_reconnects_total") >= 1
 
-        await eventually(ready_and_listening_again)
+        await eventually(ready_and_listening_again, timeout=15)
     finally:
         await proxy.cut()
 

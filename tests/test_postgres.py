@@ -204,7 +204,7 @@ async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_byt
             reads[reader] += 1
             if min(reads) >= target:
                 progressed.set()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield, not a wait: the compactor and other readers run
 
     async def all_read_twice_more() -> None:
         nonlocal target
@@ -927,7 +927,7 @@ async def test_pipelined_commits_keep_every_streams_bytes_and_offsets(pg_url: st
 
         async def producer(path: str) -> None:
             for seq in range(40):
-                await asyncio.sleep(0.001 * (seq % 3))  # tokens arrive unevenly: out of step
+                await asyncio.sleep(0.001 * (seq % 3))  # a sleep: tokens arrive unevenly
                 body = f"{path}:{seq};".encode()
                 request = AppendRequest(
                     "text/plain", body, producer=ProducerHeaders(f"p-{path}", 0, seq)

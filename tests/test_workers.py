@@ -127,7 +127,7 @@ def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
         for size in sizes:
             stats.batch_ops.observe(size)
             stats.commit_seconds.observe(0.002)
-        metrics.watch_store(_Stats(stats))  # type: ignore[arg-type]
+        metrics.watch_store(_Stats(stats))  # type: ignore[arg-type]  # only stats() is read
     text = sum_expositions([one.render().decode(), two.render().decode()]).decode()
     got = {
         (sample.name, frozenset(sample.labels.items())): sample.value

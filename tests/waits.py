@@ -8,9 +8,10 @@ does. The timeout bounds a failure only: nothing asserts how fast the condition 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -77,3 +78,22 @@ def wait_for_sync(
         deadline.check()
         time.sleep(interval)
     return result
+
+
+def wait_for_process(
+    proc: subprocess.Popen[Any],
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    detail: Callable[[], str] = lambda: "",
+) -> None:
+    """Until a server process is ``ready()`` (listening, healthy); fails at once, with
+    ``detail()`` (its log), if the process exits first."""
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: exited with {proc.returncode} {detail()}".rstrip())
+        return ready()
+
+    wait_for_sync(up, timeout=timeout, what=what)
