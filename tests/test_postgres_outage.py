@@ -93,6 +93,8 @@ async def test_stopping_postgres_mid_load_gives_503_then_recovers_without_restar
             await eventually(recovered, timeout=30, interval=0.2, what="reads answered again")
             count = len(acked)
             await wait_for(lambda: len(acked) > count, what="producers acknowledged again")
+            relisten = "listen connection re-established"
+            await wait_for(lambda: relisten in log.read_text(), what="LISTEN back (its log line)")
             stop.set()
             await asyncio.gather(*load)
             assert len(acked) > count  # producers are being acknowledged again
