@@ -1,7 +1,8 @@
 """Relay behind real nginx running the shipped deploy/nginx/relay.conf (a one-node CDN).
 
 What reaches Relay is counted from nginx's own access log (one line per request, with the
-upstream address, "-" when the cache answered), so nothing here depends on Relay's metrics.
+upstream address, "-" when the cache answered), so no count here depends on Relay's metrics
+(only the waits for parked readers read its gauge).
 Shown: identical concurrent catch-up reads and long-polls reach Relay once and every waiter
 gets the answer; nothing is served past the lifetime Relay's Cache-Control gives it; HEAD,
 offset=now and SSE are never answered from the cache; and a cached body is never given to a
