@@ -8,13 +8,12 @@ exits at the latest, so the test closes the store and waits for its sessions to 
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 
 from protocol.create import CreateRequest
 from protocol.lifecycle import Expiry
 from relay.store.postgres import PostgresStore
+from tests.waits import eventually
 
 IDLE_STREAMS = 3000
 NOW = 1_000_000.0
@@ -27,9 +26,8 @@ async def _seq_reads(conn: asyncpg.Connection) -> int:
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
-    async with asyncio.timeout(10):  # the store's sessions end: their counts are in
-        while not await _none(conn, others):
-            await asyncio.sleep(0.02)
+    # The store's sessions end: their counts are in.
+    await eventually(lambda: _none(conn, others), what="the store's sessions to end")
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     reads: int = await conn.fetchval(
         "SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'relay_streams'"
