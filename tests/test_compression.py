@@ -19,6 +19,7 @@ from relay.config import Config
 from relay.http import compression
 from relay.http.context import CONTEXT
 from tests.raw_http import raw_request
+from tests.waits import wait_for
 
 JSON = {"Content-Type": "application/json"}
 STREAM = "/v1/stream/chat"
@@ -47,7 +48,12 @@ async def chat(client: TestClient[Any, Any], path: str = STREAM) -> bytes:
     return await plain.read()
 
 
-DECODE = {"gzip": gzip.decompress, "zstd": zstd.decompress}
+DECODE: dict[str, Callable[[bytes], bytes]] = {"gzip": gzip.decompress, "zstd": zstd.decompress}
+PACK: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "zstd": zstd.compress,
+}
 
 
 @pytest.mark.parametrize("coding", ["gzip", "zstd"])
@@ -66,7 +72,9 @@ async def test_a_catch_up_comes_compressed_in_the_coding_asked_for(
     assert orjson.loads(plain) == TOKENS
 
 
-async def test_the_client_library_decodes_what_it_asked_for(aiohttp_client: Any, tmp_path: Path):
+async def test_the_client_library_decodes_what_it_asked_for(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
     """aiohttp's own default (gzip, deflate, zstd) gets zstd and reads the same messages."""
     client = await aiohttp_client(make_app(Config(data_dir=str(tmp_path))))
     await client.put(STREAM, headers=JSON, data=orjson.dumps(TOKENS))
@@ -156,10 +164,8 @@ async def test_a_long_poll_woken_by_a_large_commit_is_compressed_once_for_all(
     params = {"offset": tail, "live": "long-poll"}
     gz = {"Accept-Encoding": "gzip"}
     polls = [asyncio.create_task(client.get(STREAM, params=params, headers=gz)) for _ in range(5)]
-    hub = client.app[CONTEXT].hub  # type: ignore[index]
-    async with asyncio.timeout(10):
-        while hub.parked_readers < 5:
-            await asyncio.sleep(0.01)
+    hub = client.app[CONTEXT].hub
+    await wait_for(lambda: hub.parked_readers == 5)
     assert (await client.post(STREAM, headers=JSON, data=orjson.dumps(TOKENS))).status == 204
     for poll in polls:
         answer = await poll
@@ -185,11 +191,7 @@ async def test_a_compressed_append_is_stored_decompressed(serve: Serve, coding: 
     client = await serve()
     await client.put(STREAM, headers=JSON)
     raw = orjson.dumps(TOKENS)
-    packed = {
-        "gzip": gzip.compress,
-        "deflate": zlib.compress,
-        "zstd": zstd.compress,
-    }[coding](raw)
+    packed = PACK[coding](raw)
     sent = await client.post(STREAM, headers={**JSON, "Content-Encoding": coding}, data=packed)
     assert sent.status == 204
     answer = await client.get(STREAM, params={"offset": "-1"}, headers={"Accept-Encoding": ""})

@@ -18,6 +18,7 @@ from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT
 from tests.raw_http import raw_request
+from tests.waits import eventually, wait_for
 
 SILENT = 300
 SLOW = 100
@@ -67,12 +68,16 @@ async def slowloris(conn: Conn, head: str) -> bytes:
                 break
             writer.write(bytes([byte]))
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the point: a client this slow
     return await answer
 
 
 async def health(port: int) -> int:
     return (await raw_request(port, "GET", "/healthz")).status
+
+
+async def answered(port: int) -> bool:
+    return await health(port) == 200
 
 
 async def test_silent_and_slow_connections_are_closed_and_others_answered(start: Start) -> None:
@@ -127,9 +132,7 @@ async def test_parked_readers_outlive_every_connection_deadline(start: Start) ->
         poll = asyncio.create_task(session.get(base, params={"offset": tail, "live": "long-poll"}))
         sse = await session.get(base, params={"offset": tail, "live": "sse"})
         hub = server.app[CONTEXT].hub
-        async with asyncio.timeout(10):
-            while hub.parked_readers < 2:
-                await asyncio.sleep(0.01)
+        await wait_for(lambda: hub.parked_readers == 2)
         # Connections opened after the readers parked: once their deadlines have closed them,
         # the readers have been parked longer than any deadline.
         async with connections(port, 20) as silent:
@@ -156,9 +159,7 @@ async def test_past_the_cap_new_connections_get_503_and_are_closed(start: Start)
         assert refused.error_code() == "unavailable"
         for _, writer in held[:10]:
             writer.close()
-        async with asyncio.timeout(10):
-            while await health(port) != 200:  # once the server has seen them go
-                await asyncio.sleep(0.01)
+        await eventually(lambda: answered(port), what="a connection under the cap again")
         for reader, writer in held[10:]:  # those under the cap are served as ever
             writer.write(HEALTH.encode())
             assert (await reader.readuntil(b'"ok"}')).startswith(b"HTTP/1.1 200 ")

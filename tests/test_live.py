@@ -22,6 +22,7 @@ from relay.http.context import Context, Limits
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.store.base import Store
+from tests.waits import wait_for
 
 PATH = "/v1/stream/chat"
 STREAM_ID = 7
@@ -100,9 +101,7 @@ def control(event: bytes) -> dict[str, object]:
 async def parked(ctx: Context) -> None:
     """Until a reader holds the stream (whether it waits yet or not, a wake finds it: the
     subscription keeps what happened since)."""
-    async with asyncio.timeout(10):
-        while not ctx.hub.parked_readers:
-            await asyncio.sleep(0.001)
+    await wait_for(lambda: ctx.hub.parked_readers)
 
 
 async def test_sse_announces_the_tail_then_sends_each_commit_with_its_offset() -> None:

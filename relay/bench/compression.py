@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import sys
-import uuid
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -18,6 +17,7 @@ import orjson
 
 from protocol import headers as h
 from relay.bench.report import Result, snapshot, usage
+from relay.bench.requests import BenchError, _create, _post, _stream_url
 from relay.bench.targets import Target
 
 if sys.version_info >= (3, 14):
@@ -96,21 +96,15 @@ def _tokens(first: int, count: int) -> bytes:
     )
 
 
-async def _write(client: aiohttp.ClientSession, method: str, url: str, body: bytes) -> None:
-    async with client.request(method, url, data=body, headers=JSON) as response:
-        if response.status not in (200, 201, 204):
-            raise RuntimeError(f"{method} {url}: {response.status} {await response.text()}")
-
-
 async def _stream(client: aiohttp.ClientSession, target: Target, size: int) -> str:
     """A new JSON stream of token messages, about ``size`` bytes, written in 1 MiB appends."""
-    url = f"{target.url}/v1/stream/bench-compression-{uuid.uuid4().hex[:12]}"
-    await _write(client, "PUT", url, b"")
+    url = _stream_url(target, "compression")
+    await _create(client, url, "application/json")
     written, seq = 0, 0
     while written < size:
         count = min(MIB // 60, max(1, (size - written) // 60))
         body = _tokens(seq, count)
-        await _write(client, "POST", url, body)
+        await _post(client, url, body, JSON)
         written += len(body)
         seq += count
     return url
@@ -130,11 +124,11 @@ async def _read(
             auto_decompress=False,
         ) as response:
             if response.status != 200:
-                raise RuntimeError(f"GET {url}: {response.status}")
+                raise BenchError(f"GET {url}: {response.status}")
             raw = await response.read()
             got = response.headers.get("Content-Encoding", "identity")
             if got != coding and len(raw) >= 1024:
-                raise RuntimeError(f"asked for {coding}, got {got}")
+                raise BenchError(f"asked for {coding}, got {got}")
             wire += len(raw) + sum(len(k) + len(v) + 4 for k, v in response.raw_headers)
             bodies.append(_decode(raw, got))
             offset = response.headers[h.STREAM_NEXT_OFFSET]
@@ -156,7 +150,7 @@ async def compression(client: aiohttp.ClientSession, target: Target, opts: Optio
     read's messages."""
     results: list[Result] = []
     chat = await _stream(client, target, 1)
-    await _write(client, "POST", chat, _tokens(1, CHAT_MESSAGES - 1))
+    await _post(client, chat, _tokens(1, CHAT_MESSAGES - 1), JSON)
     long = await _stream(client, target, opts.catchup_mib * MIB)
     runs = ((chat, f"{CHAT_MESSAGES} msgs", CHAT_READS), (long, f"{opts.catchup_mib} MiB", 1))
     for url, label, reads in runs:

@@ -17,7 +17,6 @@ reset), then closed; it can wait for that head no longer than any other.
 from __future__ import annotations
 
 import asyncio
-import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +24,11 @@ import orjson
 from aiohttp import web
 
 from relay.config import Config
+from relay.resources import connection_cap
 
 LINGER_SECONDS = 2.0
 """How long a connection cut off mid-head is kept half-open, reading nothing, after its 408:
 the client's bytes already in flight are taken instead of answered with a reset."""
-FD_RESERVE = 256
-"""Open files kept back from the connection cap when it follows the open-file limit: the
-store, the log, webhook calls and listening sockets need some."""
 
 
 @dataclass(frozen=True)
@@ -44,17 +41,8 @@ class ConnectionRules:
 
     @classmethod
     def from_config(cls, config: Config) -> ConnectionRules:
-        cap = config.max_connections or default_cap()
+        cap = config.max_connections or connection_cap()
         return cls(config.first_request_timeout, config.header_timeout, cap)
-
-
-def default_cap() -> int:
-    """The open-file limit less ``FD_RESERVE``: past it, accept() fails with EMFILE and
-    every client, the health check included, waits in the kernel's backlog instead."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1_000_000
-    return max(1, soft - FD_RESERVE)
 
 
 def _timeout_answer() -> bytes:

@@ -305,6 +305,13 @@ class RelayRunner(web.AppRunner):
         )
         self._protocol_kwargs = kwargs
 
+    @property
+    def connection_cap(self) -> int:
+        """How many connections it serves before answering new ones 503 (after setup)."""
+        server = self.server
+        assert isinstance(server, RelayServer)
+        return server.rules.cap
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # starts the app, which makes the Context
         config = self.app[FRONT].config
