@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 MIB = 1024 * 1024
 CHAT_MESSAGES = 600
-CHAT_READS = 200
+CHAT_READS = 1000
 """The chat is read this many times per coding: one read is below the CPU clock's tick."""
 JSON = {"Content-Type": "application/json"}
 CODINGS = ("identity", "gzip", "zstd")
