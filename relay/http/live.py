@@ -150,6 +150,8 @@ async def long_poll(
 
 
 class SseState(enum.Enum):
+    """Where an SSE feed is; ``next_event`` moves it on."""
+
     OPENING = "opening"  # subscribed, the tail not yet learned
     SENDING = "sending"  # the next event is due from what the reader knows
     PARKED = "parked"  # everything known was sent: waiting for a wake
