@@ -38,7 +38,7 @@ SLOT = """
 SELECT confirmed_flush_lsn, wal_status,
        pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag,
        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
-FROM pg_replication_slots WHERE slot_name = $1
+FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()
 """
 
 PEEK = """
@@ -134,7 +134,7 @@ async def problem_with(conn: asyncpg.Connection, spec: TableStream) -> str | Non
     a table is never added: the app's writes would break."""
     row = await conn.fetchrow(
         """
-        SELECT c.oid, c.relreplident,
+        SELECT c.oid, c.relreplident::text AS relreplident,
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) AS pk
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
@@ -144,7 +144,8 @@ async def problem_with(conn: asyncpg.Connection, spec: TableStream) -> str | Non
     )
     if row is None:
         return f"table {spec.table} does not exist"
-    if row["relreplident"] == "n" or (row["relreplident"] == "d" and not row["pk"]):
+    no_key = row["relreplident"] == "f" and not row["pk"] and not spec.key
+    if no_key or row["relreplident"] == "n" or (row["relreplident"] == "d" and not row["pk"]):
         return (
             f"table {spec.table} has no key: add a primary key, or "
             f"ALTER TABLE {spec.table} REPLICA IDENTITY FULL"
@@ -153,6 +154,16 @@ async def problem_with(conn: asyncpg.Connection, spec: TableStream) -> str | Non
     missing = [c for c in spec.columns if c not in names]
     if missing:
         return f"table {spec.table} has no column {missing[0]}"
+    if row["relreplident"] != "f":
+        identity = await identity_columns(conn, spec)
+        hidden = [c for c in (*spec.path_columns, *spec.key) if c not in identity]
+        if hidden:
+            # A delete carries only the replica identity: it could not be routed or keyed.
+            return (
+                f"column {hidden[0]} (in the path or key) is not in {spec.table}'s replica "
+                f"identity, so deletes would not carry it: ALTER TABLE {spec.table} "
+                "REPLICA IDENTITY FULL"
+            )
     return None
 
 
@@ -209,7 +220,8 @@ async def drop_slot(conn: asyncpg.Connection, slot: str) -> bool:
     """Drop the slot if it exists (it then retains no WAL). True when one was dropped."""
     dropped = await conn.fetchval(
         "SELECT count(*) FROM (SELECT pg_drop_replication_slot(slot_name)"
-        " FROM pg_replication_slots WHERE slot_name = $1) AS d",
+        " FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database())"
+        " AS d",
         slot,
     )
     return bool(dropped)

@@ -22,7 +22,7 @@ import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 import orjson
@@ -221,8 +221,11 @@ class TableFollower:
             if problem is not None:  # dropped or altered since it was declared
                 self._problem(Problem("table", d.spec.name, problem))
                 continue
-            tables.add(d.spec.table)
-            streams.setdefault(d.spec.table, []).append(d.spec)
+            spec = d.spec
+            if not spec.key:  # the primary key (or replica identity index) names the entity
+                spec = replace(spec, key=tuple(await catalog.identity_columns(conn, spec)))
+            tables.add(spec.table)
+            streams.setdefault(spec.table, []).append(spec)
         await catalog.sync_publication(conn, self.settings.slot, tables)
         self._streams = streams
         self._snapshots = {d.spec.name: d.snapshot for d in declared if d.live and d.snapshot}
