@@ -123,14 +123,16 @@ def changes(messages: list[Message]) -> list[Message]:
     return [m for m in messages if "operation" in m["headers"]]
 
 
-def metric(relay: RelayProcess, name: str) -> float:
+def metric(relay: RelayProcess, name: str, labels: str = "") -> float:
+    """A sample's value summed over label sets (those containing ``labels``); -1 if absent."""
     with urllib.request.urlopen(f"{relay.url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(
+    found = [
         float(line.rpartition(" ")[2])
         for line in text.splitlines()
-        if line.startswith(name) and (line[len(name)] in " {")
-    )
+        if line.startswith(name) and line[len(name)] in " {" and labels in line
+    ]
+    return sum(found) if found else -1.0
 
 
 @contextlib.asynccontextmanager
@@ -231,7 +233,9 @@ async def table_rows(url: str, chat: str) -> dict[tuple[str, str], Any]:
     return {("item", str(r["id"])): {"id": r["id"], "chat": r["chat"], "v": r["v"]} for r in rows}
 
 
-async def caught_up(http: aiohttp.ClientSession, relay: RelayProcess, db: str, chat: str) -> None:
+async def caught_up(
+    http: aiohttp.ClientSession, relay: RelayProcess, db: str, chat: str
+) -> list[Message]:
     """Wait until the stream folds to exactly the table's rows; then check nothing repeated."""
     url = f"{relay.url}/v1/stream/chat/{chat}/items"
     found: list[Message] = []
@@ -248,6 +252,7 @@ async def caught_up(http: aiohttp.ClientSession, relay: RelayProcess, db: str, c
         print("missing", {k: v for k, v in want.items() if got.get(k) != v})
         print("extra", {k: v for k, v in got.items() if want.get(k) != v})
     once_each(found)
+    return found
 
 
 async def test_the_snapshot_agrees_with_the_changes_after_it_under_concurrent_writes(
@@ -293,3 +298,144 @@ async def test_the_snapshot_agrees_with_the_changes_after_it_under_concurrent_wr
         await asyncio.gather(*writers)
         for chat in ("c0", "c1", "c2"):
             await caught_up(http, relay, db, chat)
+
+
+async def insert_items(db: str, first: int, count: int, chat: str = "c0") -> None:
+    """``count`` transactions, one row each."""
+    conn = await asyncpg.connect(db)
+    try:
+        for i in range(first, first + count):
+            await conn.execute("INSERT INTO items VALUES ($1, $2, 0)", i, chat)
+    finally:
+        await conn.close()
+
+
+def in_commit_order(messages: list[Message]) -> None:
+    """Rows inserted one per transaction in id order arrive in that order."""
+    ids = [int(m["key"]) for m in changes(messages) if m["headers"]["operation"] == "insert"]
+    assert ids == sorted(ids)
+
+
+async def test_a_relay_killed_between_its_appends_and_the_slot_advance_applies_each_once(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM)
+    url = f"{relay.url}/v1/stream/chat/c0/items"
+    async with running(relay) as http:
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_following") == 1), "following"
+        )
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_slot_lag_bytes") >= 0), "the slot"
+        )
+        killed_mid_batch = False
+        first = 1
+        for _ in range(5):
+            # Written while the relay is down, so it finds them as one batch; the slot moves
+            # only after the batch's last append, so a kill seen mid-batch comes before it.
+            before = len(changes(await read_messages(http, url)))
+            await asyncio.to_thread(relay.kill)
+            await insert_items(db, first, 300)
+            first += 300
+            await asyncio.to_thread(relay.start)
+            partial = await messages_when(http, url, lambda ms, n=before: len(changes(ms)) > n)
+            if len(changes(partial)) < first - 1:
+                await asyncio.to_thread(relay.kill)
+                killed_mid_batch = True
+                await asyncio.to_thread(relay.start)
+                break
+            await caught_up(http, relay, db, "c0")
+        assert killed_mid_batch, "every batch was done before the kill (machine too fast?)"
+        found = await caught_up(http, relay, db, "c0")
+        replayed = metric(relay, "relay_table_transactions_total", 'outcome="already_applied"')
+        assert replayed > 0  # the replay happened, and the store refused it
+    in_commit_order(found)
+
+
+@contextlib.asynccontextmanager
+async def writing(db: str, chat: str = "c0") -> AsyncIterator[Callable[[], int]]:
+    """One writer committing a row per transaction, ids in commit order, riding out outages
+    (a transaction whose commit was cut off may or may not have committed: the table says)."""
+    stop = asyncio.Event()
+    done = 0
+
+    async def write() -> None:
+        nonlocal done
+        i = 100000
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(db, timeout=2)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                while not stop.is_set():
+                    i += 1
+                    await conn.execute("INSERT INTO items VALUES ($1, $2, 0)", i, chat)
+                    done += 1
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            finally:
+                conn.terminate()
+
+    task = asyncio.create_task(write())
+    try:
+        yield lambda: done
+    finally:
+        stop.set()
+        await task
+
+
+async def more_commits(count: Callable[[], int], how_many: int) -> None:
+    start = count()
+    await wait_for(lambda: asyncio.sleep(0, count() >= start + how_many), "commits")
+
+
+async def test_a_postgres_crash_loses_no_change_and_repeats_none(
+    logical: ThrowawayCluster, db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, extra=("--db-timeout", "2"))
+    async with running(relay) as http:
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_following") == 1), "following"
+        )
+        async with writing(db) as count:
+            await more_commits(count, 100)
+            await asyncio.to_thread(logical.crash)  # pg_ctl -m immediate: no checkpoint
+            await asyncio.to_thread(logical.resume)
+            await more_commits(count, 100)
+        found = await caught_up(http, relay, db, "c0")
+    in_commit_order(found)
+
+
+async def test_two_relays_one_follows_and_the_other_takes_over_when_it_is_killed(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS)
+    relays = [
+        relay_for(tmp_path / name, db, ITEMS_STREAM, extra=("--data-dir", str(tmp_path / name)))
+        for name in ("a", "b")
+    ]
+    for relay in relays:
+        relay.data_dir.mkdir(parents=True, exist_ok=True)
+    async with running(relays[0]) as http, running(relays[1]):
+
+        def follower() -> int | None:
+            states = [metric(r, "relay_table_following") for r in relays]
+            return states.index(1.0) if states.count(1.0) == 1 else None
+
+        await wait_for(lambda: asyncio.sleep(0, follower() is not None), "one follower")
+        first = follower()
+        assert first is not None
+        survivor = relays[1 - first]
+        async with writing(db) as count:
+            await more_commits(count, 100)
+            await asyncio.to_thread(relays[first].kill)
+            await wait_for(
+                lambda: asyncio.sleep(0, metric(survivor, "relay_table_following") == 1), "takeover"
+            )
+            await more_commits(count, 100)
+        found = await caught_up(http, survivor, db, "c0")
+    in_commit_order(found)
