@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -439,3 +441,141 @@ async def test_two_relays_one_follows_and_the_other_takes_over_when_it_is_killed
             await more_commits(count, 100)
         found = await caught_up(http, survivor, db, "c0")
     in_commit_order(found)
+
+
+NOTES = (
+    "CREATE TABLE notes (id int PRIMARY KEY, chat text, body text);"
+    " ALTER TABLE notes REPLICA IDENTITY FULL"
+)
+NOTES_STREAM = "notes:chat/{chat}/notes:type=note:columns=id,chat,body"
+
+
+async def test_bad_rows_truncate_and_a_dropped_table_are_logged_and_counted_never_stuck(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS, NOTES)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, NOTES_STREAM)
+    notes = f"{relay.url}/v1/stream/chat/ok/notes"
+    async with running(relay) as http:
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_following") == 1), "following"
+        )
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_slot_lag_bytes") >= 0), "the slot"
+        )
+        # Null, slash, dot-dot and control characters make no valid path: each change is skipped.
+        await sql(
+            db,
+            "INSERT INTO notes VALUES (1, NULL, 'x'), (2, 'a/b', 'x'), (3, '..', 'x'),"
+            " (4, E'a\\nb', 'x'), (5, '', 'x')",
+            "INSERT INTO notes VALUES (6, 'ok', 'first')",
+        )
+        await messages_when(http, notes, lambda ms: [m["key"] for m in changes(ms)] == ["6"])
+        assert metric(relay, "relay_table_problems_total", 'reason="path"') == 5
+        # TRUNCATE sends nothing (the paths it empties are unknown); later changes follow.
+        await sql(db, "TRUNCATE notes", "INSERT INTO notes VALUES (7, 'ok', 'after')")
+        await messages_when(http, notes, lambda ms: len(changes(ms)) == 2)
+        assert metric(relay, "relay_table_problems_total", 'reason="truncate"') == 1
+        # A named column dropped: changes go on without it.
+        await sql(db, "ALTER TABLE notes DROP COLUMN body", "INSERT INTO notes VALUES (8, 'ok')")
+        found = await messages_when(http, notes, lambda ms: len(changes(ms)) == 3)
+        assert changes(found)[-1]["value"] == {"id": 8, "chat": "ok"}
+        assert metric(relay, "relay_table_problems_total", 'reason="column"') >= 1
+        # A dropped table: its stream stops, the others go on.
+        await sql(db, "DROP TABLE notes", "INSERT INTO items VALUES (1, 'c0', 0)")
+        await caught_up(http, relay, db, "c0")
+        await wait_for(
+            lambda: asyncio.sleep(
+                0, metric(relay, "relay_table_problems_total", 'reason="table"') >= 1
+            ),
+            "the dropped table noticed",
+        )
+        await sql(db, "INSERT INTO items VALUES (2, 'c0', 0)")
+        await caught_up(http, relay, db, "c0")
+
+
+def serve_fails(tmp_path: Path, url: str, *streams: str) -> str:
+    """Run ``relay serve`` expecting it to refuse to start; its log."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    relay = relay_for(tmp_path, url, *streams)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        relay.start()
+    return (tmp_path / "relay.log").read_text()
+
+
+async def test_start_up_is_refused_with_one_line_for_a_table_it_cannot_follow(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(
+        db,
+        "CREATE TABLE keyless (a text, b text)",
+        "CREATE TABLE narrow (id int PRIMARY KEY, chat text)",  # chat not in the identity
+    )
+    cases = {
+        "keyless:k/{a}:columns=a,b": "has no key: add a primary key, or ALTER TABLE",
+        "narrow:c/{chat}:columns=id,chat": "REPLICA IDENTITY FULL",
+        "missing:m/{id}:columns=id": "table public.missing does not exist",
+        "narrow:n/{id}:columns=id,nope": "has no column nope",
+    }
+    for n, (stream, line) in enumerate(cases.items()):
+        log = serve_fails(tmp_path / str(n), db, stream)
+        assert line in log, log
+
+
+def test_start_up_is_refused_when_wal_level_is_not_logical(pg_url: str, tmp_path: Path) -> None:
+    """The shared server runs with wal_level=replica."""
+    log = serve_fails(tmp_path, pg_url, ITEMS_STREAM)
+    assert "set wal_level = logical in postgresql.conf and restart Postgres" in log
+    assert "wal_level is replica" in log
+
+
+def relay_command(url: str, slot: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "relay", "tables", "--database-url", url]
+    return subprocess.run(
+        [*command, "--table-slot", slot, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def slots(db: str) -> list[str]:
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+        )
+        return [r["slot_name"] for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_tables_add_starts_a_stream_and_drop_of_the_last_drops_the_slot(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS, NOTES, "INSERT INTO notes VALUES (1, 'x', 'before')")
+    relay = relay_for(tmp_path, db, ITEMS_STREAM)
+    slot = db.rpartition("/")[2]
+    async with running(relay) as http:
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_slot_lag_bytes") >= 0), "the slot"
+        )
+        added = await asyncio.to_thread(relay_command, db, slot, "add", NOTES_STREAM)
+        assert added.returncode == 0, added.stderr
+        # Its snapshot comes first, then its changes.
+        await sql(db, "INSERT INTO notes VALUES (2, 'x', 'after')")
+        found = await messages_when(
+            http, f"{relay.url}/v1/stream/chat/x/notes", lambda ms: len(changes(ms)) == 2
+        )
+        assert [m["headers"].get("control") for m in found][:1] == ["snapshot-start"]
+        listed = await asyncio.to_thread(relay_command, db, slot, "list")
+        assert "public.notes:chat/{chat}/notes\tlive" in listed.stdout
+        assert f"slot {slot}: lag" in listed.stdout
+        for name in ("public.notes:chat/{chat}/notes", "public.items:chat/{chat}/items"):
+            dropped = await asyncio.to_thread(relay_command, db, slot, "drop", name)
+            assert dropped.returncode == 0, dropped.stderr
+
+        async def no_slot() -> bool:
+            return await slots(db) == []
+
+        await wait_for(no_slot, "the slot dropped")
+        conn = await asyncpg.connect(db)
+        assert await conn.fetchval("SELECT count(*) FROM pg_publication") == 0
+        await conn.close()

@@ -167,6 +167,11 @@ async def problem_with(conn: asyncpg.Connection, spec: TableStream) -> str | Non
     return None
 
 
+async def exists(conn: asyncpg.Connection, spec: TableStream) -> bool:
+    found = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified(spec.table))
+    return bool(found)
+
+
 async def column_types(conn: asyncpg.Connection, spec: TableStream) -> dict[str, int]:
     rows = await conn.fetch(
         """

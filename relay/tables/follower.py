@@ -57,6 +57,8 @@ log = structlog.get_logger("relay.tables")
 
 CONTENT_TYPE = "application/json"
 STREAM_PREFIX = "/v1/stream/"  # where stream paths live (relay.http.paths.PREFIX)
+RECHECK_SECONDS = 5.0
+"""How often the follower looks again for dropped tables when nothing else changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class TableFollower:
         self._names: tuple[str, ...] | None = None
         self._after_lsn = 0  # the last commit applied (or skipped) in this session
         self._reported: set[tuple[str, str]] = set()
+        self._checked_at = 0.0
 
     async def open(self) -> None:
         """Refuse to start (StoreStartupError, one line) when Postgres cannot decode or a
@@ -212,14 +215,15 @@ class TableFollower:
 
     async def _follow_set(self, conn: asyncpg.Connection, declared: Sequence[Declared]) -> None:
         names = tuple(d.spec.name + d.spec.render() + str(d.live) for d in declared)
-        if names == self._names:
+        now = asyncio.get_running_loop().time()
+        if names == self._names and now < self._checked_at + RECHECK_SECONDS:
             return
+        self._checked_at = now
         streams: dict[str, list[TableStream]] = {}
         tables: set[str] = set()
         for d in declared:
-            problem = await catalog.problem_with(conn, d.spec)
-            if problem is not None:  # dropped or altered since it was declared
-                self._problem(Problem("table", d.spec.name, problem))
+            if not await catalog.exists(conn, d.spec):  # dropped since it was declared
+                self._problem(Problem("table", d.spec.name, f"table {d.spec.table} is gone"))
                 continue
             spec = d.spec
             if not spec.key:  # the primary key (or replica identity index) names the entity
