@@ -579,3 +579,21 @@ async def test_tables_add_starts_a_stream_and_drop_of_the_last_drops_the_slot(
         conn = await asyncpg.connect(db)
         assert await conn.fetchval("SELECT count(*) FROM pg_publication") == 0
         await conn.close()
+
+
+async def test_readyz_is_503_while_the_slot_retains_more_wal_than_the_bound(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, extra=("--table-max-retained-bytes", "1"))
+    async with running(relay) as http:
+
+        async def retained() -> bool:
+            return metric(relay, "relay_table_slot_retained_bytes") > 1
+
+        await sql(db, "INSERT INTO items VALUES (1, 'c0', 0)")
+        await wait_for(retained, "the slot to retain WAL")
+        async with http.get(f"{relay.url}/readyz") as r:
+            assert r.status == 503
+            assert "retains" in (await r.json())["reason"]
+        assert metric(relay, "relay_table_slot_lag_bytes") >= 0

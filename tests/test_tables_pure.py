@@ -398,3 +398,26 @@ def test_what_a_transaction_appends(
 def test_a_stream_not_started_yet_gets_nothing() -> None:
     plan = plan_transaction(txn(Insert(1, ("1", "a", "x"))), {"public.t": [SPEC]}, {}, 64)
     assert plan.appends == {} and plan.problems == []
+
+
+def test_table_streams_are_configured_by_repeated_flags_or_one_variable() -> None:
+    from relay.config import ConfigError, parse
+
+    flags = ["--database-url", "postgresql://x/y"]
+    flags += ["--table-stream", "a:p/{id}:columns=id,b", "--table-stream", "c:q/{id}:columns=id"]
+    config = parse(flags)
+    assert [s.name for s in parse_many(config.table_stream)] == [
+        "public.a:p/{id}",
+        "public.c:q/{id}",
+    ]
+    from_env = parse(
+        [], {"RELAY_DATABASE_URL": "postgresql://x/y", "RELAY_TABLE_STREAM": config.table_stream}
+    )
+    assert from_env.table_stream == config.table_stream
+    assert from_env.tables_url == "postgresql://x/y"
+    with pytest.raises(ConfigError, match="--table-stream needs Postgres"):
+        parse(["--table-stream", "a:p/{id}:columns=id"])
+    with pytest.raises(ConfigError, match="invalid --table-stream"):
+        parse([*flags[:2], "--table-stream", "a:p/{id}"])
+    with pytest.raises(ConfigError, match="invalid --table-slot"):
+        parse(["--table-slot", "Bad-Name"])
