@@ -22,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from protocol.state import fold
 from relay.store.postgres import migrate
 from tests.pg import ThrowawayCluster, _bin_dir, _with_database
 from tests.pg import _execute as sql
@@ -105,20 +106,6 @@ async def messages_when(
 
     await wait_for(check, f"messages at {url}")
     return found
-
-
-def fold(messages: list[Message]) -> dict[tuple[str, str], Any]:
-    """The live rows a State Protocol reader holds after ``messages``."""
-    rows: dict[tuple[str, str], Any] = {}
-    for m in messages:
-        if "control" in m["headers"]:
-            continue
-        key = (m["type"], m["key"])
-        if m["headers"]["operation"] == "delete":
-            rows.pop(key, None)
-        else:
-            rows[key] = m["value"]
-    return rows
 
 
 def changes(messages: list[Message]) -> list[Message]:
