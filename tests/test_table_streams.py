@@ -202,7 +202,11 @@ ITEMS_STREAM = "items:chat/{chat}/items:type=item:columns=id,chat,v"
 def once_each(messages: list[Message]) -> None:
     """No entity is inserted twice without a delete between (a duplicate or a replay)."""
     present: set[tuple[str, str]] = set()
-    for m in changes(messages):
+    for m in messages:
+        if m["headers"].get("control") == "reset":
+            present.clear()
+        if "operation" not in m["headers"]:
+            continue
         key, operation = (m["type"], m["key"]), m["headers"]["operation"]
         if operation == "insert":
             assert key not in present, f"{key} inserted twice"
@@ -584,3 +588,25 @@ async def test_readyz_is_503_while_the_slot_retains_more_wal_than_the_bound(
             assert r.status == 503
             assert "retains" in (await r.json())["reason"]
         assert metric(relay, "relay_table_slot_lag_bytes") >= 0
+
+
+async def test_a_lost_slot_restarts_every_stream_with_reset_and_a_new_snapshot(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS, "INSERT INTO items VALUES (1, 'c0', 0), (2, 'c0', 0)")
+    relay = relay_for(tmp_path, db, ITEMS_STREAM)
+    slot = db.rpartition("/")[2]
+    async with running(relay) as http:
+        await caught_up(http, relay, db, "c0")
+    # Days later: the slot is gone (dropped, or invalidated by max_slot_wal_keep_size), and
+    # the table changed meanwhile with nobody following.
+    await sql(
+        db,
+        f"SELECT pg_drop_replication_slot('{slot}')",
+        "DELETE FROM items WHERE id = 1",
+        "INSERT INTO items VALUES (3, 'c0', 0)",
+    )
+    async with running(relay) as http:
+        found = await caught_up(http, relay, db, "c0")
+    controls = [m["headers"].get("control") for m in found if "control" in m["headers"]]
+    assert controls == ["snapshot-start", "snapshot-end", "reset", "snapshot-start", "snapshot-end"]

@@ -237,14 +237,16 @@ class TableFollower:
 
     async def _new_slot(self, conn: asyncpg.Connection, *, lost: bool) -> None:
         """Create the slot; every table stream then starts over with a snapshot (a slot that
-        was dropped or lost its WAL can no longer say what changed meanwhile)."""
+        was dropped or lost its WAL can no longer say what changed meanwhile). Their earlier
+        snapshots stay recorded while pending: that marks a restart, which the new snapshot
+        opens with ``reset`` so rows deleted meanwhile do not linger in readers."""
         slot = self.settings.slot
         if lost:
             log.error("table streams: slot lost its WAL (max_slot_wal_keep_size?)", slot=slot)
             self.stats.problems["slot_lost"] += 1
             await catalog.drop_slot(conn, slot)
         await conn.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
-        await conn.execute("UPDATE relay_table_streams SET state = 'pending', snapshot = NULL")
+        await conn.execute("UPDATE relay_table_streams SET state = 'pending'")
         self._after_lsn = 0
         self._names = None
         log.info("table streams: slot created", slot=slot)
@@ -349,9 +351,13 @@ class TableFollower:
                     plan,
                 )
         seq = snapshot_seq(self._after_lsn, round_)
+        # A restart re-takes every table stream (all pending at once), so reset is safe: no
+        # other table stream's rows on these paths are left out of this snapshot.
+        restart = any(d.snapshot is not None for d in declared if not d.live)
+        opening = [control("reset")] if restart else []
         bracketed = Plan(
             {
-                p: [control("snapshot-start"), *m, control("snapshot-end")]
+                p: [*opening, control("snapshot-start"), *m, control("snapshot-end")]
                 for p, m in plan.appends.items()
             },
             plan.problems,
