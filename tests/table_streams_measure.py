@@ -92,6 +92,52 @@ async def main() -> None:
         cluster.stop()
 
 
+async def burst(
+    relay: RelayProcess, conn: asyncpg.Connection, db: str, chats: int, first: int
+) -> None:
+    """BURST one-row transactions spread over ``chats`` chats, as fast as WRITERS can commit:
+    how long until the relay has applied them all, and the slot's peak lag meanwhile."""
+    wal_before = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+    applied_before = applied(relay.url)
+    peak_lag = 0.0
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak_lag
+        while not stop.is_set():
+            lag = await asyncio.to_thread(gauge, relay.url, "relay_table_slot_lag_bytes")
+            peak_lag = max(peak_lag, lag)
+            await asyncio.sleep(0.05)
+
+    async def writer(n: int) -> None:
+        w = await asyncpg.connect(db)
+        for i in range(BURST // WRITERS):
+            key = first + n * BURST + i
+            await w.execute("INSERT INTO items VALUES ($1, $2, 'x')", key, f"b{key % chats}")
+        await w.close()
+
+    sampler = asyncio.create_task(sample())
+    started = time.monotonic()
+    await asyncio.gather(*(writer(n) for n in range(WRITERS)))
+    committed = time.monotonic() - started
+    while await asyncio.to_thread(applied, relay.url) < applied_before + BURST:
+        await asyncio.sleep(0.02)
+    followed = time.monotonic() - started
+    stop.set()
+    await sampler
+    wal = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn") - wal_before
+    print(
+        f"burst over {chats} chat(s): {BURST} one-row transactions from {WRITERS} writers "
+        f"committed in {committed:.2f} s, all appended after {followed:.2f} s: "
+        f"{BURST / followed:.0f} changes/s followed; peak slot lag {peak_lag / 1024:.0f} KiB;"
+        f" WAL {wal / BURST:.0f} bytes per change (insert + append + slot)"
+    )
+
+
+def applied(url: str) -> float:
+    return gauge(url, 'relay_table_transactions_total{outcome="applied"}')
+
+
 async def measure(relay: RelayProcess, conn: asyncpg.Connection, db: str, started: float) -> None:
     base = f"{relay.url}/v1/stream/chat"
     async with aiohttp.ClientSession() as http:
@@ -99,40 +145,8 @@ async def measure(relay: RelayProcess, conn: asyncpg.Connection, db: str, starte
         seconds = time.monotonic() - started
         print(f"snapshot: {SNAPSHOT_ROWS} rows in {seconds:.2f} s (relay start included)")
 
-        wal_before = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
-        peak_lag = 0.0
-        stop = asyncio.Event()
-
-        async def sample() -> None:
-            nonlocal peak_lag
-            while not stop.is_set():
-                lag = await asyncio.to_thread(gauge, relay.url, "relay_table_slot_lag_bytes")
-                peak_lag = max(peak_lag, lag)
-                await asyncio.sleep(0.05)
-
-        async def writer(n: int) -> None:
-            w = await asyncpg.connect(db)
-            for i in range(BURST // WRITERS):
-                key = 10_000_000 + n * BURST + i
-                await w.execute("INSERT INTO items VALUES ($1, 'burst', 'x')", key)
-            await w.close()
-
-        sampler = asyncio.create_task(sample())
-        started = time.monotonic()
-        await asyncio.gather(*(writer(n) for n in range(WRITERS)))
-        committed = time.monotonic() - started
-        await until(http, f"{base}/burst/items", BURST)
-        followed = time.monotonic() - started
-        stop.set()
-        await sampler
-        wal = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn") - wal_before
-        print(
-            f"burst: {BURST} one-row transactions from {WRITERS} writers committed in "
-            f"{committed:.2f} s, all in the stream after {followed:.2f} s: "
-            f"{BURST / followed:.0f} changes/s followed; "
-            f"peak slot lag {peak_lag / 1024:.0f} KiB;"
-            f" WAL {wal / BURST:.0f} bytes per change (insert + append + slot)"
-        )
+        for chats in (1, 50):
+            await burst(relay, conn, db, chats, 10_000_000 * chats)
 
         latencies: list[float] = []
         commits: dict[str, float] = {}

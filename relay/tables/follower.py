@@ -57,6 +57,8 @@ log = structlog.get_logger("relay.tables")
 
 CONTENT_TYPE = "application/json"
 STREAM_PREFIX = "/v1/stream/"  # where stream paths live (relay.http.paths.PREFIX)
+APPEND_CONCURRENCY = 64
+"""Paths appended to at once while applying a batch (the store group-commits them)."""
 RECHECK_SECONDS = 5.0
 """How often the follower looks again for dropped tables when nothing else changed."""
 
@@ -259,6 +261,7 @@ class TableFollower:
             return False
         assembler = Assembler()
         last: Transaction | None = None
+        plans: list[tuple[Plan, str]] = []
         for row in rows:
             try:
                 txn = assembler.feed(row["data"])
@@ -270,26 +273,48 @@ class TableFollower:
             plan = plan_transaction(
                 txn, self._streams, self._snapshots, self.settings.max_path_length
             )
-            await self._apply(plan, commit_seq(txn.commit_lsn))
-            self._after_lsn = max(self._after_lsn, txn.commit_lsn)
+            plans.append((plan, commit_seq(txn.commit_lsn)))
             last = txn
         if last is None:
             return False
+        await self._apply(plans)
+        self._after_lsn = max(self._after_lsn, last.commit_lsn)
         await conn.fetchval(catalog.ADVANCE, self.settings.slot, catalog.lsn_text(last.end_lsn))
         return True
 
-    async def _apply(self, plan: Plan, seq: str) -> None:
-        for problem in plan.problems:
-            self._problem(problem)
-        if not plan.appends:
-            return
-        applied = False
-        for path, messages in plan.appends.items():
-            if await self._append(path, messages, seq):
-                applied = True
-                for m in messages:
-                    self.stats.messages[m["headers"].get("operation", "control")] += 1
-        self.stats.transactions["applied" if applied else "already_applied"] += 1
+    async def _apply(self, plans: Sequence[tuple[Plan, str]]) -> None:
+        """Append every plan's messages (``(plan, Stream-Seq)`` in commit order). Each path
+        takes its appends in order; paths go concurrently (up to APPEND_CONCURRENCY), so the
+        store can commit many chats' appends together. A crash leaves some paths further on
+        than others: the replay is refused path by path."""
+        chains: dict[str, list[tuple[int, list[Message], str]]] = {}
+        for index, (plan, seq) in enumerate(plans):
+            for problem in plan.problems:
+                self._problem(problem)
+            for path, messages in plan.appends.items():
+                chains.setdefault(path, []).append((index, messages, seq))
+        applied: set[int] = set()
+        gate = asyncio.Semaphore(APPEND_CONCURRENCY)
+
+        async def run(path: str, chain: list[tuple[int, list[Message], str]]) -> None:
+            async with gate:
+                for index, messages, seq in chain:
+                    if await self._append(path, messages, seq):
+                        applied.add(index)
+                        for m in messages:
+                            self.stats.messages[m["headers"].get("operation", "control")] += 1
+
+        tasks = [asyncio.create_task(run(path, chain)) for path, chain in chains.items()]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # one failed (the store went away): stop the others too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for index, (plan, _seq) in enumerate(plans):
+            if plan.appends:
+                self.stats.transactions["applied" if index in applied else "already_applied"] += 1
 
     async def _append(self, path: str, messages: list[Message], seq: str) -> bool:
         """Append once; False when the stream already has it (a replay) or refuses it."""
@@ -362,7 +387,7 @@ class TableFollower:
             },
             plan.problems,
         )
-        await self._apply(bracketed, seq)
+        await self._apply([(bracketed, seq)])
         await conn.execute(
             "UPDATE relay_table_streams SET state = 'live', snapshot = $1"
             " WHERE name = ANY($2::text[])",
