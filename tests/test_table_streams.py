@@ -610,3 +610,43 @@ async def test_a_lost_slot_restarts_every_stream_with_reset_and_a_new_snapshot(
         found = await caught_up(http, relay, db, "c0")
     controls = [m["headers"].get("control") for m in found if "control" in m["headers"]]
     assert controls == ["snapshot-start", "snapshot-end", "reset", "snapshot-start", "snapshot-end"]
+
+
+async def test_two_tables_feeding_one_stream_share_each_transaction_as_one_append(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(
+        db,
+        "CREATE TABLE chats (id text PRIMARY KEY, title text NOT NULL)",
+        "CREATE TABLE msgs (id text PRIMARY KEY, chat_id text NOT NULL, body text);"
+        " ALTER TABLE msgs REPLICA IDENTITY FULL",
+    )
+    relay = relay_for(
+        tmp_path,
+        db,
+        "chats:chat/{id}/state:type=chat:columns=id,title",
+        "msgs:chat/{chat_id}/state:type=message:columns=id,chat_id,body",
+    )
+    url = f"{relay.url}/v1/stream/chat/c1/state"
+    async with running(relay) as http:
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_slot_lag_bytes") >= 0), "the slot"
+        )
+        before = metric(relay, "relay_store_appends_total")
+        conn = await asyncpg.connect(db)
+        async with conn.transaction():
+            await conn.execute("INSERT INTO chats VALUES ('c1', 'Hello')")
+            await conn.execute("INSERT INTO msgs VALUES ('m1', 'c1', 'hi')")
+            await conn.execute("UPDATE chats SET title = 'Hello again' WHERE id = 'c1'")
+        await conn.close()
+        found = await messages_when(http, url, lambda ms: len(ms) == 3)
+        assert metric(relay, "relay_store_appends_total") == before + 1
+    assert [(m["type"], m["headers"]["operation"]) for m in found] == [
+        ("chat", "insert"),
+        ("message", "insert"),
+        ("chat", "update"),
+    ]
+    assert fold(found) == {
+        ("chat", "c1"): {"id": "c1", "title": "Hello again"},
+        ("message", "m1"): {"id": "m1", "chat_id": "c1", "body": "hi"},
+    }
