@@ -77,7 +77,9 @@ async def _drop(conn: asyncpg.Connection, slot: str, name: str) -> int:
         print(f"relay: no table stream {name}", file=sys.stderr)
         return 1
     left = await catalog.declared(conn)
-    await catalog.sync_publication(conn, slot, {d.spec.table for d in left})
+    tables = {d.spec.table for d in left if await catalog.exists(conn, d.spec)}
+    if tables or not left:  # as the follower does: kept while table streams remain
+        await catalog.sync_publication(conn, slot, tables)
     print(f"dropped {name}")
     if not left:
         for _ in range(50):  # a relay may be reading the slot this instant

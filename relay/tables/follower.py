@@ -232,7 +232,10 @@ class TableFollower:
                 spec = replace(spec, key=tuple(await catalog.identity_columns(conn, spec)))
             tables.add(spec.table)
             streams.setdefault(spec.table, []).append(spec)
-        await catalog.sync_publication(conn, self.settings.slot, tables)
+        if tables or not declared:
+            # Never dropped while table streams remain: the slot's decoding needs it to exist
+            # (Postgres takes a dropped table out of it by itself).
+            await catalog.sync_publication(conn, self.settings.slot, tables)
         self._streams = streams
         self._snapshots = {d.spec.name: d.snapshot for d in declared if d.live and d.snapshot}
         self._names = names
