@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -114,8 +115,13 @@ def changes(messages: list[Message]) -> list[Message]:
 
 def metric(relay: RelayProcess, name: str, labels: str = "") -> float:
     """A sample's value summed over label sets (those containing ``labels``); -1 if absent."""
-    with urllib.request.urlopen(f"{relay.url}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(f"{relay.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as exc:  # 503 while --workers are still starting
+        if exc.code != 503:
+            raise
+        return -1.0
     found = [
         float(line.rpartition(" ")[2])
         for line in text.splitlines()
@@ -650,3 +656,19 @@ async def test_two_tables_feeding_one_stream_share_each_transaction_as_one_appen
         ("chat", "c1"): {"id": "c1", "title": "Hello again"},
         ("message", "m1"): {"id": "m1", "chat_id": "c1", "body": "hi"},
     }
+
+
+async def test_under_workers_one_process_follows_and_changes_arrive_once(
+    db: str, tmp_path: Path
+) -> None:
+    await sql(db, CHATS)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, extra=("--workers", "2"))
+    async with running(relay) as http:
+        # /metrics adds up the workers: exactly one of them holds the lock.
+        await wait_for(
+            lambda: asyncio.sleep(0, metric(relay, "relay_table_following") == 1), "following"
+        )
+        await insert_items(db, 1, 50)
+        found = await caught_up(http, relay, db, "c0")
+        assert metric(relay, "relay_table_following") == 1
+    in_commit_order(found)
