@@ -672,3 +672,53 @@ async def test_under_workers_one_process_follows_and_changes_arrive_once(
         found = await caught_up(http, relay, db, "c0")
         assert metric(relay, "relay_table_following") == 1
     in_commit_order(found)
+
+
+async def stream_state(db: str) -> list[str]:
+    conn = await asyncpg.connect(db)
+    try:
+        return [r["state"] for r in await conn.fetch("SELECT state FROM relay_table_streams")]
+    finally:
+        await conn.close()
+
+
+async def test_a_relay_killed_mid_snapshot_retakes_it_after_a_reset(
+    db: str, tmp_path: Path
+) -> None:
+    chats = 1500
+    await sql(
+        db,
+        CHATS,
+        f"INSERT INTO items SELECT g, 'c' || (g % {chats}), 0"
+        f" FROM generate_series(1, {chats * 4}) g",
+    )
+    relay = relay_for(tmp_path, db, ITEMS_STREAM)
+    probe = f"{relay.url}/v1/stream/chat/c1/items"
+    killed_mid_snapshot = False
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            await asyncio.to_thread(relay.start)
+
+            async def some_snapshot_appended() -> bool:
+                return (await http.head(probe)).status == 200 or await stream_state(db) == ["live"]
+
+            await wait_for(some_snapshot_appended, "the snapshot to begin")
+            await asyncio.to_thread(relay.kill)
+            if await stream_state(db) == ["pending"]:
+                killed_mid_snapshot = True
+                break
+            await sql(
+                db,
+                "TRUNCATE relay_table_streams",
+                f"SELECT pg_drop_replication_slot('{db.rpartition('/')[2]}')",
+            )
+        assert killed_mid_snapshot, "the snapshot was done before the kill (machine too fast?)"
+        # Rows deleted between the attempts must not linger where the first attempt put them.
+        await sql(
+            db, "DELETE FROM items WHERE chat = 'c1'", "INSERT INTO items VALUES (0, 'c1', 7)"
+        )
+        async with running(relay) as http2:
+            for chat in ("c1", "c2", f"c{chats - 1}"):
+                found = await caught_up(http2, relay, db, chat)
+                controls = [m["headers"]["control"] for m in found if "control" in m["headers"]]
+                assert controls[-3:] == ["reset", "snapshot-start", "snapshot-end"]

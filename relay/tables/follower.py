@@ -379,10 +379,12 @@ class TableFollower:
                     plan,
                 )
         seq = snapshot_seq(self._after_lsn, round_)
-        # A restart re-takes every table stream (all pending at once), so reset is safe: no
-        # other table stream's rows on these paths are left out of this snapshot.
-        restart = any(d.snapshot is not None for d in declared if not d.live)
-        opening = [control("reset")] if restart else []
+        # Reset readers first when this snapshot may follow an earlier one on the same paths
+        # (a restart after the slot was lost, or a retry after a crash mid-snapshot), provided
+        # every table stream is in this round: then no rows on these paths are left out.
+        restart = any(d.snapshot is not None or d.round > 0 for d in declared if not d.live)
+        everyone = all(not d.live for d in declared) and len(following) == len(declared)
+        opening = [control("reset")] if restart and everyone else []
         bracketed = Plan(
             {
                 p: [*opening, control("snapshot-start"), *m, control("snapshot-end")]
