@@ -110,10 +110,14 @@ class TableFollower:
 
     async def open(self) -> None:
         """Refuse to start (StoreStartupError, one line) when Postgres cannot decode or a
-        declared table stream cannot be followed; then follow in the background."""
+        declared table stream cannot be followed; then follow in the background. Without
+        flags, follow only if ``relay tables add`` declared some before this start."""
         try:
             conn = await asyncpg.connect(self.settings.url, timeout=self.settings.connect_timeout)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            if not self.settings.declared:  # none asked for here: never block serving
+                log.warning("table streams: cannot look for declared ones", error=str(exc))
+                return
             raise StoreStartupError(f"table streams: cannot reach Postgres: {exc}") from None
         try:
             if not self.settings.declared and not await catalog.any_declared(conn):
