@@ -63,9 +63,18 @@ def db(logical: ThrowawayCluster) -> Iterator[str]:
     yield _with_database(admin, name)
 
 
-def relay_for(tmp_path: Path, url: str, *streams: str, extra: tuple[str, ...] = ()) -> RelayProcess:
+def relay_for(
+    tmp_path: Path,
+    url: str,
+    *streams: str,
+    extra: tuple[str, ...] = (),
+    store: str = "postgres",
+) -> RelayProcess:
+    """A relay following ``url``'s tables; its streams in that database, or (``store`` is
+    sqlite) in the embedded store under ``tmp_path``."""
     slot = url.rpartition("/")[2]  # slot names are the cluster's: one per database here
-    args: list[str] = ["--database-url", url, "--table-poll-interval", "0.05", "--table-slot", slot]
+    where = "--database-url" if store == "postgres" else "--table-database-url"
+    args: list[str] = [where, url, "--table-poll-interval", "0.05", "--table-slot", slot]
     for stream in streams:
         args += ["--table-stream", stream]
     return RelayProcess(tmp_path, *args, *extra, log=tmp_path / "relay.log")
@@ -315,11 +324,14 @@ def in_commit_order(messages: list[Message]) -> None:
     assert ids == sorted(ids)
 
 
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
 async def test_a_relay_killed_between_its_appends_and_the_slot_advance_applies_each_once(
-    db: str, tmp_path: Path
+    db: str, tmp_path: Path, store: str
 ) -> None:
+    """On either store: the Stream-Seq is committed with the append, in the store's own
+    transaction, wherever the store is."""
     await sql(db, CHATS)
-    relay = relay_for(tmp_path, db, ITEMS_STREAM)
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, store=store)
     url = f"{relay.url}/v1/stream/chat/c0/items"
     async with running(relay) as http:
         await wait_for(
