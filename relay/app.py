@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -28,6 +29,9 @@ from relay.subscriptions import routes as subscription_routes
 from relay.subscriptions.db import Database, PostgresDatabase, SqliteDatabase
 from relay.subscriptions.outbound import Outbound
 from relay.subscriptions.service import EngineSettings, Subscriptions
+
+if TYPE_CHECKING:
+    from relay.tables.follower import TableFollower
 
 log = structlog.get_logger("relay")
 
@@ -108,7 +112,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: storage reachable and its schema current, else 503 with the reason."""
-    reason = await context(request).store.ready()
+    ctx = context(request)
+    reason = await ctx.store.ready()
+    if reason is None and ctx.tables is not None:
+        reason = ctx.tables.ready()
     if reason is None:
         return web.json_response({"status": "ready"}, headers=_PROBE_HEADERS)
     return web.json_response(
@@ -163,6 +170,7 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     )
     app[CONTEXT] = ctx
     ctx.subscriptions = make_subscriptions(ctx)
+    ctx.tables = make_tables(ctx)
     routes = Routes(
         stream if auth is None else guarded_stream,
         subscription_routes.control,
@@ -222,6 +230,29 @@ def make_subscriptions(ctx: Context) -> Subscriptions | None:
     )
 
 
+def make_tables(ctx: Context) -> TableFollower | None:
+    """The table-stream follower, wherever there is a Postgres to follow (it starts only if
+    table streams are declared: by flags, or earlier with ``relay tables add``)."""
+    config = ctx.config
+    if not config.tables_url:
+        return None
+    from relay.tables.follower import FollowerSettings, TableFollower, TablesCollector
+    from relay.tables.spec import parse_many
+
+    settings = FollowerSettings(
+        url=config.tables_url,
+        declared=parse_many(config.table_stream) if config.table_stream else (),
+        slot=config.table_slot,
+        poll_interval=config.table_poll_interval,
+        max_retained_bytes=config.table_max_retained_bytes,
+        max_path_length=config.max_path_length,
+        connect_timeout=max(config.db_timeout, 1.0),
+    )
+    follower = TableFollower(settings, ctx.store, ctx.clock)
+    ctx.metrics.registry.register(TablesCollector(follower.stats))
+    return follower
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
     await ctx.store.open()
@@ -240,11 +271,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ctx.hub.set_fetch(fetch)
     if ctx.auth is not None:
         await ctx.auth.open()
+    if ctx.tables is not None:
+        await ctx.tables.open()  # after the store and the listener: it appends
     reaper = asyncio.create_task(_reap_forever(ctx), name="reaper")
     yield
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
+    if ctx.tables is not None:
+        await ctx.tables.close()
     if ctx.subscriptions is not None:
         await ctx.subscriptions.close()
     if ctx.auth is not None:

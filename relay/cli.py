@@ -1,4 +1,5 @@
-"""The ``relay`` command: ``serve``, ``migrate``, ``rotate-webhook-key`` and ``bench``."""
+"""The ``relay`` command: ``serve``, ``migrate``, ``revoke``, ``rotate-webhook-key``, ``tables``
+and ``bench``."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         " in the JWKS for a day, so receivers that cached it keep verifying.",
     )
     config_mod.add_arguments(rotate, (*DATABASE_SETTINGS, "data_dir"))
+    from relay.tables.cli import add_parser as add_tables_parser
+
+    add_tables_parser(commands)
     bench = commands.add_parser(
         "bench", help="compare the relay with a bare aiohttp server and the reference server"
     )
@@ -101,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rotate_command(config)
     if args.command == "revoke":
         return _revoke(config, args.revoke_jti, args.revoke_kid)
+    if args.command == "tables":
+        from relay.tables.cli import run as run_tables
+
+        return run_tables(config, args)
     try:
         config_mod.check_serving(config)
     except config_mod.ConfigError as exc:

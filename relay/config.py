@@ -140,6 +140,23 @@ def _switch(text: str) -> bool:
     raise ValueError("must be on or off (true/false, yes/no, 1/0)")
 
 
+def _table_streams(text: str) -> str:
+    """Table stream definitions (``relay.tables.spec``), checked and written back the same
+    way, comma-joined (what ``RELAY_TABLE_STREAM`` holds)."""
+    from relay.tables.spec import parse_many
+
+    return ",".join(spec.render() for spec in parse_many(text))
+
+
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+
+
+def _slot_name(text: str) -> str:
+    if not _SLOT_NAME.fullmatch(text):
+        raise ValueError("must be 1-63 of a-z, 0-9 and _ (a replication slot's name)")
+    return text
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "address to listen on"),
     Setting("port", _port, 4437, "TCP port to listen on (0 picks a free one)"),
@@ -384,6 +401,41 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds between looks for due subscription deliveries (retries, other relays' wakes)",
     ),
     Setting(
+        "table_stream",
+        _table_streams,
+        "",
+        "a Postgres table whose committed row changes are appended to streams as State "
+        "Protocol messages: TABLE:PATH:columns=A,B[:type=T][:key=K], PATH filled from the row "
+        "(chat/{chat_id}/state); repeat the flag for several",
+        repeatable=True,
+    ),
+    Setting(
+        "table_database_url",
+        str,
+        "",
+        "Postgres URL (a direct session, not a pooler) of the tables of --table-stream; "
+        "default: direct-database-url, else database-url",
+    ),
+    Setting(
+        "table_slot",
+        _slot_name,
+        "relay_tables",
+        "name of the logical replication slot and publication table streams use",
+    ),
+    Setting(
+        "table_max_retained_bytes",
+        _positive_int,
+        1024 * 1024 * 1024,
+        "WAL the table streams' slot may keep before /readyz answers 503 (pair it with "
+        "Postgres's max_slot_wal_keep_size)",
+    ),
+    Setting(
+        "table_poll_interval",
+        _positive_float,
+        0.2,
+        "seconds between looks at the table streams' slot when it had nothing new",
+    ),
+    Setting(
         "public_url",
         str,
         "",
@@ -451,7 +503,17 @@ class Config:
     webhook_timeout: float = 10.0
     webhook_concurrency: int = 64
     subscription_poll_interval: float = 0.25
+    table_stream: str = ""
+    table_database_url: str = ""
+    table_slot: str = "relay_tables"
+    table_max_retained_bytes: int = 1024 * 1024 * 1024
+    table_poll_interval: float = 0.2
     public_url: str = ""
+
+    @property
+    def tables_url(self) -> str:
+        """Where table streams' tables live: a direct session (the advisory lock)."""
+        return self.table_database_url or self.direct_database_url or self.database_url
 
 
 WORKERS_NEED_POSTGRES = (
@@ -468,6 +530,12 @@ POOLER_NEEDS_DIRECT_URL = (
 READ_REPLICAS_NEED_POSTGRES = (
     "--read-database-url needs --database-url: read replicas are standbys of the Postgres"
     " primary, which keeps every write, long-poll and NOTIFY"
+)
+
+
+TABLES_NEED_POSTGRES = (
+    "--table-stream needs Postgres: --database-url (the tables are in the store's database)"
+    " or --table-database-url"
 )
 
 
@@ -559,6 +627,8 @@ def load(
         raise ConfigError(POOLER_NEEDS_DIRECT_URL)
     if values["read_database_url"] and not values["database_url"]:
         raise ConfigError(READ_REPLICAS_NEED_POSTGRES)
+    if values["table_stream"] and not (values["table_database_url"] or values["database_url"]):
+        raise ConfigError(TABLES_NEED_POSTGRES)
     known = {f.name for f in fields(Config)}
     assert known == set(values), "SETTINGS and Config disagree"
     return Config(**values)

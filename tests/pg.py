@@ -90,7 +90,8 @@ def _bin_dir() -> str | None:
 class ThrowawayCluster:
     """A private Postgres in a temporary directory, on a free port, for this run only."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})  # extra server settings, e.g. wal_level=logical
         bin_dir = _bin_dir()
         if bin_dir is None:
             raise RuntimeError("no Postgres server answers and no initdb is installed")
@@ -122,10 +123,15 @@ class ThrowawayCluster:
 
     def resume(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         log = os.path.join(self.root, "server.log")  # not our pipe: the server outlives pg_ctl
         self._run(
             f"{self.bin_dir}/pg_ctl", "-D", self.data, "-o", options, "-l", log, "-w", "start"
         )
+
+    def crash(self) -> None:
+        """Stop the server as a kill -9 would (``-m immediate``: no checkpoint), keeping data."""
+        self._run(f"{self.bin_dir}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -23,6 +23,7 @@ from relay.store.base import Store
 if TYPE_CHECKING:
     from relay.auth.authorizer import Authorizer
     from relay.subscriptions.service import Subscriptions
+    from relay.tables.follower import TableFollower
     from relay.workers import Worker
 
 
@@ -100,6 +101,7 @@ class Context:
     worker: Worker | None = None  # under ``serve --workers N``: /metrics adds up the siblings
     auth: Authorizer | None = None  # None: access control is off (loopback, no key source)
     subscriptions: Subscriptions | None = None  # sections 6-7 (relay/subscriptions)
+    tables: TableFollower | None = None  # table streams (relay/tables), on Postgres
     decorate: Callable[[web.Request, web.StreamResponse], None] = lambda _req, _resp: None
     """Adds the headers every answer carries; a handler that prepares its own answer (SSE)
     calls it first (``relay.http.front.ResponseHeaders``, set by ``Front``)."""
