@@ -350,7 +350,10 @@ async def test_a_relay_killed_between_its_appends_and_the_slot_advance_applies_e
             await insert_items(db, first, 300)
             first += 300
             await asyncio.to_thread(relay.start)
-            partial = await messages_when(http, url, lambda ms, n=before: len(changes(ms)) > n)
+            def grew(ms: list[dict[str, Any]], n: int = before) -> bool:
+                return len(changes(ms)) > n
+
+            partial = await messages_when(http, url, grew)
             if len(changes(partial)) < first - 1:
                 await asyncio.to_thread(relay.kill)
                 killed_mid_batch = True
