@@ -103,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _revoke(config, args.revoke_jti, args.revoke_kid)
     try:
         config_mod.check_serving(config)
+        if not config.database_url:
+            from relay.datadir import prepare
+
+            prepare(config.data_dir)
     except config_mod.ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

@@ -157,7 +157,10 @@ class SqliteStore:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._lock_directory()
         loop = asyncio.get_running_loop()
-        self._write_conn = await loop.run_in_executor(self._writer, self._connect_writer)
+        try:
+            self._write_conn = await loop.run_in_executor(self._writer, self._connect_writer)
+        except sqlite3.Error as exc:  # not a database, a newer schema, a disk I/O error
+            raise StoreStartupError(f"cannot open {self._db_path}: {exc}") from None
         self._committer.start()
 
     def _lock_directory(self) -> None:
