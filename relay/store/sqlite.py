@@ -177,6 +177,7 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted rows are zeroed, not just unlinked
         migrate(conn)
         return conn
 
@@ -347,6 +348,10 @@ class SqliteStore:
             conn.execute("ROLLBACK")
             self._cache.clear()
             raise
+        if state.removed or any(isinstance(op, RetainOp) for op in batch):
+            # Erased bytes still sit in WAL frames and older page images: copy the zeroed pages
+            # into relay.sqlite3 and empty the WAL before anyone is answered.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         for path, (stream_id, when) in touches.items():
             cached = self._cache.get(path)
             if cached is not None and cached.stream_id == stream_id:
