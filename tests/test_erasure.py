@@ -59,6 +59,11 @@ async def create(client: TestClient, path: str, fork_of: str = "", at: str = "")
         assert response.status == 201
 
 
+async def delete(client: TestClient, path: str, **headers: str) -> None:
+    async with client.delete(path, headers=headers) as response:
+        assert response.status == 204
+
+
 async def stored_then_appended(
     client: TestClient, tmp_path: Path, path: str, marker: bytes
 ) -> str:
@@ -90,9 +95,7 @@ async def test_revoked_bytes_leave_every_file(
     good = await stored_then_appended(client, tmp_path, f"{R}/answer-1", marker)
     await create(client, f"{R}/answer-2", fork_of="answer-1", at=good)
     await append(client, f"{R}/answer-2", b"Paris.")
-    headers = {"Stream-Revoke-From": good}
-    async with client.delete(f"{R}/answer-1", headers=headers) as response:
-        assert response.status == 204
+    await delete(client, f"{R}/answer-1", **{"Stream-Revoke-From": good})
     assert holders(tmp_path, marker) == []
     async with client.get(f"{R}/answer-2", params={"offset": "-1"}) as response:
         assert await response.read() == b"The capital is Paris."  # the fork keeps the prefix
@@ -107,8 +110,7 @@ async def test_bytes_cut_from_a_row_a_fork_shares_leave_every_file(
     await append(client, f"{R}/answer-1", b"The capital is " + marker)
     await on_disk(client, tmp_path, marker)
     await create(client, f"{R}/answer-2", fork_of="answer-1", at=format_offset(15))
-    async with client.delete(f"{R}/answer-1") as response:
-        assert response.status == 204
+    await delete(client, f"{R}/answer-1")
     assert holders(tmp_path, marker) == []
     async with client.get(f"{R}/answer-2", params={"offset": "-1"}) as response:
         assert await response.read() == b"The capital is "
@@ -121,9 +123,7 @@ async def test_revoking_forks_erases_their_bytes_too(
     late = await tail(client, f"{R}/a")
     await create(client, f"{R}/b", fork_of="a", at=late)
     await append(client, f"{R}/b", marker)  # the fork's own copy, after the inherited one
-    headers = {"Stream-Revoke-From": start, "Stream-Revoke-Forks": "true"}
-    async with client.delete(f"{R}/a", headers=headers) as response:
-        assert response.status == 204
+    await delete(client, f"{R}/a", **{"Stream-Revoke-From": start, "Stream-Revoke-Forks": "true"})
     assert holders(tmp_path, marker) == []
 
 
@@ -131,8 +131,7 @@ async def test_a_deleted_stream_leaves_every_file(
     client: TestClient, tmp_path: Path, marker: bytes
 ) -> None:
     await stored_then_appended(client, tmp_path, f"{R}/gone", marker)
-    async with client.delete(f"{R}/gone") as response:
-        assert response.status == 204
+    await delete(client, f"{R}/gone")
     assert holders(tmp_path, marker) == []
 
 
