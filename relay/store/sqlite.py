@@ -14,6 +14,7 @@ committed state and request paths that only need metadata never touch the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import sqlite3
 import threading
@@ -350,8 +351,10 @@ class SqliteStore:
             raise
         if state.removed or any(isinstance(op, RetainOp) for op in batch):
             # Erased bytes still sit in WAL frames and older page images: copy the zeroed pages
-            # into relay.sqlite3 and empty the WAL before anyone is answered.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            # into relay.sqlite3 and empty the WAL before anyone is answered. The batch has
+            # committed, so a failed checkpoint must not fail it; the next erasure's retries.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         for path, (stream_id, when) in touches.items():
             cached = self._cache.get(path)
             if cached is not None and cached.stream_id == stream_id:
