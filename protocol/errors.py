@@ -98,13 +98,29 @@ class MethodNotAllowed(ProtocolError):
 class Unavailable(Exception):
     """The store cannot serve right now (503 with Retry-After); not the client's fault."""
 
+    code = "unavailable"
+
     def __init__(self, message: str = "storage unavailable", retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
+class StorageFull(Unavailable):
+    """A write the store could not make for lack of space (a full disk, SQLite's
+    ``SQLITE_FULL``, Postgres's SQLSTATE class 53): nothing of it was stored. Answered 503 with
+    Retry-After like any outage, because producers' clients retry a 503 and space may come
+    back (an operator frees it) without a restart; 507 would read as final to most of them."""
+
+    code = "storage_full"
+
+    def __init__(self, message: str = "storage full", retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+
+
 class Overloaded(Exception):
     """Too many requests in flight (429 or 503 with Retry-After)."""
+
+    code = "overloaded"
 
     def __init__(self, message: str = "too many requests", retry_after: int = 1) -> None:
         super().__init__(message)

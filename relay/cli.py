@@ -168,10 +168,12 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     from relay.app import begin_shutdown, make_app
     from relay.http.context import CONTEXT
     from relay.http.front import RelayRunner
+    from relay.resources import raise_open_files
     from relay.store.base import StoreStartupError
     from relay.workers import Worker, unblock_stop_signals, watch_parent
 
     log = structlog.get_logger("relay")
+    open_files = raise_open_files()  # each connection and parked reader holds one
     try:
         app = make_app(config)
     except config_mod.ConfigError as exc:  # a credential file that cannot be used
@@ -213,6 +215,9 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
             loop=loop_name(asyncio.get_running_loop()),
             auth=config.auth_enabled,
             pid=os.getpid(),
+            open_files=open_files.soft,
+            open_files_hard=open_files.hard,
+            open_files_before=open_files.before,
         )
         await stop.wait()
         deadline = _stop_deadline(stop_seconds(config))

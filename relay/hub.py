@@ -32,6 +32,11 @@ HELD_BYTES = 64 * 1024 * 1024
 """Default cap on recent bytes held across all streams."""
 MAX_HELD_STREAMS = 100_000
 """Streams whose recent bytes are held at once: tiny appends to many streams are bounded too."""
+COALESCE_BYTES = 4096
+"""Adjacent held appends are joined up to this size. A stream of 6-byte tokens would otherwise
+hold 170,000 entries per MiB (about 100 bytes of Python objects each, so 17 MiB to hold one),
+and a read from the start of what is held walked every one of them (0.5 s of CPU per read of
+a 600 KB stream in ``relay bench --scenarios long``)."""
 LINGER_SECONDS = 10.0
 MAX_LINGERING = 10_000
 
@@ -290,9 +295,20 @@ class Hub:
                 self._held_bytes -= held.size
                 held.chunks.clear()
                 held.size = 0
+            elif last and len(last) + len(data) <= COALESCE_BYTES:
+                # Joined appends are still whole appends (whole JSON messages) end to end.
+                held.chunks[-1] = (last_start, last + data)
+                held.size += len(data)
+                self._held_bytes += len(data)
+                self._trim(held)
+                return
         held.chunks.append((start, data))
         held.size += len(data)
         self._held_bytes += len(data)
+        self._trim(held)
+
+    def _trim(self, held: _Held) -> None:
+        """Back under the per-stream and total caps, oldest bytes first."""
         while held.size > self._stream_bytes:
             self._drop_oldest(held)
         while self._held_bytes > self._max_bytes:

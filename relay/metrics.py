@@ -72,10 +72,12 @@ class _StoreCollector(Collector):
         errors = CounterMetricFamily(
             "relay_store_errors",
             "Storage failures: unavailable (operations answered 503, database unreachable), "
+            "storage_full (operations answered 503, no space to write), "
             "failed (transactions that failed otherwise and were re-run one by one)",
             labels=["kind"],
         )
         errors.add_metric(["unavailable"], stats.unavailable)
+        errors.add_metric(["storage_full"], stats.storage_full)
         errors.add_metric(["failed"], stats.failed)
         yield errors
         yield _histogram(

@@ -1,7 +1,9 @@
 """A small TCP proxy for fault tests: put it between the relay and Postgres, then cut it.
 
 ``cut()`` drops every open connection and refuses new ones (the database "goes away");
-``restore()`` listens again on the same port. Fault injection lives here, never in the server.
+``restore()`` listens again on the same port. ``freeze()`` keeps every connection open but
+forwards nothing (a link that hangs), ``thaw()`` lets the held bytes through. Fault injection
+lives here, never in the server.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.connections = 0
 
     @classmethod
@@ -55,6 +59,12 @@ class TcpProxy:
     async def restore(self) -> None:
         await self.start()
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -78,6 +88,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

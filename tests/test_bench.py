@@ -132,3 +132,27 @@ def test_capacity_needs_postgres() -> None:
     results = run_results(args)
     assert results == []
     assert "capacity: not run, it needs --database-url" in report(results, args)
+
+
+def test_growth_scenarios_at_toy_sizes() -> None:
+    """streams: a row per step and kind; long: every byte read back, rows counted."""
+    growth = ["--scenarios", "streams,long", "--stream-counts", "20,50", "--idle-seconds", "0.2"]
+    args = build_parser().parse_args(["bench", "--no-pin", *growth, "--long-appends", "300"])
+    results = run_results(args)
+    assert [(r.scenario, r.variant, r.operations) for r in results] == [
+        ("streams", "20 streams: create", 20),
+        ("streams", "20 streams: cold HEAD", 20),
+        ("streams", "20 streams: cold catch-up", 20),
+        ("streams", "50 streams: create", 30),
+        ("streams", "50 streams: cold HEAD", 50),
+        ("streams", "50 streams: cold catch-up", 50),
+        ("long", "300 appends: write", 300),
+        ("long", "300 appends: read at start", 100),
+        ("long", "300 appends: read at middle", 100),
+        ("long", "300 appends: read at end", 100),
+        ("long", "300 appends: whole catch-up", 1),
+    ]
+    assert all(r.lost == 0 for r in results)
+    created = results[0]
+    assert "RSS " in created.note and "B/stream" in created.note and "idle CPU" in created.note
+    assert results[6].note.endswith("rows kept")

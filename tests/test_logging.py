@@ -77,6 +77,7 @@ async def test_a_served_relay_logs_json_lines_one_per_request(tmp_path: Path) ->
     assert started[0]["store"] == "sqlite"
     assert started[0]["url"] == relay.url
     assert started[0]["version"]
+    assert started[0]["open_files"] >= started[0]["open_files_before"]  # raised to the hard one
     assert entries[-1]["event"] == "relay stopped"
 
     assert {rid: echoed[rid] for rid in echoed if rid != "not sane!"} == {

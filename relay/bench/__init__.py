@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         type=_names(tuple(SCENARIOS)),
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity)",
+        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity, streams "
+        "and long)",
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
@@ -130,6 +131,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--readers", type=int, default=defaults.readers, help="fanout: parked long-poll readers")
     add("--streams", type=int, default=defaults.streams, help="memory: streams")
     add(
+        "--stream-counts",
+        type=_counts,
+        default=defaults.stream_counts,
+        help="streams: total streams at each step, comma-separated (cumulative)",
+    )
+    add(
+        "--idle-seconds",
+        type=float,
+        default=defaults.idle_seconds,
+        help="streams: seconds the idle relay's CPU is measured at each step",
+    )
+    add(
+        "--long-appends",
+        type=int,
+        default=defaults.long_appends,
+        help="long: token appends to the one long stream",
+    )
+    add(
         "--parked",
         type=int,
         default=defaults.parked,
@@ -170,6 +189,9 @@ def options(args: argparse.Namespace) -> Options:
         streams=args.streams,
         parked=args.parked,
         relays=args.relays,
+        stream_counts=args.stream_counts,
+        idle_seconds=args.idle_seconds,
+        long_appends=args.long_appends,
     )
 
 

@@ -215,6 +215,8 @@ HEADLINES = {
     "memory": Headline("p99", False),
     "ledger": Headline("CPU/req", False),
     "capacity": Headline("ops/s", True),
+    "streams": Headline("p99", False),
+    "long": Headline("p99", False),
 }
 
 

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,9 +18,11 @@ import aiohttp
 import orjson
 
 from protocol import headers as h
+from relay.bench import growth
 from relay.bench.capacity import capacity
 from relay.bench.ledger import ledger
 from relay.bench.report import Result, replicas_caught_up, snapshot, usage
+from relay.bench.requests import BenchError, _create, _post, _read_all, _stream_url
 from relay.bench.targets import Target
 
 TOKEN_BYTES = 24
@@ -55,47 +56,12 @@ class Options:
     """memory: parked long-poll readers."""
     relays: tuple[int, ...] = (1, 2)
     """capacity: how many relays share the database, one run per count."""
-
-
-class BenchError(RuntimeError):
-    """A server refused something the bench needs (so the numbers would be meaningless)."""
-
-
-def _stream_url(target: Target, kind: str) -> str:
-    return f"{target.url}/v1/stream/bench-{kind}-{uuid.uuid4().hex[:12]}"
-
-
-async def _create(client: aiohttp.ClientSession, url: str, content_type: str) -> str:
-    """Create a stream; return its tail offset, where a live reader starts.
-
-    The bare server sends no offset; it is never read from, so ``-1`` stands in.
-    """
-    async with client.put(url, headers={"Content-Type": content_type}) as response:
-        if response.status not in (200, 201, 204):
-            raise BenchError(f"PUT {url}: {response.status}")
-        return response.headers.get(h.STREAM_NEXT_OFFSET, "-1")
-
-
-async def _post(
-    client: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
-) -> None:
-    async with client.post(url, data=body, headers=headers) as response:
-        if response.status not in (200, 204):
-            raise BenchError(f"POST {url}: {response.status} {await response.text()}")
-
-
-async def _read_all(client: aiohttp.ClientSession, url: str) -> bytes:
-    """Catch-up reads from the start until up to date."""
-    parts: list[bytes] = []
-    offset = "-1"
-    while True:
-        async with client.get(url, params={"offset": offset}) as response:
-            if response.status != 200:
-                raise BenchError(f"GET {url}: {response.status}")
-            parts.append(await response.read())
-            offset = response.headers[h.STREAM_NEXT_OFFSET]
-            if response.headers.get(h.STREAM_UP_TO_DATE) == "true":
-                return b"".join(parts)
+    stream_counts: tuple[int, ...] = (10_000,)
+    """streams: total streams at each step (cumulative)."""
+    idle_seconds: float = 5.0
+    """streams: how long the relay's idle CPU is measured at each step."""
+    long_appends: int = 100_000
+    """long: token appends to the one stream."""
 
 
 async def append(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
@@ -504,8 +470,11 @@ SCENARIOS = {
     "memory": memory,
     "ledger": ledger,
     "capacity": capacity,
+    "streams": growth.streams,
+    "long": growth.long,
 }
-DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name != "capacity")
-"""What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres."""
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in ("capacity", "streams", "long"))
+"""What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres; the
+growth scenarios (streams, long) run for minutes at the sizes they are meant for."""
 BARE_SCENARIOS = ("append", "ledger")
 """The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

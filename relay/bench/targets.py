@@ -166,9 +166,7 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
             relay = spec.name == "relay"
             database = spec.database_url if relay else ""
             replicas = spec.read_database_urls if relay else ()
-            yield Target(
-                spec.name, label, base, proc.pid, relay, database, replicas, spec
-            )
+            yield Target(spec.name, label, base, proc.pid, relay, database, replicas, spec)
         finally:
             proc.terminate()
             try:

@@ -130,7 +130,7 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
             code, message, details = exc.code, exc.message, exc.details()
         else:
             details = {}
-            code = "unavailable" if status == 503 else "overloaded"
+            code = getattr(exc, "code", "unavailable")
             message = str(exc)
     # RFC 9110 lets caches keep some errors (404, 410) with no header saying so; a CDN would
     # then answer 404 for a stream created a moment later.

@@ -111,6 +111,7 @@ class StoreStats:
     rows_written: int = 0
     queue_depth: int = 0  # operations waiting for a group commit
     unavailable: int = 0  # operations answered 503: the database could not be reached
+    storage_full: int = 0  # operations answered 503 for lack of space (a full disk)
     failed: int = 0  # transactions that failed for another reason (re-run one by one)
     batch_ops: Distribution = field(default_factory=lambda: Distribution(BATCH_OPS_BOUNDS))
     commit_seconds: Distribution = field(

@@ -41,7 +41,7 @@ import structlog
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest
-from protocol.errors import Unavailable
+from protocol.errors import StorageFull, Unavailable
 from relay.store.base import (
     BATCH_OPS_BOUNDS,
     COMMIT_SECONDS_BOUNDS,
@@ -55,6 +55,8 @@ from relay.store.base import (
 log = structlog.get_logger("relay.store")
 
 TOUCH_FLUSH_SECONDS = 0.2
+FULL_HOLD_SECONDS = 5.0
+"""How long a refusal for lack of space keeps ``/readyz`` at 503 when no write follows."""
 
 Touches = dict[str, tuple[int, float]]
 """path -> (stream id, when it was read): TTL slides to apply."""
@@ -149,6 +151,8 @@ class Committer:
         self._dead: BaseException | None = None
         self.commits = 0
         self.unavailable = 0  # operations answered 503 (database unreachable)
+        self.storage_full = 0  # operations refused for lack of space (503 too)
+        self._full_since: tuple[str, float] | None = None  # the last refusal, until a commit
         self.failed = 0  # transactions that failed otherwise
         self.batch_ops = Distribution(BATCH_OPS_BOUNDS)
         self.commit_seconds = Distribution(COMMIT_SECONDS_BOUNDS)
@@ -159,12 +163,23 @@ class Committer:
     def pending(self) -> int:
         return len(self._queue)
 
+    def write_fault(self, hold: float = FULL_HOLD_SECONDS) -> str | None:
+        """Why writes fail now, for ``/readyz``: a refusal for lack of space, until a write
+        commits or ``hold`` seconds pass without another refusal. The hold ends even with no
+        write: a load balancer that stops sending writes to a relay not ready would otherwise
+        never let one through to find out that space came back."""
+        fault = self._full_since
+        if fault is None or time.monotonic() - fault[1] > hold:
+            return None
+        return f"writes refused: {fault[0]}"
+
     def stats(self) -> StoreStats:
         """The committer's counters; a store adds what only it knows (``dataclasses.replace``)."""
         return StoreStats(
             commits=self.commits,
             queue_depth=len(self._queue),
             unavailable=self.unavailable,
+            storage_full=self.storage_full,
             failed=self.failed,
             batch_ops=self.batch_ops,
             commit_seconds=self.commit_seconds,
@@ -348,7 +363,13 @@ class Committer:
         try:
             outcomes = await self._apply(ops, touches)
         except Unavailable as exc:  # the database is gone: every op gets 503, touches wait
-            self.unavailable += len(batch)
+            if isinstance(exc, StorageFull):
+                self.storage_full += len(batch)
+                if self._full_since is None:
+                    log.error("storage full: refusing writes until one succeeds", reason=str(exc))
+                self._full_since = (str(exc), time.monotonic())
+            else:
+                self.unavailable += len(batch)
             if not self._closing:
                 for path, entry in touches.items():
                     self.touches.setdefault(path, entry)
@@ -362,6 +383,9 @@ class Committer:
             log.warning("batch failed; retrying its operations one by one", ops=len(ops))
             return [(await self._commit([pending], {}))[0] for pending in batch]
         self.commit_seconds.observe(time.perf_counter() - started)
+        if self._full_since is not None:
+            self._full_since = None
+            log.info("storage has room again: a write committed")
         self.commits += 1
         self.batch_ops.observe(len(batch))
         return outcomes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import sqlite3
 import threading
@@ -25,7 +26,7 @@ from typing import IO, Any
 
 from protocol.append import AppendRequest, decide_append
 from protocol.create import CreatePlan, CreateRequest, plan_create
-from protocol.errors import NotFound, ProtocolError
+from protocol.errors import NotFound, ProtocolError, StorageFull
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta, fork_segments
 from protocol.retention import plan_horizon
@@ -276,6 +277,9 @@ class SqliteStore:
         """Ready once open, readable, and at the schema version this relay migrates to."""
         if self._write_conn is None:
             return "store is not open"
+        fault = self._committer.write_fault()
+        if fault is not None:
+            return fault
         loop = asyncio.get_running_loop()
         try:
             version = await loop.run_in_executor(self._readers, self._schema_version)
@@ -304,9 +308,14 @@ class SqliteStore:
 
     async def _apply_in_writer(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
         loop = asyncio.get_running_loop()
-        outcomes, removed = await loop.run_in_executor(
-            self._writer, self._apply_batch, batch, touches
-        )
+        try:
+            outcomes, removed = await loop.run_in_executor(
+                self._writer, self._apply_batch, batch, touches
+            )
+        except (sqlite3.Error, OSError) as exc:
+            if _no_space(exc):  # rolled back: nothing of the batch is stored
+                raise StorageFull(f"no space left for the embedded store: {exc}") from None
+            raise
         if self._events is not None:
             for stream_id in removed:
                 self._events.deleted(stream_id)
@@ -346,7 +355,8 @@ class SqliteStore:
             self._flush_rows(conn, state)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite has rolled back already after SQLITE_FULL
+                conn.execute("ROLLBACK")
             self._cache.clear()
             raise
         if state.removed or any(isinstance(op, RetainOp) for op in batch):
@@ -639,6 +649,13 @@ class SqliteStore:
             ).fetchall()
             stitch(out, rows, lo, hi)
         return bytes(out)
+
+
+def _no_space(exc: BaseException) -> bool:
+    """SQLITE_FULL (SQLite's word for ENOSPC), or the disk error itself from the OS."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _with_access(meta: StreamMeta, when: float) -> StreamMeta:

@@ -26,7 +26,7 @@ import structlog
 
 from protocol.append import AppendRequest
 from protocol.create import CreateRequest, plan_create
-from protocol.errors import NotFound, ProtocolError, StreamDiverged, Unavailable
+from protocol.errors import NotFound, ProtocolError, StorageFull, StreamDiverged, Unavailable
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta
 from protocol.retention import plan_horizon
@@ -261,6 +261,9 @@ class PostgresStore:
         """Ready when a pooled connection answers and the schema is at this relay's version."""
         if self._pool is None:
             return "store is not open"
+        fault = self._committer.write_fault()
+        if fault is not None:
+            return fault
         try:
             async with self._conn() as conn:
                 version = await conn.fetchval(
@@ -288,11 +291,29 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> Any:
-        """A pooled connection; losing the database becomes Unavailable (503)."""
-        assert self._pool is not None
+        """A pooled connection; losing the database becomes Unavailable (503).
+
+        The wait for a connection and the work on it share one ``--db-timeout``: with a
+        frozen link, a wait then a query each taking the whole timeout answered in twice it.
+        """
+        pool = self._pool
+        assert pool is not None
+        timeout = self._timeout
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+            if timeout is None:
+                async with pool.acquire() as conn:
+                    yield conn
+                return
+            deadline = asyncio.get_running_loop().time() + timeout
+            conn = await pool.acquire(timeout=timeout)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    yield conn
+            except TimeoutError:
+                conn.terminate()  # a query cut short on a link that may be frozen: not reusable
+                raise
+            finally:
+                await pool.release(conn, timeout=timeout)
         except DISCONNECTS as exc:
             if not connection_lost(exc):
                 raise
@@ -340,9 +361,16 @@ class PostgresStore:
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:
-        meta = await self._known_fresh(path, now)
-        if meta is None:
-            meta = await self._shared_load(path)
+        try:
+            # The barrier and the lookup share one --db-timeout: a frozen link cost both.
+            async with asyncio.timeout(self._timeout):
+                meta = await self._known_fresh(path, now)
+                if meta is None:
+                    meta = await self._shared_load(path)
+        except TimeoutError:
+            self._stats["unavailable"] += 1
+            self._database_lost("TimeoutError")
+            raise Unavailable("database unavailable: TimeoutError") from None
         if meta is None:
             raise NotFound()
         pending = self._committer.pending_touch(path, meta.stream_id)
@@ -407,7 +435,7 @@ class PostgresStore:
         if not self._barrier_running:
             self._barrier_running = True
             self._spawn(self._run_barriers())
-        return await waiter
+        return await asyncio.shield(waiter)  # one caller's timeout must not cancel the others'
 
     async def _run_barriers(self) -> None:
         """One ``SELECT 1`` at a time on the LISTEN connection, each for everyone who asked
@@ -455,9 +483,10 @@ class PostgresStore:
                 self._lookups[path] = []
                 try:
                     listening = self._listening
+                    since = self._known.mark()  # what the row may predate (Known.put)
                     meta = await self._load_pooled(path)
                     if meta is not None and listening and self._listening:
-                        self._known.put(meta)
+                        self._known.put(meta, since)
                 except Exception as exc:
                     for waiter in batch:
                         if not waiter.done():
@@ -519,17 +548,22 @@ class PostgresStore:
 
     async def _apply(self, batch: list[WriteOp], touches: Touches) -> list[Any]:
         conn = await self._writer_conn()
+        since = self._known.mark()  # notifications heard from here merge into its result
         try:
-            return await self._apply_on(conn, batch, touches)
+            return await self._apply_on(conn, batch, touches, since)
+        except asyncpg.exceptions.DiskFullError as exc:  # SQLSTATE 53100: rolled back
+            raise StorageFull(f"the database has no space left: {exc}") from None
+        except asyncpg.exceptions.InsufficientResourcesError as exc:  # the rest of class 53
+            raise Unavailable(f"the database is out of resources ({exc.sqlstate})") from None
         finally:
             self._writer_done(conn)  # unless it was lost or terminated on the way
 
     async def _apply_on(
-        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches
+        self, conn: asyncpg.Connection, batch: list[WriteOp], touches: Touches, since: int
     ) -> list[Any]:
         guarded = self._plan_guarded(batch, touches)
         if guarded is not None:
-            outcomes = await self._write_guarded(conn, *guarded)
+            outcomes = await self._write_guarded(conn, *guarded, since)
             if outcomes is not None:
                 return outcomes
         for attempt in range(RETRIES):
@@ -547,15 +581,17 @@ class PostgresStore:
             # Committed: from here on the outcomes stand, whatever else happens.
             if not self._database_up:
                 self._database_back()
-            self._committed(state)
+            self._committed(state, since)
             return outcomes
         raise AssertionError("unreachable")
 
-    def _committed(self, state: Batch) -> None:
-        """After COMMIT: what this relay now knows exactly, and who hears of removals."""
+    def _committed(self, state: Batch, since: int) -> None:
+        """After COMMIT: what this relay now knows exactly, and who hears of removals.
+        (Another relay's commit may have been heard since the batch began: ``Known.put``
+        keeps the later tail.)"""
         self._stats["rows_written"] += state.written
         for meta in state.metas.values():
-            self._known.put(meta)
+            self._known.put(meta, since)
             self._own(state, meta)
         for stream_id in state.removed:
             self._known.removed(stream_id)
@@ -627,7 +663,12 @@ class PostgresStore:
         return state, outcomes, expected
 
     async def _write_guarded(
-        self, conn: asyncpg.Connection, state: Batch, outcomes: list[Any], expected: dict[int, int]
+        self,
+        conn: asyncpg.Connection,
+        state: Batch,
+        outcomes: list[Any],
+        expected: dict[int, int],
+        since: int,
     ) -> list[Any] | None:
         """The batch as one guarded statement; None if a stream changed underneath (then
         nothing of it was written and the caller takes the locking path)."""
@@ -643,7 +684,7 @@ class PostgresStore:
             self._database_back()
         self._stats["guarded_writes"] += 1
         self._stats["appends"] += sum(1 for result in outcomes if result.plan.data)
-        self._committed(state)
+        self._committed(state, since)
         return outcomes
 
     def _check_not_behind(self, meta: StreamMeta) -> None:
