@@ -1,10 +1,12 @@
-"""Erasure reaches the files: once a revocation, a delete or a retention horizon is answered,
-the bytes it removed are in no file of the embedded store's data directory (relay.sqlite3 and
-its -wal and -shm), not merely unreadable through the API. Each test first shows the marker IS
-in the files, so a store that only hid it would fail."""
+"""Erasure reaches the files: once a revocation, a delete or a retention horizon is answered
+(or the reaper has removed an expired stream), the bytes it removed are in no file of the
+embedded store's data directory (relay.sqlite3 and its -wal and -shm), not merely unreadable
+through the API. Each test first shows the marker IS in the files, so a store that only hid it
+would fail."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import sqlite3
@@ -52,10 +54,14 @@ async def append(client: TestClient, path: str, data: bytes) -> None:
         assert response.status == 204
 
 
-async def create(client: TestClient, path: str, fork_of: str = "", at: str = "") -> None:
-    """Create ``path``, as a fork of stream ``fork_of`` at offset ``at`` when given."""
+async def create(
+    client: TestClient, path: str, fork_of: str = "", at: str = "", ttl: str = ""
+) -> None:
+    """Create ``path``, as a fork of stream ``fork_of`` at offset ``at`` when given, living
+    ``ttl`` seconds when given."""
     fork = {"Stream-Forked-From": fork_of, "Stream-Fork-Offset": at} if fork_of else {}
-    async with client.put(path, headers={**TEXT, **fork}) as response:
+    expiry = {"Stream-TTL": ttl} if ttl else {}
+    async with client.put(path, headers={**TEXT, **fork, **expiry}) as response:
         assert response.status == 201
 
 
@@ -146,3 +152,18 @@ async def test_bytes_before_a_retention_horizon_leave_every_file(
     assert holders(tmp_path, marker) == []
     async with client.get(f"{R}/log", params={"offset": "-1"}) as response:
         assert await response.read() == b"new"
+
+
+async def test_an_expired_stream_leaves_every_file(
+    tmp_path: Path, aiohttp_client: AiohttpClient, marker: bytes
+) -> None:
+    """The reaper's removal erases too: no request waits on it, so wait for the files."""
+    config = Config(data_dir=str(tmp_path), reap_interval=0.05)
+    client = await aiohttp_client(make_app(config))
+    await create(client, f"{R}/short", ttl="1")
+    await append(client, f"{R}/short", marker)
+    await on_disk(client, tmp_path, marker)
+    deadline = asyncio.get_running_loop().time() + 20
+    while holders(tmp_path, marker) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert holders(tmp_path, marker) == []
