@@ -2,7 +2,8 @@
 (or the reaper has removed an expired stream), the bytes it removed are in no file of the
 embedded store's data directory (relay.sqlite3 and its -wal and -shm), not merely unreadable
 through the API. Each test first shows the marker IS in the files, so a store that only hid it
-would fail."""
+would fail. On Postgres the bytes stay on disk until their space is reused (docs say what
+remains); the last test checks the one claim there that a test can: NOTIFY carries no data."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import secrets
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
@@ -19,6 +21,7 @@ from pytest_aiohttp import AiohttpClient
 from protocol.offsets import format_offset
 from relay.app import make_app
 from relay.config import Config
+from relay.store.postgres.store import CHANNEL
 
 TEXT = {"Content-Type": "text/plain"}
 R = "/v1/stream"
@@ -167,3 +170,24 @@ async def test_an_expired_stream_leaves_every_file(
     while holders(tmp_path, marker) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     assert holders(tmp_path, marker) == []
+
+
+async def test_postgres_notify_payloads_carry_no_data(
+    pg_url: str, aiohttp_client: AiohttpClient, marker: bytes
+) -> None:
+    """What docs say of Postgres: the NOTIFY that tells other relays of a commit names streams,
+    tails and flags, never bytes, so the notification queue holds none of an erased stream."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(pg_url)
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: heard.append(str(args[3])))
+        client = await aiohttp_client(make_app(Config(database_url=pg_url)))
+        await create(client, f"{R}/told")
+        await append(client, f"{R}/told", marker)
+        await delete(client, f"{R}/told")
+        await listener.execute("SELECT 1")  # notifications committed before it arrive first
+    finally:
+        await listener.close()
+    assert len(heard) >= 2  # the append's and the delete's, at least
+    secret = marker.strip(b"xy").decode()
+    assert not [payload for payload in heard if secret in payload or "x" * 64 in payload]
