@@ -191,6 +191,11 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
     except StoreStartupError as exc:
         log.error("cannot start", reason=str(exc))
         return 1
+    except Exception as exc:  # e.g. a database whose schema the migration cannot create
+        # Still one line naming it; the traceback only when asked for (--log-level debug).
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("cannot start", reason=reason, exc_info=config.log_level == "debug")
+        return 1
     deadline: threading.Timer | None = None
     try:
         stop = asyncio.Event()

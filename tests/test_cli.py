@@ -1,8 +1,10 @@
 """The command line as an operator meets it: a version, and start-up errors as one clean line
-(a port in use; a --data-dir that is a file, unwritable, read-only or not a store)."""
+(a port in use; a --data-dir that is a file, unwritable, read-only or not a store; a database
+the schema cannot go into)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,10 +15,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from relay import __version__
 from relay.datadir import prepare
+from tests.pg import fresh_database
 
 
 def _relay(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -148,3 +152,22 @@ def test_missing_parents_of_the_data_dir_are_made(tmp_path: Path) -> None:
     prepare(str(tmp_path / "a" / "b" / "data"))
     assert (tmp_path / "a" / "b" / "data").is_dir()
     assert list((tmp_path / "a" / "b" / "data").iterdir()) == []  # the write probe is gone
+
+
+def test_a_database_the_schema_cannot_go_into_is_one_line(pg_admin_url: str) -> None:
+    """Any other failure while the store opens (here the migration meets a table of the same
+    name that is not Relay's) is one line too, naming the error."""
+
+    async def clash(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE TABLE relay_streams (x int)")
+        finally:
+            await conn.close()
+
+    with fresh_database(pg_admin_url) as url:  # empty: no Relay schema yet
+        asyncio.run(clash(url))
+        line = _one_line_refusal("--database-url", url, "--log-format", "json", code=1)
+    assert json.loads(line)["reason"] == (
+        'DuplicateTableError: relation "relay_streams" already exists'
+    )
