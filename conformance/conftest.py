@@ -12,12 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+
+from tests.waits import wait_for_process
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,16 +63,16 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
             command += ["--database-url", str(database_url)]
         proc = subprocess.Popen(command, env=dict(os.environ))
         url = f"http://127.0.0.1:{port}"
+
+        def answering() -> bool:
+            try:
+                httpx.get(f"{url}/v1/stream/__probe__", timeout=1)
+            except httpx.TransportError:
+                return False
+            return True
+
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    httpx.get(f"{url}/v1/stream/__probe__", timeout=1)
-                    break
-                except httpx.TransportError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("relay did not start") from None
-                    time.sleep(0.05)
+            wait_for_process(proc, answering, timeout=20, what="relay serve")
             yield url
         finally:
             proc.terminate()

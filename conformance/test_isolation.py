@@ -24,28 +24,36 @@ JSON = {"Content-Type": "application/json"}
 PARK = 0.3
 
 
-def _after(action: Callable[[httpx.Client], None]) -> threading.Thread:
-    """Run ``action`` on its own connection once this test's reader is parked."""
-    failures: list[BaseException] = []
+class _Writer(threading.Thread):
+    """Runs ``action`` on its own connection once this test's reader is parked; keeps what it
+    raised for ``_join`` to raise in the test's thread."""
 
-    def run() -> None:
+    def __init__(self, action: Callable[[httpx.Client], None]) -> None:
+        super().__init__()
+        self.action = action
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        # A sleep: a server's parked readers are invisible through the protocol. A write that
+        # lands before the park still passes, as a catch-up; only the park shows isolation.
         time.sleep(PARK)
         try:
             with httpx.Client(timeout=30) as other:
-                action(other)
-        except BaseException as exc:  # re-raised by _join in the test's thread
-            failures.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.failures = failures  # type: ignore[attr-defined]
-    thread.start()
-    return thread
+                self.action(other)
+        except BaseException as exc:
+            self.failure = exc
 
 
-def _join(thread: threading.Thread) -> None:
-    thread.join()
-    for failure in thread.failures:  # type: ignore[attr-defined]
-        raise failure
+def _after(action: Callable[[httpx.Client], None]) -> _Writer:
+    writer = _Writer(action)
+    writer.start()
+    return writer
+
+
+def _join(writer: _Writer) -> None:
+    writer.join()
+    if writer.failure is not None:
+        raise writer.failure
 
 
 def _fresh_url(base_url: str) -> str:

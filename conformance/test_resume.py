@@ -86,7 +86,7 @@ def _produce_then_close(url: str, tokens: list[bytes], pause: float) -> threadin
         with httpx.Client() as producer:
             for token in tokens:
                 assert append(producer, url, token).status_code in (200, 204)
-                time.sleep(pause)
+                time.sleep(pause)  # a sleep: the producer's pace is what the test varies
             producer.post(url, headers=CLOSE)
 
     thread = threading.Thread(target=run)

@@ -20,13 +20,18 @@ def private(cache_control: str) -> str:
     return "private, " + cache_control
 
 
-def etag(stream_id: int, start: int, end: int, closed: bool) -> str:
-    """``"{stream}:{start}:{end}"``, with ``:c`` once the range is the end of a closed stream.
+def etag(stream_id: int, start: int, end: int, closed: bool, coding: str | None = None) -> str:
+    """``"{stream}:{start}:{end}"``, with ``:c`` once the range is the end of a closed stream,
+    and ``:{coding}`` when the body is compressed.
 
     The stream id changes when a path is deleted and re-created, and the closure mark makes
-    the tag change on close, so a 304 never hides EOF.
+    the tag change on close, so a 304 never hides EOF. Each coding is a different
+    representation (RFC 9110 8.8.3), so it has its own tag: a client's cached gzip body is
+    confirmed by a 304 only when it would be sent gzip again.
     """
     suffix = ":c" if closed else ""
+    if coding is not None:
+        suffix += f":{coding}"
     return f'"{stream_id}:{start}:{end}{suffix}"'
 
 

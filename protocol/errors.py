@@ -87,6 +87,18 @@ class PayloadTooLarge(ProtocolError):
         self.limit = limit
 
 
+class UnsupportedEncoding(ProtocolError):
+    """A request body in a content coding the server does not decode (415, RFC 9110
+    15.5.16), with the codings it does take."""
+
+    def __init__(self, accepted: tuple[str, ...]) -> None:
+        super().__init__(
+            "unsupported_content_encoding",
+            f"Content-Encoding must be one of {', '.join(accepted)}",
+        )
+        self.accepted = accepted
+
+
 class MethodNotAllowed(ProtocolError):
     """Unsupported method on a stream URL (405 with Allow)."""
 

@@ -223,6 +223,7 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
             open_files=open_files.soft,
             open_files_hard=open_files.hard,
             open_files_before=open_files.before,
+            max_connections=runner.connection_cap,
         )
         await stop.wait()
         deadline = _stop_deadline(stop_seconds(config))

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 MAX_COMMIT_PIPELINE = 16
 
 
@@ -178,6 +185,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_bytes", _positive_int, 16 * 1024 * 1024, "largest accepted request body"),
     Setting("max_chunk_bytes", _positive_int, 1024 * 1024, "most bytes one GET returns"),
     Setting(
+        "compress_min_bytes",
+        _non_negative_int,
+        1024,
+        "smallest read answer of a textual stream sent compressed (zstd or gzip, as the "
+        "client's Accept-Encoding allows); 0: never compress",
+    ),
+    Setting(
         "max_fork_scan_bytes",
         _positive_int,
         16 * 1024 * 1024,
@@ -242,6 +256,34 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         "seconds a response body (or one SSE event) may take to reach a client that stops "
         "reading before the connection is dropped",
+    ),
+    Setting(
+        "first_request_timeout",
+        _positive_float,
+        10.0,
+        "seconds a new connection may take to send its first request's headers before it is "
+        "closed",
+    ),
+    Setting(
+        "header_timeout",
+        _positive_float,
+        10.0,
+        "seconds a client may take to send a request's headers from their first byte before "
+        "it gets 408 and the connection is closed",
+    ),
+    Setting(
+        "idle_timeout",
+        _positive_float,
+        75.0,
+        "seconds an idle keep-alive connection is kept open between requests (longer than a "
+        "proxy's own upstream idle timeout, 60 s in nginx and AWS ALB)",
+    ),
+    Setting(
+        "max_connections",
+        _non_negative_int,
+        0,
+        "open client connections before a new one's request gets 503 with Retry-After and the "
+        "connection is closed; 0: the open-file limit less 256",
     ),
     Setting(
         "reap_interval",
@@ -366,6 +408,7 @@ class Config:
     sse_reconnect_interval: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_chunk_bytes: int = 1024 * 1024
+    compress_min_bytes: int = 1024
     max_fork_scan_bytes: int = 16 * 1024 * 1024
     max_path_length: int = 1024
     max_batch_ops: int = 1024
@@ -377,6 +420,10 @@ class Config:
     max_live_readers: int = 100000
     hub_memory_bytes: int = 64 * 1024 * 1024
     write_timeout: float = 30.0
+    first_request_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_connections: int = 0
     reap_interval: float = 0.5
     cors_origins: str = "*"
     log_level: str = "info"

@@ -41,3 +41,18 @@ def _nr_open() -> int:
             return int(f.read())
     except (OSError, ValueError):
         return 1024 * 1024
+
+
+FD_RESERVE = 256
+"""Open files kept back from the connection cap when it follows the open-file limit: the
+store, the log, webhook calls and listening sockets need some."""
+
+
+def connection_cap() -> int:
+    """``--max-connections 0``: the open-file limit (as raised) less ``FD_RESERVE``. Past
+    the limit accept() fails with EMFILE, and every client, the health check included, waits
+    in the kernel's backlog instead of being answered 503."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _nr_open() - FD_RESERVE
+    return max(1, soft - FD_RESERVE)

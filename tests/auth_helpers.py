@@ -47,7 +47,7 @@ def jwks(*kids: str) -> dict[str, Any]:
 
 
 def token(
-    grants: list[dict[str, Any]] | None = None,
+    grants: list[dict[str, Any]] | str | None = None,
     *,
     kid: str | None = "ed-1",
     signer: str | None = None,
@@ -55,7 +55,8 @@ def token(
     **claims: Any,
 ) -> str:
     """A JWT for ``grants`` (default: everything under ``chat/``), signed by ``signer``'s key
-    (default: the key ``kid`` names) with ``kid`` in its header (None: no kid)."""
+    (default: the key ``kid`` names) with ``kid`` in its header (None: no kid). A string for
+    ``grants`` signs a malformed token."""
     name = signer or kid or "ed-1"
     body: dict[str, Any] = {
         "sub": "tester",

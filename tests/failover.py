@@ -13,7 +13,10 @@ import signal
 import socket
 import subprocess
 
+import asyncpg
+
 from tests.pg import ThrowawayCluster
+from tests.waits import eventually
 
 
 def _free_port() -> int:
@@ -73,6 +76,27 @@ class ReplicatedPair:
 
     def url(self, name: str) -> str:
         return f"postgresql://relay@127.0.0.1:{self.ports[name]}/postgres"
+
+    async def caught_up(self, name: str = "standby", timeout: float = 60) -> None:
+        """Until standby ``name`` has replayed everything the primary has written so far."""
+        primary = await asyncpg.connect(self.url("primary"))
+        try:
+            written: str = await primary.fetchval("SELECT pg_current_wal_lsn()::text")
+        finally:
+            await primary.close()
+        standby = await asyncpg.connect(self.url(name))
+
+        async def replayed() -> bool:
+            done: bool = await standby.fetchval(
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", written
+            )
+            return done
+
+        try:
+            what = f"{name} replaying the primary's WAL to {written}"
+            await eventually(replayed, timeout=timeout, interval=0.02, what=what)
+        finally:
+            await standby.close()
 
     def stop_standby(self) -> None:
         """Take the standby away (fast shutdown, data kept): from now on it falls behind."""

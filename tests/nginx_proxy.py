@@ -13,17 +13,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from tests.relay_process import RelayProcess, free_port
+from tests.relay_process import RelayProcess, free_port, listening
+from tests.waits import wait_for_process, wait_for_sync
 
 DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "relay.conf"
 
@@ -127,16 +127,8 @@ class Nginx:
         if checked.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{checked.stderr}")
         self.proc = subprocess.Popen([*command, "-g", "daemon off;"])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {self.errors()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start listening")
+        ready = partial(listening, self.port)
+        wait_for_process(self.proc, ready, timeout=timeout, what="nginx", detail=self.errors)
 
     def stop(self) -> None:
         """SIGTERM is nginx's fast shutdown; open long-polls are cut, which is fine here."""
@@ -178,12 +170,18 @@ class Nginx:
         nginx logs a request after its response is sent, so a client may see the response a
         moment before the line exists.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [hit for hit in self.hits() if hit.target == target]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+
+        def found() -> list[Hit]:
+            return [hit for hit in self.hits() if hit.target == target]
+
+        def enough() -> list[Hit] | None:
+            hits = found()
+            return hits if len(hits) >= count else None
+
+        try:
+            return wait_for_sync(enough, timeout=timeout, what=f"{count} log lines for {target}")
+        except AssertionError:
+            return found()  # fewer: the caller's assertion shows which
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import asyncpg
 import pytest
 
 from relay.store.postgres import migrate
+from tests.waits import eventually
 
 DEFAULT_URL = "postgresql://root@127.0.0.1:5432/test"
 
@@ -53,6 +54,27 @@ async def _execute(url: str, *statements: str) -> None:
     try:
         for statement in statements:
             await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def blocked_on_locks(url: str, count: int = 1, statement: str = "") -> None:
+    """Until ``count`` backends in ``url``'s database wait on a lock, running a statement that
+    starts with ``statement``. Polls pg_stat_activity outside any transaction, since inside one
+    its snapshot never changes."""
+    conn = await asyncpg.connect(url)
+
+    async def blocked() -> bool:
+        waiting: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND starts_with(query, $1)",
+            statement,
+        )
+        return waiting >= count
+
+    try:
+        what = f"{count} backends blocked running {statement or 'anything'}"
+        await eventually(blocked, interval=0.01, what=what)
     finally:
         await conn.close()
 

@@ -11,17 +11,17 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.relay_process import free_port
+from tests.relay_process import free_port, listening
+from tests.waits import wait_for_process
 
 POOL_SIZE = 3  # server connections per database: fewer than a relay's clients, so they share
 
@@ -98,16 +98,8 @@ class PgBouncer:
             command[1:1] = ["-u", "nobody"]
         with (self.root / "pgbouncer.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pgbouncer exited: {self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"pgbouncer did not listen: {self.log()}")
+        ready = partial(listening, self.port)
+        wait_for_process(self.proc, ready, timeout=timeout, what="pgbouncer", detail=self.log)
 
     def log(self) -> str:
         path = self.root / "pgbouncer.log"

@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.waits import eventually, wait_for_process
 
 
 def free_port() -> int:
@@ -48,16 +49,14 @@ class RelayProcess:
         else:
             with self.log.open("ab") as sink:
                 self.proc = subprocess.Popen(command, env=dict(os.environ), stderr=sink)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("relay did not become healthy")
+        wait_for_process(self.proc, self.healthy, timeout=timeout, what="relay serve")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                return True
+        except OSError:
+            return False
 
     def children(self) -> list[int]:
         """Pids of the relay's child processes (``--workers`` > 1), from ``/proc``."""
@@ -105,6 +104,19 @@ def live_readers(exposition: str) -> float:
         for line in exposition.splitlines()
         if line.startswith("relay_live_readers{")
     )
+
+
+async def parked_at(url: str, count: int) -> None:
+    """Until the relay at ``url`` has exactly ``count`` live readers parked, by its own gauge
+    (a write meant to wake them must not land before they wait for it). A ``/metrics`` that
+    answers 503 while workers start counts none."""
+    async with aiohttp.ClientSession() as session:
+
+        async def parked() -> bool:
+            async with session.get(f"{url}/metrics") as r:
+                return live_readers(await r.text()) == count
+
+        await eventually(parked, interval=0.02, what=f"{count} live readers parked at {url}")
 
 
 async def read_all(session: aiohttp.ClientSession, url: str) -> bytes:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 from relay.http.front import RelayRunner
+
+AppClient: TypeAlias = TestClient[web.Request, web.Application]
+"""What pytest-aiohttp's ``aiohttp_client`` returns for an app: its ``.app`` is the app itself,
+so ``client.app[CONTEXT]`` is typed."""
 
 
 class RelayTestServer(TestServer):

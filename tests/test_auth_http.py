@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
 
 from relay.app import make_app
 from relay.config import Config
@@ -28,11 +27,12 @@ from tests.auth_helpers import (
     token,
     write_json,
 )
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[AppClient]]
 TEXT = {"Content-Type": "text/plain"}
 ADMIN_KEY = "sk-admin-for-setup"
 
@@ -73,7 +73,7 @@ def auth_setup(backend: Backend, root: Path, **settings: Any) -> Setup:
 
 async def auth_client(
     aiohttp_client: ClientFactory, backend: Backend, root: Path, **settings: Any
-) -> tuple[TestClient, Setup]:
+) -> tuple[AppClient, Setup]:
     setup = auth_setup(backend, root, **settings)
     return await aiohttp_client(make_app(setup.config)), setup
 
@@ -82,45 +82,45 @@ def url(name: str) -> str:
     return f"/v1/stream/{name}"
 
 
-async def seed(client: TestClient, name: str) -> None:
+async def seed(client: AppClient, name: str) -> None:
     """A stream holding some bytes, made with the setup key."""
     r = await client.put(url(name), data=b"seed", headers={**TEXT, **bearer(ADMIN_KEY)})
     assert r.status == 201
 
 
-Send = Callable[[TestClient, str, dict[str, str]], Awaitable[ClientResponse]]
+Send = Callable[[AppClient, str, dict[str, str]], Awaitable[ClientResponse]]
 
 
 def _get(params: dict[str, str]) -> Send:
-    async def send(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+    async def send(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
         return await client.get(url(name), params=params, headers=headers)
 
     return send
 
 
-async def _head(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _head(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     return await client.head(url(name), headers=headers)
 
 
-async def _append(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _append(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     return await client.post(url(name), data=b"x", headers={**TEXT, **headers})
 
 
-async def _close(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _close(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     return await client.post(url(name), headers={"Stream-Closed": "true", **headers})
 
 
-async def _create(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _create(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     return await client.put(url(name + "-new"), headers={**TEXT, **headers})
 
 
-async def _fork(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _fork(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     """A fork of ``name`` (the source) at a new path."""
     fork_headers = {"Stream-Forked-From": url(name), **TEXT, **headers}
     return await client.put(url(name + "-fork"), headers=fork_headers)
 
 
-async def _delete(client: TestClient, name: str, headers: dict[str, str]) -> ClientResponse:
+async def _delete(client: AppClient, name: str, headers: dict[str, str]) -> ClientResponse:
     return await client.delete(url(name), headers=headers)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 import pytest
 import structlog
-from aiohttp.test_utils import TestClient
 
 from relay import cli
 from relay.app import make_app
@@ -19,24 +19,24 @@ from relay.logging import configure
 from relay.store.postgres import revoke
 from tests.auth_helpers import ALL, AUDIENCE, api_key_entry, bearer, jwks, token, write_json
 from tests.relay_process import RelayProcess
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 from tests.test_auth_http import ADMIN_KEY, TEXT, ClientFactory, auth_setup, seed, url
+from tests.waits import eventually, wait_for
 
 __all__ = ["backend"]
 
 
-def fast_rechecks(client: TestClient) -> Authorizer:
-    auth = client.app[CONTEXT].auth  # type: ignore[index]
+def fast_rechecks(client: AppClient) -> Authorizer:
+    auth = client.app[CONTEXT].auth
     assert auth is not None
     auth.recheck_seconds = 0.1
     auth.poll_seconds = 0.05
     return auth
 
 
-async def parked(client: TestClient, count: int = 1) -> None:
-    async with asyncio.timeout(10):
-        while client.app[CONTEXT].hub.parked_readers < count:  # type: ignore[index]
-            await asyncio.sleep(0.01)
+async def parked(client: AppClient, count: int = 1) -> None:
+    await wait_for(lambda: client.app[CONTEXT].hub.parked_readers >= count, what="parked")
 
 
 async def test_a_parked_long_poll_is_cut_off_when_its_token_is_revoked(
@@ -90,11 +90,14 @@ async def test_an_sse_reader_is_cut_off_when_its_key_is_revoked(
     keys["keys"].append(api_key_entry("sk-reader", "reader-key", reader_grants))
     write_json(setup.api_keys, keys)
     await seed(client, "chat/sse")
-    async with asyncio.timeout(10):
-        while (
-            await client.get(url("chat/sse"), params={"offset": "-1"}, headers=bearer("sk-reader"))
-        ).status != 200:
-            await asyncio.sleep(0.05)  # the key file is picked up by the poll
+
+    async def key_taken() -> bool:
+        read = await client.get(
+            url("chat/sse"), params={"offset": "-1"}, headers=bearer("sk-reader")
+        )
+        return read.status == 200
+
+    await eventually(key_taken, what="the key file picked up by the poll")
     response = await client.get(
         url("chat/sse"), params={"offset": "-1", "live": "sse"}, headers=bearer("sk-reader")
     )
@@ -129,13 +132,13 @@ async def test_the_revocation_table_reaches_every_relay_on_the_database(
             r = await client.get(url("chat/shared"), params={"offset": "-1"}, headers=held)
             assert r.status == 200
         await revoke(pg_url, "jti", "shared-jti")
+
+        async def refused(client: AppClient) -> bool:
+            r = await client.get(url("chat/shared"), params={"offset": "-1"}, headers=held)
+            return r.status == 401
+
         for client in (first, second):
-            async with asyncio.timeout(10):
-                while True:
-                    r = await client.get(url("chat/shared"), params={"offset": "-1"}, headers=held)
-                    if r.status == 401:
-                        break
-                    await asyncio.sleep(0.05)
+            await eventually(partial(refused, client), what="the revocation read by each relay")
     finally:
         Authorizer.db_poll_seconds = saved
 
@@ -182,11 +185,12 @@ async def test_credentials_never_reach_the_logs_or_metrics(
         keys = json.loads(setup.api_keys.read_text())
         keys["keys"].append(api_key_entry(secret_key, "k", [{"path": "x/**", "actions": ALL}]))
         write_json(setup.api_keys, keys)
-        async with asyncio.timeout(10):  # until the reload (which is logged) took it
-            while (
-                await client.put(url("x/y"), headers={**TEXT, **bearer(secret_key)})
-            ).status != 201:
-                await asyncio.sleep(0.05)
+
+        async def reloaded() -> bool:
+            created = await client.put(url("x/y"), headers={**TEXT, **bearer(secret_key)})
+            return created.status == 201
+
+        await eventually(reloaded, what="the reload (which is logged) taking the key")
         for credential in (good, bad, secret_key, "garbage-" + "z" * 40):
             for method in ("GET", "PUT", "POST"):
                 await client.request(method, url("chat/log"), headers=bearer(credential))

@@ -4,6 +4,7 @@ happens to waiting requests if the loop itself dies. ``apply`` here is a scripte
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from relay.store.batching import (
     Touches,
     WriteOp,
 )
+from tests.waits import wait_for
 
 
 class Poison(Exception):
@@ -100,7 +102,7 @@ async def test_a_touch_waits_for_the_next_batch_instead_of_committing_alone(
     committer = Committer(script, max_ops=100, max_bytes=1 << 20)
     committer.start()
     committer.touch("read", 1, 1.0)
-    await asyncio.sleep(0.05)  # the loop runs meanwhile: it must not commit the touch alone
+    await asyncio.sleep(0.05)  # a sleep: the loop runs meanwhile and must not commit the touch
     assert script.calls == []
     assert await committer.submit(op("w")) == "done w"
     assert script.calls == [(["w"], ["read"])]  # the touch rode along with the write
@@ -115,9 +117,7 @@ async def test_touches_alone_commit_once_their_deadline_passes(
     committer = Committer(script, max_ops=100, max_bytes=1 << 20)
     committer.start()
     committer.touch("read", 1, 1.0)
-    async with asyncio.timeout(5):
-        while not script.calls:
-            await asyncio.sleep(0.005)
+    await wait_for(lambda: script.calls, interval=0.005, what="the touches committed")
     assert script.calls == [([], ["read"])]
     await committer.stop()
 
@@ -160,10 +160,10 @@ async def test_a_commit_interval_gathers_a_trickle_but_a_lone_write_goes_at_once
         first_wait = loop.time() - started
 
         async def producer(name: str, start: float) -> None:
-            await asyncio.sleep(start)
+            await asyncio.sleep(start)  # a sleep: producers start out of step
             for i in range(5):
                 await committer.submit(op(f"{name}-{i}"))
-                await asyncio.sleep(0.01)  # the next token comes a little later
+                await asyncio.sleep(0.01)  # a sleep: the next token comes a little later
 
         await asyncio.gather(*(producer(f"p{k}", k * 0.002) for k in range(8)))
         await committer.stop()
@@ -200,7 +200,7 @@ class Flights:
             self.alone.append(not self.running)
         self.running.append(ops)
         self.most = max(self.most, len(self.running))
-        await asyncio.sleep(self.delays[len(self.overlaps) % len(self.delays)])
+        await asyncio.sleep(self.delays[len(self.overlaps) % len(self.delays)])  # its duration
         self.running.remove(ops)
         self.committed.extend(ops)
         return [f"done {id(o)}" for o in ops]
@@ -210,7 +210,7 @@ def _paths(ops: list[WriteOp]) -> set[str]:
     return {o.path for o in ops if isinstance(o, AppendOp | DeleteOp)}
 
 
-def _check_pipeline(flights: Flights, submitted: list[WriteOp], depth: int) -> None:
+def _check_pipeline(flights: Flights, submitted: Sequence[WriteOp], depth: int) -> None:
     assert flights.most <= depth
     for ops, beside in flights.overlaps:
         for other in beside:
@@ -242,9 +242,9 @@ async def test_an_operation_other_than_an_append_commits_with_nothing_beside_it(
     committer.start()
     early = [append(f"a{i}", i) for i in range(3)]
     first = [asyncio.create_task(committer.submit(o)) for o in early]
-    await asyncio.sleep(0)  # the first batch is in flight
+    await wait_for(lambda: flights.overlaps, interval=0)  # the first batch is in flight
     later = [append(f"b{i}", i) for i in range(3)]
-    ops = [*later[:1], DeleteOp("a1", 0.0), *later[1:]]
+    ops: list[WriteOp] = [*later[:1], DeleteOp("a1", 0.0), *later[1:]]
     rest = [asyncio.create_task(committer.submit(o)) for o in ops]
     await asyncio.gather(*first, *rest)
     await committer.stop()
@@ -287,7 +287,7 @@ def test_pipelining_keeps_each_streams_order_and_never_shares_a_stream_in_flight
         waiting = []
         for index, (kind, path, pause) in enumerate(plan):
             for _ in range(pause):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a yield: the interleaving hypothesis chose
             if kind == "touch":
                 committer.touch(path, 1, float(index))
                 continue

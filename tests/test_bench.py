@@ -156,3 +156,32 @@ def test_growth_scenarios_at_toy_sizes() -> None:
     created = results[0]
     assert "RSS " in created.note and "B/stream" in created.note and "idle CPU" in created.note
     assert results[6].note.endswith("rows kept")
+
+
+def test_the_compression_scenario_reads_every_coding_back_whole() -> None:
+    """Each coding decodes to the plain read's messages, and the compressed ones take fewer
+    bytes on the wire (a JSON chat compresses several times over)."""
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--targets",
+            "relay",
+            "--no-pin",
+            "--scenarios",
+            "compression",
+            "--catchup-mib",
+            "1",
+        ]
+    )
+    results = run_results(args)
+    assert [r.variant for r in results] == [
+        f"{size}, {coding}"
+        for size in ("600 msgs", "1 MiB")
+        for coding in ("identity", "gzip", "zstd")
+    ]
+    assert all(r.lost == 0 for r in results)
+    for plain, *packed in (results[:3], results[3:]):
+        sent = int(plain.note.split(" B")[0].replace(",", ""))
+        for row in packed:
+            assert int(row.note.split(" B")[0].replace(",", "")) * 4 < sent
+    assert "\ncompression: ratios compare" in report(results, args)

@@ -1,7 +1,8 @@
 """Relay behind real nginx running the shipped deploy/nginx/relay.conf (a one-node CDN).
 
 What reaches Relay is counted from nginx's own access log (one line per request, with the
-upstream address, "-" when the cache answered), so nothing here depends on Relay's metrics.
+upstream address, "-" when the cache answered), so no count here depends on Relay's metrics
+(only the waits for parked readers read its gauge).
 Shown: identical concurrent catch-up reads and long-polls reach Relay once and every waiter
 gets the answer; nothing is served past the lifetime Relay's Cache-Control gives it; HEAD,
 offset=now and SSE are never answered from the cache; and a cached body is never given to a
@@ -11,15 +12,17 @@ request with another Authorization value, or with none.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from backports import zstd
 
 from tests.nginx_proxy import Edge, N, Nginx, call, crowd, target
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, parked_at
 
 LONG_POLL_TIMEOUT = 6  # past nginx's default lock age (5 s): the deploy file's own bounds must hold
 CHUNK = 1024
@@ -100,7 +103,8 @@ async def test_identical_long_polls_at_the_tail_reach_relay_once(edge: Edge) -> 
         poll = f"{url}?cursor={cursor}&live=long-poll&offset={tail}"
 
         waiting = asyncio.gather(*(call(session, "GET", poll) for _ in range(N)))
-        await asyncio.sleep(0.5)  # let them park; one that comes late is answered the same
+        await parked_at(edge.relay.url, 1)  # the one nginx lets through; the others
+        # queue on its cache lock, and one that comes late is answered the same
         appended = await call(session, "POST", url, TEXT, b"second")
         assert appended.status == 204
         replies = await asyncio.wait_for(waiting, LONG_POLL_TIMEOUT * 4)
@@ -126,7 +130,7 @@ async def test_long_polls_that_time_out_collapse_and_the_next_round_is_a_new_key
 
         next_round = f"{url}?cursor={cursors.pop()}&live=long-poll&offset={tail}"
         waiting = asyncio.create_task(call(session, "GET", next_round))
-        await asyncio.sleep(0.5)
+        await parked_at(edge.relay.url, 1)
         await call(session, "POST", url, TEXT, b"y")
         reply = await asyncio.wait_for(waiting, LONG_POLL_TIMEOUT * 4)
         assert (reply.status, reply.body) == (200, b"y")
@@ -156,7 +160,7 @@ async def test_a_read_at_the_open_tail_is_never_stale_past_its_second(edge: Edge
                 break
             # nginx counts whole seconds, so "s-maxage=1" may last up to two.
             assert time.monotonic() - written_at < 3, "a stale tail outlived its lifetime"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a sleep: the poll's pace; the lifetime is what is tested
 
 
 async def test_head_is_never_cached_nor_turned_into_a_get(edge: Edge) -> None:
@@ -198,14 +202,14 @@ async def test_offset_now_always_reaches_relay(edge: Edge) -> None:
         # they would queue, each let upstream only after the one before it was answered.
         live_now = f"{url}?live=long-poll&offset=now"
         waiting = asyncio.gather(*(call(session, "GET", live_now) for _ in range(N)))
-        await asyncio.sleep(1.5)
+        await parked_at(edge.relay.url, N)  # every one: none queued behind a lock
         await call(session, "POST", url, TEXT, b"one")
         replies = await asyncio.wait_for(waiting, LONG_POLL_TIMEOUT * 4)
         assert {(r.status, r.body, r.headers["X-Cache-Status"]) for r in replies} == {
             (200, b"one", "BYPASS")
         }
         later = asyncio.create_task(call(session, "GET", live_now))
-        await asyncio.sleep(0.5)
+        await parked_at(edge.relay.url, 1)
         await call(session, "POST", url, TEXT, b"two")
         assert (await asyncio.wait_for(later, LONG_POLL_TIMEOUT * 4)).body == b"two"
         assert edge.upstream_count(target(live_now), N + 1) == N + 1
@@ -260,7 +264,8 @@ async def test_errors_are_not_cached_and_expiry_ends_cached_data(edge: Edge) -> 
         assert "stale-while-revalidate" not in first.headers["Cache-Control"]
         again = await call(session, "GET", read)
         assert (again.status, again.headers["X-Cache-Status"]) == (200, "HIT")
-        # Past the deadline, plus the second nginx may round up.
+        # Past the deadline, plus the second nginx may round up: a sleep, since the deadline is
+        # on the real clock that nginx and Relay read.
         await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.5)
         gone = await call(session, "GET", read)
         assert gone.status == 404, (gone.status, gone.headers.get("X-Cache-Status"))
@@ -298,7 +303,8 @@ async def test_revalidation_uses_relays_etag(edge: Edge) -> None:
 
         at_tail = f"{url}?offset={tail}"  # stored for one second
         await call(session, "GET", at_tail)
-        await asyncio.sleep(2.5)  # past that second, rounded up to nginx's whole seconds
+        # A sleep: the entry's second passes on nginx's real clock, rounded up to whole seconds.
+        await asyncio.sleep(2.5)
         again = await call(session, "GET", at_tail)
         assert (again.status, again.body) == (200, b"")
         assert again.headers["X-Cache-Status"] == "REVALIDATED"
@@ -319,5 +325,37 @@ async def test_a_deleted_stream_is_404_once_its_entries_expire(edge: Edge) -> No
         while (reply := await call(session, "GET", at_tail)).status != 404:
             assert reply.headers["X-Cache-Status"] == "HIT"
             assert time.monotonic() - deleted_at < 3, "a deleted stream's tail outlived its second"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a sleep: the poll's pace; the lifetime is what is tested
         assert reply.headers["Cache-Control"] == "no-store"
+
+
+async def test_compressed_catch_ups_are_cached_per_coding(edge: Edge) -> None:
+    """Relay compresses a catch-up as each client's Accept-Encoding allows and says Vary:
+    nginx keeps an entry per coding, each answered from the cache the second time, and never
+    hands one coding's body to a client that asked for another or for none."""
+    url = edge.stream("coded")
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": gzip.decompress,
+        "zstd": zstd.decompress,
+        "identity": bytes,
+    }
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        await make_stream(session, url, b"tok " * CHUNK)
+        read = f"{url}?offset=-1"
+        for status in ("MISS", "HIT"):
+            for coding, decode in decoders.items():
+                reply = await call(session, "GET", read, {"Accept-Encoding": coding})
+                assert reply.headers.get("Content-Encoding", "identity") == coding
+                assert reply.headers["Vary"] == "Accept-Encoding"
+                assert reply.headers["X-Cache-Status"] == status
+                assert decode(reply.body) == b"tok " * (CHUNK // 4)
+        assert edge.upstream_count(target(read), 6) == 3
+        mixed = await asyncio.gather(
+            *(
+                call(session, "GET", read, {"Accept-Encoding": coding})
+                for coding in list(decoders) * 5
+            )
+        )
+        for reply, coding in zip(mixed, list(decoders) * 5, strict=True):
+            assert decoders[coding](reply.body) == b"tok " * (CHUNK // 4)
+        assert edge.upstream_count(target(read), 21) == 3

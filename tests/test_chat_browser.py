@@ -27,6 +27,7 @@ import pytest
 from examples.chat.backend.keys import ensure_keys
 from examples.chat.backend.model import DeterministicModel
 from tests.relay_process import RelayProcess, free_port
+from tests.waits import wait_for_process
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "examples" / "chat" / "web"
@@ -70,15 +71,16 @@ class Backend:
                 stdout=sink,
                 stderr=sink,
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("backend did not start")
+        wait_for_process(
+            self.proc, self.answering, timeout=20, what="backend", detail=log.read_text
+        )
+
+    def answering(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/", timeout=1):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -150,7 +152,7 @@ def _first_append_ms(relay: RelayProcess, stream: str, key: str) -> float:
             first = tail
         elif tail != first:
             return (time.monotonic() - start) * 1000
-        time.sleep(0.005)
+        time.sleep(0.005)  # a sleep: the polling pace of what this measures
     raise AssertionError("the producer did not append after the relay restarted")
 
 

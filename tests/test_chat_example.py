@@ -25,6 +25,7 @@ from examples.chat.backend.config import SettingsError, read_settings
 from examples.chat.backend.metadata import Chat, Message, MetadataStore, open_store
 from examples.chat.backend.model import DeterministicModel
 from tests.relay_process import RelayProcess, free_port
+from tests.waits import wait_for_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = str(ROOT / "examples/chat/run")
@@ -129,13 +130,16 @@ def test_run_serves_a_chat_with_read_only_browser_tokens(
     assert reply["stream"] == f"chat/{chat}/reply/{reply['id']}"
 
     expected = DeterministicModel(reply_tokens=REPLY_TOKENS).tokens("hi")
-    deadline = time.monotonic() + 20
-    while True:
+
+    def done() -> list[Any] | None:
         changes = _read_all(session["state_url"], token)
-        last = changes[-1]
-        if last["value"].get("status") == "done" or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return changes if changes[-1]["value"].get("status") == "done" else None
+
+    try:
+        changes = wait_for_sync(done, timeout=20, interval=0.1, what="the reply done")
+    except AssertionError:
+        changes = _read_all(session["state_url"], token)  # the assertions below show how far
+    last = changes[-1]
     assert [(c["type"], c["headers"]["operation"]) for c in changes] == [
         ("chat", "insert"),
         ("message", "insert"),  # the user's

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from tests.relay_process import RelayProcess, read_all
+from tests.waits import wait_for
 
 PRODUCERS = 8
 RECORD = 32
@@ -74,8 +75,7 @@ async def test_kill_9_loses_no_acknowledged_append(
                     next_seq[p] = seq + 1
 
             tasks = [asyncio.create_task(produce(p)) for p in range(PRODUCERS)]
-            while len(acked) < 300:
-                await asyncio.sleep(0.01)
+            await wait_for(lambda: len(acked) >= 300, timeout=60, what="300 appends acked")
             relay.kill()
             await asyncio.gather(*tasks)
 
@@ -144,7 +144,7 @@ async def test_after_kill_9_every_retry_is_acknowledged_with_its_own_offset(
                     assert r.status == 409, await r.text()  # an earlier seq not in yet
             except (TimeoutError, aiohttp.ClientError):
                 return False
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # a sleep: a producer's pause before it retries
         raise AssertionError(f"producer {p} seq {seq} never went in")
 
     async def produce(session: aiohttp.ClientSession, p: int) -> None:
@@ -159,8 +159,7 @@ async def test_after_kill_9_every_retry_is_acknowledged_with_its_own_offset(
             async with session.put(stream, headers={"Content-Type": "text/plain"}) as r:
                 assert r.status == 201
             tasks = [asyncio.create_task(produce(session, p)) for p in range(PRODUCERS)]
-            while len(answered) < 200:
-                await asyncio.sleep(0.01)
+            await wait_for(lambda: len(answered) >= 200, timeout=60, what="200 appends answered")
             relay.kill()
             await asyncio.gather(*tasks)
         relay.start()

@@ -7,7 +7,6 @@ remains); the last test checks the one claim there that a test can: NOTIFY carri
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import sqlite3
@@ -15,20 +14,21 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from protocol.offsets import format_offset
 from relay.app import make_app
 from relay.config import Config
 from relay.store.postgres.store import CHANNEL
+from tests.serving import AppClient
+from tests.waits import wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 R = "/v1/stream"
 
 
 @pytest.fixture
-async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> TestClient:
+async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> AppClient:
     return await aiohttp_client(make_app(Config(data_dir=str(tmp_path))))
 
 
@@ -47,18 +47,18 @@ def holders(data_dir: Path, marker: bytes) -> list[str]:
     return sorted(p.name for p in data_dir.iterdir() if p.is_file() and secret in p.read_bytes())
 
 
-async def tail(client: TestClient, path: str) -> str:
+async def tail(client: AppClient, path: str) -> str:
     async with client.head(path) as response:
         return response.headers["Stream-Next-Offset"]
 
 
-async def append(client: TestClient, path: str, data: bytes) -> None:
+async def append(client: AppClient, path: str, data: bytes) -> None:
     async with client.post(path, data=data, headers=TEXT) as response:
         assert response.status == 204
 
 
 async def create(
-    client: TestClient, path: str, fork_of: str = "", at: str = "", ttl: str = ""
+    client: AppClient, path: str, fork_of: str = "", at: str = "", ttl: str = ""
 ) -> None:
     """Create ``path``, as a fork of stream ``fork_of`` at offset ``at`` when given, living
     ``ttl`` seconds when given."""
@@ -68,13 +68,13 @@ async def create(
         assert response.status == 201
 
 
-async def delete(client: TestClient, path: str, **headers: str) -> None:
+async def delete(client: AppClient, path: str, **headers: str) -> None:
     async with client.delete(path, headers=headers) as response:
         assert response.status == 204
 
 
 async def stored_then_appended(
-    client: TestClient, tmp_path: Path, path: str, marker: bytes
+    client: AppClient, tmp_path: Path, path: str, marker: bytes
 ) -> str:
     """Create ``path`` with a good prefix, append the marker; the offset where it starts."""
     await create(client, path)
@@ -85,7 +85,7 @@ async def stored_then_appended(
     return start
 
 
-async def on_disk(client: TestClient, tmp_path: Path, marker: bytes) -> None:
+async def on_disk(client: AppClient, tmp_path: Path, marker: bytes) -> None:
     """The control: the marker is in relay.sqlite3 itself, not only in the WAL (as after any
     automatic checkpoint), and shares its pages with a row that stays."""
     with contextlib.closing(sqlite3.connect(tmp_path / "relay.sqlite3")) as conn:
@@ -99,7 +99,7 @@ async def on_disk(client: TestClient, tmp_path: Path, marker: bytes) -> None:
 
 
 async def test_revoked_bytes_leave_every_file(
-    client: TestClient, tmp_path: Path, marker: bytes
+    client: AppClient, tmp_path: Path, marker: bytes
 ) -> None:
     good = await stored_then_appended(client, tmp_path, f"{R}/answer-1", marker)
     await create(client, f"{R}/answer-2", fork_of="answer-1", at=good)
@@ -111,7 +111,7 @@ async def test_revoked_bytes_leave_every_file(
 
 
 async def test_bytes_cut_from_a_row_a_fork_shares_leave_every_file(
-    client: TestClient, tmp_path: Path, marker: bytes
+    client: AppClient, tmp_path: Path, marker: bytes
 ) -> None:
     """One append holds the good prefix and the marker; the fork's offset falls inside it, so
     the delete cuts that row rather than deleting it."""
@@ -126,7 +126,7 @@ async def test_bytes_cut_from_a_row_a_fork_shares_leave_every_file(
 
 
 async def test_revoking_forks_erases_their_bytes_too(
-    client: TestClient, tmp_path: Path, marker: bytes
+    client: AppClient, tmp_path: Path, marker: bytes
 ) -> None:
     start = await stored_then_appended(client, tmp_path, f"{R}/a", marker)
     late = await tail(client, f"{R}/a")
@@ -137,7 +137,7 @@ async def test_revoking_forks_erases_their_bytes_too(
 
 
 async def test_a_deleted_stream_leaves_every_file(
-    client: TestClient, tmp_path: Path, marker: bytes
+    client: AppClient, tmp_path: Path, marker: bytes
 ) -> None:
     await stored_then_appended(client, tmp_path, f"{R}/gone", marker)
     await delete(client, f"{R}/gone")
@@ -145,7 +145,7 @@ async def test_a_deleted_stream_leaves_every_file(
 
 
 async def test_bytes_before_a_retention_horizon_leave_every_file(
-    client: TestClient, tmp_path: Path, marker: bytes
+    client: AppClient, tmp_path: Path, marker: bytes
 ) -> None:
     await stored_then_appended(client, tmp_path, f"{R}/log", marker)
     keep = await tail(client, f"{R}/log")
@@ -166,10 +166,9 @@ async def test_an_expired_stream_leaves_every_file(
     await create(client, f"{R}/short", ttl="1")
     await append(client, f"{R}/short", marker)
     await on_disk(client, tmp_path, marker)
-    deadline = asyncio.get_running_loop().time() + 20
-    while holders(tmp_path, marker) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert holders(tmp_path, marker) == []
+    await wait_for(
+        lambda: not holders(tmp_path, marker), timeout=20, what="no file holds the marker"
+    )
 
 
 async def test_postgres_notify_payloads_carry_no_data(

@@ -22,6 +22,7 @@ import pytest
 
 from tests.failover import ReplicatedPair
 from tests.relay_process import RelayProcess, read_all
+from tests.waits import eventually, wait_for
 
 STREAMS = 10
 RECORD = 24
@@ -65,7 +66,7 @@ class Follower:
                 await (self._sse() if self.live == "sse" else self._long_poll())
             except (TimeoutError, aiohttp.ClientError, _Refused):
                 self.interruptions += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a sleep: a reconnecting client's pause, as in life
 
     async def _long_poll(self) -> None:
         params = {"offset": self.offset, "live": "long-poll"}
@@ -169,12 +170,11 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
                         assert status in (0, 503), status
                         failures += 1
                         first_failure = first_failure or time.monotonic()
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.05)  # a sleep: a retrying producer's pause
 
             after_switch = [-1] * STREAMS
             tasks = [asyncio.create_task(produce(n)) for n in range(STREAMS)]
-            while len(acked) < 200:
-                await asyncio.sleep(0.01)
+            await wait_for(lambda: len(acked) >= 200, timeout=60, what="200 appends acked")
             pair.kill_primary()
             await asyncio.to_thread(pair.promote)
             switched.set()
@@ -249,21 +249,24 @@ async def test_after_failing_over_to_a_standby_that_was_behind_writes_are_refuse
                     assert r.status == 201
                 async with http.post(stream, data=b"replicated;", headers=text) as r:
                     assert r.status == 204
-                await asyncio.sleep(0.5)  # the standby has it
+                await pair.caught_up()  # the standby has it
                 await asyncio.to_thread(pair.stop_standby)
                 async with http.post(stream, data=b"lost-in-failover;", headers=text) as r:
                     assert r.status == 204  # acknowledged by the primary alone
                 pair.kill_primary()
                 await asyncio.to_thread(pair.start_standby)
                 await asyncio.to_thread(pair.promote)
-                status = 0
-                for _ in range(100):  # until the relay reaches the new primary
+
+                async def answered() -> tuple[int, str] | None:
+                    """An answer from the new primary: not a 503, nor a cut connection."""
                     with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                         async with http.post(stream, data=b"after;", headers=text) as r:
-                            status, body = r.status, await r.text()
-                            if status != 503:
-                                break
-                    await asyncio.sleep(0.1)
+                            if r.status != 503:
+                                return r.status, await r.text()
+                    return None
+
+                what = "the relay reaching the new primary"
+                status, body = await eventually(answered, timeout=60, interval=0.1, what=what)
                 assert status == 409 and "stream_diverged" in body
                 async with http.get(f"{relay.url}/metrics") as r:
                     assert "relay_store_diverged_streams_total 1.0" in await r.text()

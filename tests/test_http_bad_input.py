@@ -12,22 +12,25 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
 from relay.app import make_app
 from relay.config import Config
+from relay.http.context import CONTEXT
 from relay.store.sqlite import SqliteStore
 from tests.raw_http import raw_request
 from tests.relay_process import RelayProcess
+from tests.waits import wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-async def port(tmp_path: Path, aiohttp_server: AiohttpServer) -> int:
+async def server(tmp_path: Path, aiohttp_server: AiohttpServer) -> TestServer:
     config = Config(
         data_dir=str(tmp_path), max_body_bytes=1000, max_path_length=64, long_poll_timeout=0.2
     )
@@ -35,6 +38,12 @@ async def port(tmp_path: Path, aiohttp_server: AiohttpServer) -> int:
     assert server.port is not None
     for path, headers in (("/v1/stream/text", TEXT), ("/v1/stream/json", JSON)):
         assert (await raw_request(server.port, "PUT", path, headers)).status == 201
+    return server
+
+
+@pytest.fixture
+def port(server: TestServer) -> int:
+    assert server.port is not None
     return server.port
 
 
@@ -144,7 +153,10 @@ async def test_bad_requests_get_the_spec_status_and_a_json_error(
     assert read.body == b""
 
 
-async def test_a_client_that_disconnects_mid_upload_appends_nothing(port: int) -> None:
+async def test_a_client_that_disconnects_mid_upload_appends_nothing(
+    server: TestServer, port: int
+) -> None:
+    limits = server.app[CONTEXT].limits
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
         "POST /v1/stream/text HTTP/1.1\r\nHost: test\r\nContent-Type: text/plain\r\n"
@@ -152,9 +164,9 @@ async def test_a_client_that_disconnects_mid_upload_appends_nothing(port: int) -
     )
     writer.write(head.encode() + b"partial" * 10)
     await writer.drain()
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: limits.writes == 1, what="the append admitted, awaiting its body")
     writer.transport.abort()
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: limits.writes == 0, what="the cut-off append finished")
     read = await raw_request(port, "GET", "/v1/stream/text?offset=-1")
     assert read.status == 200
     assert read.body == b""

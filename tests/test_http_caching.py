@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from protocol import caching
 from relay.app import make_app
 from relay.config import Config
-from tests.serving import RelayTestServer
+from relay.http.context import CONTEXT
+from tests.serving import AppClient, RelayTestServer
+from tests.waits import wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 OPEN = "/v1/stream/open"
@@ -25,7 +26,7 @@ TAIL = "public, max-age=0, s-maxage=1"
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def client(tmp_path: Path) -> AsyncIterator[AppClient]:
     config = Config(data_dir=str(tmp_path), long_poll_timeout=0.2, max_chunk_bytes=2)
     async with TestClient(RelayTestServer(make_app(config))) as client:
         await client.put(OPEN, headers=TEXT, data=b"abcd")
@@ -33,7 +34,7 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Ap
         yield client
 
 
-async def tail_of(client: TestClient[web.Request, web.Application], path: str) -> str:
+async def tail_of(client: AppClient, path: str) -> str:
     head = await client.head(path)
     return head.headers["Stream-Next-Offset"]
 
@@ -62,7 +63,7 @@ async def tail_of(client: TestClient[web.Request, web.Application], path: str) -
     ],
 )
 async def test_read_cache_control(
-    client: TestClient[web.Request, web.Application],
+    client: AppClient,
     path: str,
     query: str,
     status: int,
@@ -75,7 +76,7 @@ async def test_read_cache_control(
 
 
 async def test_head_and_missing_head_are_not_stored(
-    client: TestClient[web.Request, web.Application],
+    client: AppClient,
 ) -> None:
     assert (await client.head(OPEN)).headers["Cache-Control"] == "no-store"
     missing = await client.head("/v1/stream/missing")
@@ -83,11 +84,11 @@ async def test_head_and_missing_head_are_not_stored(
 
 
 async def test_a_long_poll_from_now_woken_by_data_is_not_stored(
-    client: TestClient[web.Request, web.Application],
+    client: AppClient,
 ) -> None:
     """Its data is what arrived after "now"; a later "now" reader must not be handed it."""
     waiting = asyncio.create_task(client.get(OPEN, params={"offset": "now", "live": "long-poll"}))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: client.app[CONTEXT].hub.parked_readers == 1, what="the reader parked")
     await client.post(OPEN, headers=TEXT, data=b"e")
     response = await waiting
     assert (response.status, await response.read()) == (200, b"e")
@@ -95,7 +96,7 @@ async def test_a_long_poll_from_now_woken_by_data_is_not_stored(
 
 
 async def test_sse_is_not_cached_nor_buffered_by_a_proxy(
-    client: TestClient[web.Request, web.Application],
+    client: AppClient,
 ) -> None:
     response = await client.get(CLOSED, params={"offset": "-1", "live": "sse"})
     assert response.headers["Cache-Control"] == "no-cache"

@@ -7,33 +7,32 @@ import json
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
 from relay.store.sqlite import SqliteStore
+from tests.serving import AppClient
 
 TEXT = {"Content-Type": "text/plain"}
 
 
-async def _client(aiohttp_client: AiohttpClient, tmp_path: Path, **settings: object) -> TestClient:
-    config = Config(data_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
-    return await aiohttp_client(make_app(config, SqliteStore(tmp_path)))
+async def _client(aiohttp_client: AiohttpClient, config: Config) -> AppClient:
+    return await aiohttp_client(make_app(config, SqliteStore(Path(config.data_dir))))
 
 
 @pytest.fixture
-async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> TestClient:
-    return await _client(aiohttp_client, tmp_path)
+async def client(tmp_path: Path, aiohttp_client: AiohttpClient) -> AppClient:
+    return await _client(aiohttp_client, Config(data_dir=str(tmp_path)))
 
 
-async def test_health(client: TestClient) -> None:
+async def test_health(client: AppClient) -> None:
     response = await client.get("/health")
     assert response.status == 200
     assert (await response.json())["status"] == "ok"
 
 
-async def test_metrics_count_requests_and_commits(client: TestClient) -> None:
+async def test_metrics_count_requests_and_commits(client: AppClient) -> None:
     await client.put("/v1/stream/m", headers=TEXT)
     for _ in range(3):
         await client.post("/v1/stream/m", data=b"x", headers=TEXT)
@@ -48,7 +47,7 @@ async def test_metrics_count_requests_and_commits(client: TestClient) -> None:
     assert any(name.startswith("relay_http_requests_total") for name in samples)
 
 
-async def test_any_origin_may_read_every_stream_header(client: TestClient) -> None:
+async def test_any_origin_may_read_every_stream_header(client: AppClient) -> None:
     created = await client.put("/v1/stream/c", headers={**TEXT, "Origin": "https://app.example"})
     assert created.headers["Access-Control-Allow-Origin"] == "*"
     exposed = {v.strip() for v in created.headers["Access-Control-Expose-Headers"].split(",")}
@@ -56,7 +55,7 @@ async def test_any_origin_may_read_every_stream_header(client: TestClient) -> No
     assert created.headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_preflight_allows_protocol_methods_and_headers(client: TestClient) -> None:
+async def test_preflight_allows_protocol_methods_and_headers(client: AppClient) -> None:
     response = await client.options(
         "/v1/stream/c",
         headers={
@@ -74,7 +73,8 @@ async def test_preflight_allows_protocol_methods_and_headers(client: TestClient)
 async def test_a_configured_origin_list_is_enforced(
     tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
-    client = await _client(aiohttp_client, tmp_path, cors_origins="https://ok.example")
+    config = Config(data_dir=str(tmp_path), cors_origins="https://ok.example")
+    client = await _client(aiohttp_client, config)
     ok = await client.get("/health", headers={"Origin": "https://ok.example"})
     assert ok.headers["Access-Control-Allow-Origin"] == "https://ok.example"
     assert ok.headers["Vary"] == "Origin"
@@ -87,7 +87,8 @@ async def test_sse_connections_end_after_the_reconnect_interval(
 ) -> None:
     """So CDNs can collapse SSE requests: the server ends each connection on a schedule, after
     a control event the client resumes from."""
-    client = await _client(aiohttp_client, tmp_path, sse_reconnect_interval=0.3)
+    config = Config(data_dir=str(tmp_path), sse_reconnect_interval=0.3)
+    client = await _client(aiohttp_client, config)
     await client.put("/v1/stream/s", headers=TEXT, data=b"hi")
     response = await client.get("/v1/stream/s", params={"offset": "-1", "live": "sse"})
     body = await asyncio.wait_for(response.read(), 5)  # EOF: the server ended it

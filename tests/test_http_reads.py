@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from protocol.model import StreamMeta
@@ -22,7 +21,9 @@ from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Context
 from tests.relay_process import RelayProcess
+from tests.serving import AppClient
 from tests.stores import Backend, backend
+from tests.waits import wait_for
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
@@ -32,31 +33,24 @@ STREAM = "/v1/stream/j"
 MESSAGES = [{"n": n, "pad": "m" * (n % 7) * 5} for n in range(100)]
 
 
-Serve = Callable[..., Awaitable[TestClient]]
+Serve = Callable[..., Awaitable[AppClient]]
 """Starts a relay on the test's backend with the given settings; returns its client."""
 
 
 @pytest.fixture
 def serve(backend: Backend, aiohttp_client: AiohttpClient) -> Serve:
-    async def start(**settings: Any) -> TestClient:
+    async def start(**settings: Any) -> AppClient:
         config = Config(data_dir=str(backend.data_dir), database_url=backend.url or "", **settings)
         return await aiohttp_client(make_app(config))
 
     return start
 
 
-def ctx_of(client: TestClient) -> Context:
-    return client.app[CONTEXT]  # type: ignore[index]
+def ctx_of(client: AppClient) -> Context:
+    return client.app[CONTEXT]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the server until ``condition`` holds (a parked reader, a released slot)."""
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
-async def read_all(client: TestClient, offset: str) -> list[Any]:
+async def read_all(client: AppClient, offset: str) -> list[Any]:
     """Catch-up reads from ``offset`` to the tail; each body must be a whole JSON array."""
     out: list[Any] = []
     while True:
@@ -73,7 +67,7 @@ async def test_long_poll_woken_by_many_messages_gets_whole_messages(serve: Serve
     created = await client.put(STREAM, headers=JSON)
     tail = created.headers["Stream-Next-Offset"]
     poll = asyncio.create_task(client.get(STREAM, params={"offset": tail, "live": "long-poll"}))
-    await until(lambda: ctx_of(client).hub.parked_readers == 1)
+    await wait_for(lambda: ctx_of(client).hub.parked_readers == 1)
     assert (await client.post(STREAM, data=orjson.dumps(MESSAGES), headers=JSON)).status == 204
     woken = await poll
     assert woken.status == 200
@@ -88,22 +82,22 @@ async def test_long_polls_woken_by_one_commit_share_one_rendered_answer(
 ) -> None:
     """One render per wake: a thousand readers of one chat cost their writes, not a render
     each. Each still gets its own complete answer (and its own cursor)."""
-    from relay.http import reads
+    from relay.http import chunks
 
     renders = 0
-    render = reads._render
+    render = chunks.render
 
     def counted(meta: StreamMeta, data: bytes) -> bytes:
         nonlocal renders
         renders += 1
         return render(meta, data)
 
-    monkeypatch.setattr(reads, "_render", counted)
+    monkeypatch.setattr(chunks, "render", counted)
     client = await serve()
     tail = (await client.put(STREAM, headers=JSON)).headers["Stream-Next-Offset"]
     params = {"offset": tail, "live": "long-poll"}
     polls = [asyncio.create_task(client.get(STREAM, params=params)) for _ in range(20)]
-    await until(lambda: ctx_of(client).hub.parked_readers == 20)
+    await wait_for(lambda: ctx_of(client).hub.parked_readers == 20)
     assert (await client.post(STREAM, data=b'[{"n":1}]', headers=JSON)).status == 204
     answers = await asyncio.gather(*polls)
     assert [await answer.json() for answer in answers] == [[{"n": 1}]] * 20
@@ -131,7 +125,7 @@ async def test_sse_woken_by_many_messages_sends_whole_messages(serve: Serve) -> 
     created = await client.put(STREAM, headers=JSON)
     tail = created.headers["Stream-Next-Offset"]
     response = await client.get(STREAM, params={"offset": tail, "live": "sse"})
-    await until(lambda: ctx_of(client).hub.parked_readers == 1)
+    await wait_for(lambda: ctx_of(client).hub.parked_readers == 1)
     assert (await client.post(STREAM, data=orjson.dumps(MESSAGES), headers=JSON)).status == 204
     closed = await client.post(STREAM, headers={**JSON, "Stream-Closed": "true"})
     assert closed.status == 204
@@ -189,8 +183,8 @@ async def test_an_sse_reader_that_stops_reading_is_dropped_and_its_slot_freed(
         request = b"GET /v1/stream/big?offset=-1&live=sse HTTP/1.1\r\nHost: t\r\n\r\n"
         await loop.sock_sendall(sock, request)  # and never read a byte
         ctx = ctx_of(client)
-        await until(lambda: ctx.limits.readers == 1)
-        await until(lambda: ctx.limits.readers == 0)
+        await wait_for(lambda: ctx.limits.readers == 1)
+        await wait_for(lambda: ctx.limits.readers == 0)
         assert ctx.hub.parked_readers == 0
     finally:
         sock.close()
@@ -231,7 +225,7 @@ async def test_an_sse_reader_far_behind_still_reconnects_on_the_interval(
     async with asyncio.timeout(30):
         while chunk := await response.content.read(4096):
             body += chunk
-            await asyncio.sleep(0.002)  # slower than the relay writes
+            await asyncio.sleep(0.002)  # a sleep: a reader slower than the relay writes
     assert body.count(b"x") < total  # ended before catching up
     assert body.rstrip().rsplit(b"\n\n", 1)[-1].startswith(b"event: control")
 
@@ -258,7 +252,7 @@ async def test_a_client_that_pipelines_small_reads_and_never_reads_is_dropped(
                 writer.write(request * count)
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
-                await asyncio.sleep(2.0)  # not reading meanwhile
+                await asyncio.sleep(2.0)  # a sleep: the write timeout runs out while we do not read
                 async with session.get("/v1/stream/small", params={"offset": "-1"}) as other:
                     assert await other.text() == "hello"
                 received = 0
@@ -288,7 +282,7 @@ async def test_a_catch_up_reader_that_stops_reading_is_dropped(
     try:
         writer.write(b"GET /v1/stream/big?offset=-1 HTTP/1.1\r\nHost: t\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(4 * config.write_timeout)  # not reading meanwhile
+        await asyncio.sleep(4 * config.write_timeout)  # a sleep: not reading, past the timeout
         received = 0
         async with asyncio.timeout(10):
             with contextlib.suppress(ConnectionError):

@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.hub import Hub
+from tests.waits import wait_for
 
 READERS = 5000
+
+
+def waiting(hub: Hub, stream_id: int) -> int:
+    """Readers blocked in ``wait_beyond`` on the stream (``parked_readers`` counts every
+    subscription, waiting or not)."""
+    watch = hub._watches.get(stream_id)
+    return len(watch.waiters) if watch else 0
 
 
 async def test_one_publish_wakes_thousands_of_parked_readers_with_the_data() -> None:
@@ -25,7 +33,7 @@ async def test_one_publish_wakes_thousands_of_parked_readers_with_the_data() -> 
             results.append(sub.take(10, limit=1024))
 
     tasks = [asyncio.create_task(reader()) for _ in range(READERS)]
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: waiting(hub, 7) == READERS)
     assert hub.parked_readers == READERS
     assert hub.watched_streams == 1
     hub.publish(7, start=10, data=b"token", tail=15, closed=False)
@@ -40,7 +48,7 @@ async def test_parked_readers_cost_little_memory() -> None:
     before = tracemalloc.get_traced_memory()[0]
     subs = [hub.subscribe(1) for _ in range(READERS)]
     waits = [asyncio.create_task(s.wait_beyond(0, timeout=5)) for s in subs]
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: waiting(hub, 1) == READERS)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     hub.publish(1, 0, b"x", 1, False)
@@ -65,7 +73,7 @@ async def test_close_and_delete_wake_readers() -> None:
             asyncio.create_task(closing.wait_beyond(3, timeout=5)),
             asyncio.create_task(deleting.wait_beyond(3, timeout=5)),
         ]
-        await asyncio.sleep(0)
+        await wait_for(lambda: waiting(hub, 4) == waiting(hub, 5) == 1)
         hub.publish(4, 3, b"", 3, closed=True)
         hub.deleted(5)
         assert await asyncio.gather(*waits) == [True, True]
@@ -95,7 +103,7 @@ async def test_remote_commit_fetches_once_for_all_readers() -> None:
     for sub in subs:
         sub.note_tail(20, closed=False)
     waits = [asyncio.create_task(s.wait_beyond(20, timeout=5)) for s in subs]
-    await asyncio.sleep(0)
+    await wait_for(lambda: waiting(hub, 11) == 100)
     hub.remote_commit(11, 24, False)
     assert all(await asyncio.gather(*waits))
     assert fetches == [(11, 20, 24)]
@@ -186,7 +194,7 @@ async def test_a_watch_lingers_after_its_last_reader_and_keeps_following_commits
     assert hub.watched_streams == 0 and hub.parked_readers == 0
     hub.publish(9, 0, b"tok1", 4, False)  # committed while nobody was parked
     hub.remote_commit(9, 10, False)  # another relay's commit: tracked, not fetched
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a yield, not a wait: a fetch, had one been scheduled, would start
     assert fetched == []
     with hub.subscribe(9) as again:
         assert again.known_tail() == 10
@@ -202,7 +210,7 @@ async def test_lingering_watches_expire() -> None:
     hub = Hub(linger=0.01)
     with hub.subscribe(1) as sub:
         sub.note_tail(5, closed=False)
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # a sleep: the linger elapses on the loop's clock, not ours to move
     with hub.subscribe(2):
         pass  # any release sweeps what lingered too long
     with hub.subscribe(1) as again:

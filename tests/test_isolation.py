@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
@@ -20,7 +19,9 @@ from relay.config import Config
 from relay.http.context import CONTEXT
 from relay.hub import Hub
 from tests.raw_http import raw_request
+from tests.serving import AppClient
 from tests.stores import Backend, backend
+from tests.waits import wait_for
 
 __all__ = ["backend"]
 
@@ -38,16 +39,14 @@ class FakeClock:
 
 @dataclass
 class Relay:
-    client: TestClient
+    client: AppClient
     clock: FakeClock
     hub: Hub
     port: int
 
     async def parked(self, count: int) -> None:
         """Wait until ``count`` readers are parked in the hub (not a guess with a sleep)."""
-        async with asyncio.timeout(10):
-            while self.hub.parked_readers < count:
-                await asyncio.sleep(0.005)
+        await wait_for(lambda: self.hub.parked_readers >= count, interval=0.005)
 
 
 @pytest.fixture
@@ -154,8 +153,8 @@ async def test_malformed_headers_get_400_and_never_fail_the_appends_beside_them(
         await put(relay, path)
     for _round in range(3):
         bad = raw_request(relay.port, "POST", "/v1/stream/target", {**TEXT, **headers}, b"poison")
-        good = [post(relay, path, b"token") for path in paths]
-        bad_answer, *good_answers = await asyncio.gather(bad, *good)
+        good = asyncio.gather(*(post(relay, path, b"token") for path in paths))
+        bad_answer, good_answers = await asyncio.gather(bad, good)
         assert bad_answer.status == 400, bad_answer.body
         assert [r.status for r in good_answers] == [204] * len(paths)
     for path in paths:

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Limits
 from relay.store.sqlite import SqliteStore
+from tests.serving import AppClient
+from tests.waits import wait_for
 
 STREAM = "/v1/stream/limits"
 TEXT = {"Content-Type": "text/plain"}
 
 
 @pytest.fixture
-async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[TestClient, SqliteStore]:
+async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[AppClient, SqliteStore]:
     config = Config(
         data_dir=str(tmp_path),
         max_inflight_writes=2,
@@ -39,27 +40,18 @@ async def limited(tmp_path: Path, aiohttp_client: AiohttpClient) -> tuple[TestCl
 
 
 async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
-    release = threading.Event()
-    # Test-side fault injection: occupy the store's writer thread so commits queue up.
-    blocker = store._writer.submit(release.wait)
-    try:
+    async with writer_blocked(store):
         pending = [
-            asyncio.create_task(
-                client.post(STREAM, data=b"x", headers={"Content-Type": "text/plain"})
-            )
-            for _ in range(2)
+            asyncio.create_task(client.post(STREAM, data=b"x", headers=TEXT)) for _ in range(2)
         ]
-        await asyncio.sleep(0.2)
-        rejected = await client.post(STREAM, data=b"y", headers={"Content-Type": "text/plain"})
+        await wait_for(lambda: limits_of(client).writes == 2, what="both writes admitted")
+        rejected = await client.post(STREAM, data=b"y", headers=TEXT)
         assert rejected.status == 503
         assert rejected.headers["Retry-After"] == "1"
         assert (await rejected.json())["error"]["code"] == "unavailable"
-    finally:
-        release.set()
-    blocker.result(timeout=5)
     for task in pending:
         assert (await task).status == 204
     read = await client.get(STREAM, params={"offset": "-1"})
@@ -67,13 +59,13 @@ async def test_writes_beyond_the_inflight_limit_get_503_with_retry_after(
 
 
 async def test_live_readers_beyond_the_limit_get_429(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, _ = limited
     head = await client.head(STREAM)
     tail = head.headers["Stream-Next-Offset"]
     parked = asyncio.create_task(client.get(STREAM, params={"offset": tail, "live": "long-poll"}))
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: limits_of(client).readers == 1, what="the first reader admitted")
     rejected = await client.get(STREAM, params={"offset": tail, "live": "long-poll"})
     assert rejected.status == 429
     assert rejected.headers["Retry-After"] == "5"
@@ -84,7 +76,7 @@ async def test_live_readers_beyond_the_limit_get_429(
 
 
 async def test_body_over_the_limit_is_413_and_appends_nothing(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, _ = limited
     response = await client.post(STREAM, data=b"z" * 1001, headers={"Content-Type": "text/plain"})
@@ -94,14 +86,8 @@ async def test_body_over_the_limit_is_413_and_appends_nothing(
     assert await read.read() == b""
 
 
-def limits_of(client: TestClient) -> Limits:
-    return client.app[CONTEXT].limits  # type: ignore[index]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0.01)
+def limits_of(client: AppClient) -> Limits:
+    return client.app[CONTEXT].limits
 
 
 @asynccontextmanager
@@ -117,12 +103,12 @@ async def writer_blocked(store: SqliteStore) -> AsyncIterator[None]:
 
 
 async def test_inflight_write_bytes_beyond_the_limit_get_503(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
     async with writer_blocked(store):
         pending = asyncio.create_task(client.post(STREAM, data=b"a" * 1000, headers=TEXT))
-        await until(lambda: limits_of(client).write_bytes == 1000)
+        await wait_for(lambda: limits_of(client).write_bytes == 1000)
         declared = await client.post(STREAM, data=b"b" * 600, headers=TEXT)
         assert declared.status == 503
         assert declared.headers["Retry-After"] == "1"
@@ -151,14 +137,14 @@ async def test_a_lone_write_is_admitted_whatever_its_size(
 
 
 async def test_put_and_delete_go_through_admission(
-    limited: tuple[TestClient, SqliteStore],
+    limited: tuple[AppClient, SqliteStore],
 ) -> None:
     client, store = limited
     async with writer_blocked(store):
         pending = [
             asyncio.create_task(client.post(STREAM, data=b"x", headers=TEXT)) for _ in range(2)
         ]
-        await until(lambda: limits_of(client).writes == 2)
+        await wait_for(lambda: limits_of(client).writes == 2)
         # Before admission covered them, these queued behind the blocked writer.
         created = await asyncio.wait_for(client.put("/v1/stream/other", headers=TEXT), 5)
         assert created.status == 503

@@ -20,6 +20,7 @@ import pytest
 import structlog
 
 from relay.logging import configure
+from relay.resources import FD_RESERVE
 from tests.relay_process import RelayProcess
 
 TEXT = {"Content-Type": "text/plain"}
@@ -78,6 +79,7 @@ async def test_a_served_relay_logs_json_lines_one_per_request(tmp_path: Path) ->
     assert started[0]["url"] == relay.url
     assert started[0]["version"]
     assert started[0]["open_files"] >= started[0]["open_files_before"]  # raised to the hard one
+    assert started[0]["max_connections"] == started[0]["open_files"] - FD_RESERVE  # the default
     assert entries[-1]["event"] == "relay stopped"
 
     assert {rid: echoed[rid] for rid in echoed if rid != "not sane!"} == {

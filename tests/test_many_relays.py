@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from protocol.offsets import parse_offset
-from tests.relay_process import RelayProcess, live_readers
+from tests.relay_process import RelayProcess, parked_at
 
 TEXT = {"Content-Type": "text/plain"}
 
@@ -42,16 +42,6 @@ def relays(pg_url: str, tmp_path: Path) -> Iterator[tuple[RelayProcess, RelayPro
         yield pair
 
 
-async def parked(http: aiohttp.ClientSession, relay: RelayProcess, count: int) -> None:
-    """Wait until ``relay`` reports ``count`` parked readers (its metrics, not a guess)."""
-    async with asyncio.timeout(10):
-        while True:
-            async with http.get(f"{relay.url}/metrics") as response:
-                if live_readers(await response.text()) >= count:
-                    return
-            await asyncio.sleep(0.02)
-
-
 async def test_a_long_poll_at_one_relay_wakes_on_an_append_through_another(
     relays: tuple[RelayProcess, RelayProcess],
 ) -> None:
@@ -62,7 +52,7 @@ async def test_a_long_poll_at_one_relay_wakes_on_an_append_through_another(
         waiting = asyncio.create_task(
             http.get(f"{b.url}/v1/stream/chat", params={"offset": tail, "live": "long-poll"})
         )
-        await parked(http, b, 1)  # else the POST may land first and the read is a catch-up
+        await parked_at(b.url, 1)  # else the POST may land first and the read is a catch-up
         async with http.post(f"{a.url}/v1/stream/chat", data=b"hi from a", headers=TEXT) as r:
             assert r.status == 204
         response = await asyncio.wait_for(waiting, 15)
@@ -89,7 +79,7 @@ async def test_sse_at_one_relay_streams_appends_and_the_close_made_through_anoth
             return body
 
         reader = asyncio.create_task(read_all())
-        await parked(http, b, 1)
+        await parked_at(b.url, 1)
         for word in (b"one ", b"two ", b"three"):
             await http.post(f"{a.url}/v1/stream/sse", data=word, headers=TEXT)
         await http.post(f"{a.url}/v1/stream/sse", headers={**TEXT, "Stream-Closed": "true"})
@@ -167,7 +157,7 @@ async def test_a_delete_through_one_relay_ends_readers_parked_at_another(
         params = {"offset": tail, "live": "long-poll"}
         poll = asyncio.create_task(http.get(f"{b.url}/v1/stream/gone", params=params))
         sse = await http.get(f"{b.url}/v1/stream/gone", params={"offset": tail, "live": "sse"})
-        await parked(http, b, 2)
+        await parked_at(b.url, 2)
         async with http.delete(f"{a.url}/v1/stream/gone") as deleted:
             assert deleted.status == 204
         # Well inside the 20 s long-poll timeout: a 204 would mean the delete woke no one.
@@ -188,8 +178,8 @@ async def test_expiry_ends_readers_parked_at_every_relay(
             asyncio.create_task(http.get(f"{relay.url}/v1/stream/brief", params=params))
             for relay in (a, b)
         ]
-        await parked(http, a, 1)
-        await parked(http, b, 1)
+        await parked_at(a.url, 1)
+        await parked_at(b.url, 1)
         responses = await asyncio.wait_for(asyncio.gather(*polls), 10)
         assert [r.status for r in responses] == [404, 404]
 

@@ -7,12 +7,11 @@ import asyncio
 import json
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiohttp.test_utils import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
@@ -20,8 +19,11 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT
+from relay.store.postgres import PostgresStore
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 from tests.tcp_proxy import TcpProxy
+from tests.waits import eventually, wait_for
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 
@@ -46,7 +48,7 @@ def config_for(backend: Backend, **settings: Any) -> Config:
     return Config(data_dir=str(backend.data_dir), database_url=backend.url or "", **settings)
 
 
-async def samples(client: TestClient) -> Samples:
+async def samples(client: AppClient) -> Samples:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
@@ -61,13 +63,7 @@ def value(got: Samples, name: str, **labels: str) -> float:
     return got.get((name, frozenset(labels.items())), 0.0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
-
-
-async def traffic(client: TestClient) -> None:
+async def traffic(client: AppClient) -> None:
     """One of everything the dashboard plots: writes, catch-up, long-poll and SSE reads,
     a delete, an expiry, probes and a 404."""
     assert (await client.put("/v1/stream/a", headers=TEXT, data=b"hi")).status == 201
@@ -95,10 +91,12 @@ async def traffic(client: TestClient) -> None:
     async def expired() -> bool:
         return value(await samples(client), "relay_streams_expired_total") >= 1
 
-    await eventually(expired)
+    await eventually(expired, timeout=15)
 
 
-FAST = {"long_poll_timeout": 0.2, "sse_reconnect_interval": 0.3, "reap_interval": 0.05}
+def fast(config: Config) -> Config:
+    """``config`` with short long-polls, reconnects and reaps, so one test sees all of them."""
+    return replace(config, long_poll_timeout=0.2, sse_reconnect_interval=0.3, reap_interval=0.05)
 
 
 async def test_probes_answer_uncached_on_both_stores(
@@ -149,9 +147,9 @@ async def test_readyz_is_503_while_postgres_is_unreachable_and_ready_again_after
         client = await aiohttp_client(app)
         assert (await client.get("/readyz")).status == 200
         store = app[CONTEXT].store
-        async with asyncio.timeout(10):
-            while not store._listening:  # type: ignore[attr-defined]  # LISTEN is up: a cut
-                await asyncio.sleep(0.01)  # now loses it, and restoring it is a reconnect
+        assert isinstance(store, PostgresStore)
+        # LISTEN is up: a cut now loses it, and restoring it is a reconnect.
+        await wait_for(lambda: store._listening, what="LISTEN up")
         await proxy.cut()
         response = await client.get("/readyz")
         assert response.status == 503
@@ -169,7 +167,7 @@ async def test_readyz_is_503_while_postgres_is_unreachable_and_ready_again_after
                 return False
             return value(await samples(client), "relay_store_listen_reconnects_total") >= 1
 
-        await eventually(ready_and_listening_again)
+        await eventually(ready_and_listening_again, timeout=15)
     finally:
         await proxy.cut()
 
@@ -193,7 +191,7 @@ def dashboard_metrics() -> set[str]:
 async def test_every_metric_the_dashboard_queries_is_exported(
     backend: Backend, aiohttp_client: AiohttpClient
 ) -> None:
-    client = await aiohttp_client(make_app(config_for(backend, **FAST)))
+    client = await aiohttp_client(make_app(fast(config_for(backend))))
     await traffic(client)
     exported = {name for name, _ in await samples(client)}
     wanted = dashboard_metrics()
@@ -215,7 +213,7 @@ async def test_every_metric_the_dashboard_queries_is_exported(
 async def test_requests_are_counted_by_route_and_timed_by_kind(
     backend: Backend, aiohttp_client: AiohttpClient
 ) -> None:
-    client = await aiohttp_client(make_app(config_for(backend, **FAST)))
+    client = await aiohttp_client(make_app(fast(config_for(backend))))
     await traffic(client)
     got = await samples(client)
     count = "relay_http_requests_total"
@@ -266,7 +264,7 @@ async def test_group_commit_histograms_count_every_commit(
 async def test_a_sane_request_id_is_echoed_and_any_other_replaced(
     tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
-    client = await aiohttp_client(make_app(Config(data_dir=str(tmp_path), **FAST)))
+    client = await aiohttp_client(make_app(fast(Config(data_dir=str(tmp_path)))))
     given = await client.put("/v1/stream/r", headers={**TEXT, "X-Request-Id": "trace-42:a.b_c"})
     assert given.headers["X-Request-Id"] == "trace-42:a.b_c"
     generated = set()

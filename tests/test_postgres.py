@@ -24,9 +24,10 @@ from relay.app import make_app
 from relay.config import Config
 from relay.store.common import numbered_sql
 from relay.store.postgres import COMPACT_BYTES, PostgresStore, apply_migrations, migrate
-from tests.pg import fresh_database
+from tests.pg import blocked_on_locks, fresh_database
 from tests.stores import Recorder
 from tests.tcp_proxy import TcpProxy
+from tests.waits import eventually, wait_for
 
 NOW = 1_800_000_000.0
 
@@ -151,7 +152,7 @@ async def test_a_commit_on_one_relay_reaches_another_relays_listener(pg_url: str
     watcher.set_listener(recorder)
     try:
         created = await writer.create(plain("shared"), NOW)
-        await asyncio.sleep(0.3)  # the watcher's LISTEN connection is up
+        await _listening(watcher)
         await writer.append("shared", text(b"hello"), NOW)
         assert await recorder.next() == (created.meta.stream_id, 5, False)
         await writer.append("shared", text(b"", close=True), NOW)
@@ -176,25 +177,6 @@ async def _chunk_rows(pg_url: str, path: str) -> list[tuple[int, int]]:
     finally:
         await conn.close()
     return [(row[0], row[1]) for row in rows]
-
-
-async def _waiting_on_a_lock(pg_url: str, statement: str) -> None:
-    """Until a backend runs ``statement`` blocked on a lock. Polls pg_stat_activity outside any
-    transaction, since inside one its snapshot never changes."""
-    conn = await asyncpg.connect(pg_url)
-    try:
-        for _ in range(400):
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND starts_with(query, $1)",
-                statement,
-            )
-            if waiting:
-                return
-            await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
-    raise AssertionError(f"nothing blocked running {statement}")
 
 
 async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_bytes(
@@ -222,7 +204,7 @@ async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_byt
             reads[reader] += 1
             if min(reads) >= target:
                 progressed.set()
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield, not a wait: the compactor and other readers run
 
     async def all_read_twice_more() -> None:
         nonlocal target
@@ -243,7 +225,7 @@ async def test_compaction_merges_rows_while_readers_race_it_and_see_the_same_byt
             last_start,
         )
         compacted = asyncio.create_task(store.compact(NOW + 1))
-        await _waiting_on_a_lock(pg_url, "DELETE FROM relay_chunks")
+        await blocked_on_locks(pg_url, statement="DELETE FROM relay_chunks")
         await all_read_twice_more()  # during
         assert not compacted.done()
         await tx.rollback()
@@ -393,14 +375,15 @@ async def test_losing_the_database_answers_unavailable_then_recovers(pg_url: str
             await store.head("f", NOW, touch=False)
         assert time.monotonic() - started < 10  # bounded by the command timeout, not a hang
         await proxy.restore()
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def appended() -> bool:
             try:
                 await store.append("f", text(b"after"), NOW)
-                break
             except Unavailable:
-                assert time.monotonic() < deadline, "store did not recover"
-                await asyncio.sleep(0.2)
+                return False
+            return True
+
+        await eventually(appended, interval=0.2, what="an append once the database is back")
         meta = await store.head("f", NOW, touch=False)
         stored = await store.read(meta, 0, meta.tail)
         # The append during the outage was refused, so it must not be there.
@@ -449,8 +432,7 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
         read = await client.get(url, params={"offset": "-1"})
         assert await read.read() == b"original"  # from the hub's memory
         await proxy.cut()
-        while store._listening:
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: not store._listening, what="the lost LISTEN noticed")
         conn = await asyncpg.connect(pg_url)  # meanwhile the database's history changes
         try:
             await conn.execute(
@@ -461,8 +443,7 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
         finally:
             await conn.close()
         await proxy.restore()
-        while not store._listening:
-            await asyncio.sleep(0.05)
+        await _listening(store)
         read = await client.get(url, params={"offset": "-1"})
         assert await read.read() == b"replaced"
 
@@ -497,12 +478,12 @@ async def test_http_answers_503_with_retry_after_while_the_database_is_down(
         assert response.headers["Retry-After"].isdigit()
         assert (await response.json())["error"]["code"] == "unavailable"
         await proxy.restore()
-        for _ in range(50):
+
+        async def accepted() -> int | None:
             response = await client.post(url, data=b"y", headers={"Content-Type": "text/plain"})
-            if response.status != 503:
-                break
-            await asyncio.sleep(0.2)
-        assert response.status == 204
+            return None if response.status == 503 else response.status
+
+        assert await eventually(accepted, interval=0.2, what="an append not answered 503") == 204
         read = await client.get(url, params={"offset": "-1"})
         assert await read.read() == b"y"
 
@@ -578,12 +559,12 @@ async def test_at_most_one_notify_per_committed_batch(store: PostgresStore, pg_u
     try:
         for i in range(10):
             await store.create(plain(f"n{i}"), NOW)
-        await asyncio.sleep(0.2)
+        await _all_notifications_heard(listener)
         payloads.clear()
         before = store.stats().commits
         await asyncio.gather(*(store.append(f"n{i % 10}", text(b"t"), NOW) for i in range(300)))
         commits = store.stats().commits - before
-        await asyncio.sleep(0.5)
+        await _all_notifications_heard(listener)
     finally:
         await listener.close()
     assert 0 < len(payloads) <= commits < 300
@@ -672,9 +653,7 @@ async def test_live_readers_park_on_what_the_relay_already_knows_and_nothing_els
     recorder = Recorder()
     here.set_listener(recorder)
     try:
-        async with asyncio.timeout(5):
-            while not here._listening:  # the LISTEN connection is up
-                await asyncio.sleep(0.01)
+        await _listening(here)
         created = await here.create(plain("known"), NOW)
         assert here.tracked("known", 0, NOW) == created.meta  # learnt from its own commit
         await here.append("known", text(b"abc"), NOW)
@@ -703,18 +682,14 @@ async def test_nothing_is_tracked_or_cached_while_notifications_may_be_missed(
     await store.open()
     store.set_listener(Recorder())
     try:
-        async with asyncio.timeout(5):
-            while not store._listening:
-                await asyncio.sleep(0.01)
+        await _listening(store)
         await store.create(plain("blind"), NOW)
         assert store.tracked("blind", 0, NOW) is not None
         assert (await store.head("blind", NOW, touch=False)).tail == 0
         await proxy.cut()
         with pytest.raises(Unavailable):  # not the cached answer: it may be stale by now
             await store.head("blind", NOW, touch=False)
-        async with asyncio.timeout(15):
-            while store._listening:  # the lost LISTEN connection is noticed
-                await asyncio.sleep(0.05)
+        await wait_for(lambda: not store._listening, timeout=15, what="the lost LISTEN noticed")
         assert store.tracked("blind", 0, NOW) is None
     finally:
         await proxy.restore()
@@ -737,11 +712,14 @@ async def test_producer_state_is_read_after_waiting_for_another_relays_lock(
         await other.execute("SELECT 1 FROM relay_streams WHERE id = $1 FOR UPDATE", sid)
         retry = AppendRequest("text/plain", b"token", producer=ProducerHeaders("llm", 0, 0))
         pending = asyncio.create_task(store.append("contended", retry, NOW))
-        async with asyncio.timeout(10):  # our batch is now waiting for that lock
-            while not await other.fetchval(
+
+        async def lock_awaited() -> int:
+            waiting: int = await other.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-            ):
-                await asyncio.sleep(0.01)
+            )
+            return waiting
+
+        await eventually(lock_awaited, interval=0.01, what="our batch waiting for that lock")
         await other.execute("INSERT INTO relay_chunks VALUES ($1, 0, 5, 'token'::bytea)", sid)
         await other.execute("UPDATE relay_streams SET tail = 5 WHERE id = $1", sid)
         await other.execute("INSERT INTO relay_producers VALUES ($1, 'llm', 0, 0)", sid)
@@ -755,9 +733,25 @@ async def test_producer_state_is_read_after_waiting_for_another_relays_lock(
 
 
 async def _listening(*stores: PostgresStore) -> None:
-    async with asyncio.timeout(5):
-        while not all(s._listening for s in stores):
-            await asyncio.sleep(0.01)
+    """Until each store's LISTEN connection is up, so no commit's NOTIFY can pass it by."""
+    await wait_for(lambda: all(s._listening for s in stores), what="LISTEN up")
+
+
+async def _all_notifications_heard(listener: asyncpg.Connection) -> None:
+    """Until every NOTIFY committed so far has reached ``listener``: Postgres delivers
+    notifications in commit order, so one it sends itself now arrives after all of them."""
+    heard = asyncio.Event()
+
+    def barrier(*_: object) -> None:
+        heard.set()
+
+    await listener.add_listener("relay_test_barrier", barrier)
+    try:
+        await listener.execute("NOTIFY relay_test_barrier")
+        async with asyncio.timeout(10):
+            await heard.wait()
+    finally:
+        await listener.remove_listener("relay_test_barrier", barrier)
 
 
 @contextlib.asynccontextmanager
@@ -811,7 +805,19 @@ async def test_heads_ask_the_database_for_what_no_notify_announces(
         here.set_listener(Recorder())
         await here.create(CreateRequest("ttl", "text/plain", Expiry(ttl=10), False, b""), NOW)
         await there.head("ttl", NOW + 8, touch=True)  # another relay's read extends it
-        await asyncio.sleep(0.3)  # the pending touch commits
+
+        conn = await asyncpg.connect(pg_url)
+
+        async def touch_committed() -> bool:
+            last: float = await conn.fetchval(
+                "SELECT max(last_access) FROM relay_streams WHERE path = 'ttl'"
+            )
+            return last >= NOW + 8
+
+        try:
+            await eventually(touch_committed, what="the pending touch committed")
+        finally:
+            await conn.close()
         await there.reap(NOW + 8)
         meta = await here.head("ttl", NOW + 12, touch=False)  # here alone would call it expired
         assert meta.path == "ttl"
@@ -863,7 +869,7 @@ async def test_a_stale_view_never_commits_it_takes_the_locks_and_the_protocol_de
         await a.append("shared", produced(b"a0", "llm", 0, 0), NOW)
         stale = a._owned.by_path["shared"]
         await b.append("shared", produced(b"b0", "llm", 1, 0), NOW)  # a new epoch, via B
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: "shared" not in a._owned.by_path, what="B's NOTIFY heard by A")
         a._owned.put(stale)  # as if B's NOTIFY had not arrived yet
         misses = a.stats().guard_misses
         with pytest.raises(StaleEpoch):
@@ -921,7 +927,7 @@ async def test_pipelined_commits_keep_every_streams_bytes_and_offsets(pg_url: st
 
         async def producer(path: str) -> None:
             for seq in range(40):
-                await asyncio.sleep(0.001 * (seq % 3))  # tokens arrive unevenly: out of step
+                await asyncio.sleep(0.001 * (seq % 3))  # a sleep: tokens arrive unevenly
                 body = f"{path}:{seq};".encode()
                 request = AppendRequest(
                     "text/plain", body, producer=ProducerHeaders(f"p-{path}", 0, seq)

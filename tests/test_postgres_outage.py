@@ -18,6 +18,7 @@ import pytest
 
 from tests.pg import ThrowawayCluster, _bin_dir
 from tests.relay_process import RelayProcess
+from tests.waits import eventually, wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 
@@ -71,29 +72,29 @@ async def test_stopping_postgres_mid_load_gives_503_then_recovers_without_restar
                         else:
                             assert response.status == 503, await response.text()
                             assert response.headers["Retry-After"].isdigit()
-                            await asyncio.sleep(0.05)
+                            await asyncio.sleep(0.05)  # a sleep: a producer's pause to retry
 
             stop = asyncio.Event()
             load = [asyncio.create_task(producer(f"p{n}-", stop)) for n in range(4)]
-            await asyncio.sleep(0.5)
+            await wait_for(lambda: len(acked) >= 20, what="the load running")
             await asyncio.to_thread(pg.halt)
             started = time.monotonic()
             async with http.post(stream, data=b"during", headers=TEXT) as response:
                 assert response.status == 503
                 assert response.headers["Retry-After"].isdigit()
             assert time.monotonic() - started < 10  # bounded: db timeout, not a hang
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # a sleep: the outage lasts a while, the load meeting it
             await asyncio.to_thread(pg.resume)
-            recovered = False
-            for _ in range(100):
+
+            async def recovered() -> bool:
                 async with http.get(stream, params={"offset": "-1"}) as response:
-                    if response.status == 200:
-                        recovered = True
-                        break
-                await asyncio.sleep(0.2)
-            assert recovered
+                    return response.status == 200
+
+            await eventually(recovered, timeout=30, interval=0.2, what="reads answered again")
             count = len(acked)
-            await asyncio.sleep(1)
+            await wait_for(lambda: len(acked) > count, what="producers acknowledged again")
+            relisten = "listen connection re-established"
+            await wait_for(lambda: relisten in log.read_text(), what="LISTEN back (its log line)")
             stop.set()
             await asyncio.gather(*load)
             assert len(acked) > count  # producers are being acknowledged again

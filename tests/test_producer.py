@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +24,7 @@ from tests.relay_process import RelayProcess
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def relay(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+def relay(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayProcess]:
     """A real relay on each store (restartable on the same data: directory or database)."""
     extra: tuple[str, ...] = ()
     if request.param == "postgres":
@@ -76,7 +77,7 @@ async def test_kill_9_mid_reply_stores_reply_once(relay: RelayProcess) -> None:
     tokens = [f"tok{i} " for i in range(40)]
 
     async def restart() -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a sleep: down a while, so the producer's retries meet it down
         await asyncio.to_thread(relay.start)  # off the loop: the producer keeps retrying
 
     restarting: asyncio.Task[None] | None = None
@@ -143,7 +144,7 @@ async def test_a_restarted_producer_takes_a_larger_epoch_and_fences_the_old_one(
     async with StreamProducer(url, producer_id="llm", content_type="text/plain") as first:
         await first.append("a")
         await first.flush()
-    await asyncio.sleep(0.01)  # the next process start: a later millisecond clock
+    await asyncio.sleep(0.01)  # a sleep: the next process start, on a later millisecond clock
     async with StreamProducer(
         url, producer_id="llm", content_type="text/plain", create=False
     ) as second:

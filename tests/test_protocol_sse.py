@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import TypedDict
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import sse
+
+
+class Control(TypedDict):
+    """``control_event``'s keyword arguments, as the table below gives them."""
+
+    cursor: str | None
+    up_to_date: bool
+    closed: bool
 
 
 def parse(block: bytes) -> tuple[str, str]:
@@ -70,8 +79,8 @@ def test_data_events(payload: bytes, json_mode: bool, binary: bool, expected: st
         ),
     ],
 )
-def test_control_events(kwargs: dict[str, object], body: dict[str, object]) -> None:
-    event, data = parse(sse.control_event("o", **kwargs))  # type: ignore[arg-type]
+def test_control_events(kwargs: Control, body: dict[str, object]) -> None:
+    event, data = parse(sse.control_event("o", **kwargs))
     assert event == "control"
     assert json.loads(data) == body
 

@@ -5,8 +5,6 @@ standby at all is read from the primary, so the answer is always the primary's."
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from relay.store.postgres import PostgresStore
 from relay.store.postgres.replicas import covered
 from tests.failover import ReplicatedPair
 from tests.relay_process import RelayProcess, read_all
+from tests.waits import eventually
 
 NOW = 1_800_000_000.0
 
@@ -56,16 +55,6 @@ async def _fetchval(url: str, query: str, *args: object) -> object:
         await conn.close()
 
 
-async def replayed(pair: ReplicatedPair, standby: str = "standby") -> None:
-    """Until the standby has replayed everything the primary has written so far."""
-    lsn = await _fetchval(pair.url("primary"), "SELECT pg_current_wal_lsn()::text")
-    deadline = time.monotonic() + 60
-    query = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
-    while not await _fetchval(pair.url(standby), query, lsn):
-        assert time.monotonic() < deadline, "the standby never caught up"
-        await asyncio.sleep(0.02)
-
-
 async def pause_replay(pair: ReplicatedPair) -> None:
     """From now on the standby applies no WAL record (it checks before each one)."""
     await _fetchval(pair.url("standby"), "SELECT pg_wal_replay_pause()")
@@ -94,7 +83,7 @@ async def store(pair: ReplicatedPair) -> AsyncIterator[PostgresStore]:
 async def on_both(store: PostgresStore, pair: ReplicatedPair, path: str, body: bytes) -> StreamMeta:
     """A stream created with ``body``, once the standby has it too."""
     meta = (await store.create(plain(path, body), NOW)).meta
-    await replayed(pair)
+    await pair.caught_up()
     return meta
 
 
@@ -132,7 +121,7 @@ async def test_catch_up_reads_come_from_the_replica_with_the_primarys_bytes(
     source = await store.head("/r/source", NOW, touch=False)
     fork = plain("/r/fork", b"-forked", ForkRequest("/r/source", 5000, 0))
     forked = (await store.create(fork, NOW)).meta
-    await replayed(pair)
+    await pair.caught_up()
     expected = b"".join(parts) + b"tail"
 
     assert await store.read(source, 0, source.tail) == expected
@@ -156,7 +145,7 @@ async def test_bytes_the_replica_has_not_replayed_come_from_the_primary(
     assert counts(store) == (1, 1, 0)
 
     await resume_replay(pair)
-    await replayed(pair)
+    await pair.caught_up()
     assert await store.read(meta, 0, meta.tail) == b"replayed.not yet on the replica"
     assert counts(store) == (2, 1, 0)
 
@@ -189,11 +178,12 @@ async def test_a_replica_that_is_down_leaves_reads_to_the_primary_and_says_so_on
         assert len(warnings) == 1
     finally:
         pair.start_standby()
-    deadline = time.monotonic() + 60
-    while store.stats().replica_reads == 1:  # tried again a little later, then used again
-        assert time.monotonic() < deadline, "the replica was never used again"
+
+    async def used_again() -> bool:  # tried again a little later, then used again
         assert await store.read(meta, 0, meta.tail) == b"still readable"
-        await asyncio.sleep(0.1)
+        return (store.stats().replica_reads or 0) > 1
+
+    await eventually(used_again, timeout=60, interval=0.1, what="the replica used again")
     assert store.stats().replicas_up == 1
 
 
@@ -226,10 +216,10 @@ async def test_a_standby_left_on_the_old_timeline_by_a_failover_is_never_read(
         await old.open()
         try:
             await old.create(plain("/r/timeline", b"v1|"), NOW)
-            await replayed(trio)
+            await trio.caught_up()
             trio.stop_standby()
             await old.append("/r/timeline", text(b"lost"), NOW)
-            await replayed(trio, "left-behind")
+            await trio.caught_up("left-behind")
         finally:
             await old.close()
         trio.kill_primary()
@@ -262,7 +252,7 @@ async def test_relay_serve_reads_catch_up_from_the_replica(
             async with http.post(url, data=body, headers={"Content-Type": "text/plain"}) as r:
                 assert r.status in (200, 204)
             relay.stop()  # a fresh relay holds nothing in memory: every byte is a store read
-            await replayed(pair)
+            await pair.caught_up()
             relay.start()
             assert await read_all(http, url) == body
             async with http.get(f"{relay.url}/metrics") as r:

@@ -9,13 +9,13 @@ import json
 from dataclasses import replace
 
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from protocol.offsets import format_offset
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Context
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
@@ -26,29 +26,29 @@ S = "/v1/stream/history"
 
 
 @pytest.fixture
-async def client(backend: Backend, aiohttp_client: AiohttpClient) -> TestClient:
+async def client(backend: Backend, aiohttp_client: AiohttpClient) -> AppClient:
     config = Config(data_dir=str(backend.data_dir), database_url=backend.url or "")
     return await aiohttp_client(make_app(config))
 
 
-def ctx_of(client: TestClient) -> Context:
-    return client.app[CONTEXT]  # type: ignore[index]
+def ctx_of(client: AppClient) -> Context:
+    return client.app[CONTEXT]
 
 
-async def retain(client: TestClient, path: str, position: int) -> tuple[int, dict[str, str]]:
+async def retain(client: AppClient, path: str, position: int) -> tuple[int, dict[str, str]]:
     headers = {"Stream-Retain-From": format_offset(position)}
     async with client.put(path, headers=headers) as response:
         return response.status, dict(response.headers)
 
 
-async def text_stream(client: TestClient) -> None:
+async def text_stream(client: AppClient) -> None:
     assert (await client.put(S, headers=TEXT)).status == 201
     for part in (b"aaaa", b"bbbb", b"cccc"):  # one commit, so one row, each
         assert (await client.post(S, data=part, headers=TEXT)).status == 204
 
 
 async def test_reads_before_the_horizon_are_gone_and_minus_one_starts_at_it(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     await text_stream(client)
     status, headers = await retain(client, S, 8)
@@ -77,7 +77,7 @@ async def test_reads_before_the_horizon_are_gone_and_minus_one_starts_at_it(
     assert stored == b"cccc"
 
 
-async def test_the_horizon_only_moves_forward_within_the_stream(client: TestClient) -> None:
+async def test_the_horizon_only_moves_forward_within_the_stream(client: AppClient) -> None:
     await text_stream(client)
     assert (await retain(client, S, 8))[0] == 200
     assert (await retain(client, S, 8))[0] == 200  # an idempotent repeat
@@ -89,7 +89,7 @@ async def test_the_horizon_only_moves_forward_within_the_stream(client: TestClie
 
 
 async def test_forks_before_the_horizon_are_refused_and_forks_inherit_it(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     await text_stream(client)
     early = {**TEXT, "Stream-Forked-From": S, "Stream-Fork-Offset": format_offset(6)}
@@ -109,7 +109,7 @@ async def test_forks_before_the_horizon_are_refused_and_forks_inherit_it(
     assert (await client.get("/v1/stream/late", params={"offset": format_offset(0)})).status == 410
 
 
-async def test_a_json_horizon_falls_on_a_message_boundary(client: TestClient) -> None:
+async def test_a_json_horizon_falls_on_a_message_boundary(client: AppClient) -> None:
     assert (await client.put(S, headers=JSON)).status == 201
     assert (await client.post(S, data=b'[{"a":1},{"b":2}]', headers=JSON)).status == 204
     assert (await retain(client, S, 3))[0] == 400  # inside the first message
@@ -119,7 +119,7 @@ async def test_a_json_horizon_falls_on_a_message_boundary(client: TestClient) ->
 
 
 async def test_a_state_stream_compacts_to_a_snapshot_and_a_late_reader_gets_only_it(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     """The State Protocol's compaction (upstream #404): append a snapshot of the current rows,
     then retain from where it starts; a late StreamDB reader downloads only the snapshot."""

@@ -27,7 +27,8 @@ import pytest
 from relay.cli import DRAIN_SECONDS, REPEAT_WINDOW, stop_seconds
 from relay.config import Config
 from relay.hub import Hub
-from tests.relay_process import RelayProcess, listening, live_readers, read_all
+from tests.relay_process import RelayProcess, listening, parked_at, read_all
+from tests.waits import wait_for
 
 EXIT_BOUND = 5.0  # seconds; a correctness bound (a hung stop takes 10 s or more), not a benchmark
 PRODUCERS = 24
@@ -52,15 +53,6 @@ def _backends() -> list[str]:
 
 
 both_stores = pytest.mark.parametrize("relay_args", _backends(), indirect=True)
-
-
-async def _wait_for_parked(session: aiohttp.ClientSession, url: str, count: int) -> None:
-    """Poll the relay's own gauge until ``count`` readers are parked (state, not a sleep)."""
-    while True:
-        async with session.get(f"{url}/metrics") as r:
-            if live_readers(await r.text()) == count:
-                return
-        await asyncio.sleep(0.02)
 
 
 async def test_hub_shutdown_ends_parked_waits_as_timeouts() -> None:
@@ -121,7 +113,7 @@ async def test_sigterm_answers_parked_long_poll_and_ends_sse(
 
             polling = asyncio.create_task(long_poll())
             streaming = asyncio.create_task(sse())
-            await _wait_for_parked(session, relay.url, 2)
+            await parked_at(relay.url, 2)
             started = time.monotonic()
             relay.proc.send_signal(signal.SIGTERM)
 
@@ -292,12 +284,12 @@ async def test_second_signal_exits_at_once_while_a_stop_waits(
             stuck = await asyncio.to_thread(_start_append, relay.port)
             try:
                 relay.proc.send_signal(signal.SIGTERM)
-                while listening(relay.port):  # the stop has begun once the listener is gone
-                    await asyncio.sleep(0.02)
+                # The stop has begun once the listener is gone.
+                await wait_for(lambda: not listening(relay.port), interval=0.02)
                 assert relay.proc.poll() is None, "the stop did not wait for the stuck append"
-                await asyncio.sleep(
-                    2 * REPEAT_WINDOW
-                )  # a second stop, not the first delivered twice
+                # A sleep: only time apart on the real clock makes it a second stop, not the
+                # first delivered twice.
+                await asyncio.sleep(2 * REPEAT_WINDOW)
                 started = time.monotonic()
                 relay.proc.send_signal(signal.SIGTERM)
                 code, elapsed = await _exit_code(relay, started)

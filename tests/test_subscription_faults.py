@@ -16,6 +16,7 @@ from aiohttp import web
 
 from tests.relay_process import RelayProcess
 from tests.stores import BACKENDS
+from tests.waits import eventually
 from tests.webhook_receiver import Received, Receiver
 
 JSON = {"Content-Type": "application/json"}
@@ -112,7 +113,7 @@ async def test_relays_sharing_a_database_deliver_each_wake_once_at_a_time(
             async with http.post(url, data=b'{"i":%d}' % i, headers=JSON) as r:
                 assert r.status == 204
                 tail = r.headers["Stream-Next-Offset"]
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a sleep: appends spread out, so many wakes race
 
         async def caught_up() -> bool:
             for relay in (a, b):
@@ -122,9 +123,7 @@ async def test_relays_sharing_a_database_deliver_each_wake_once_at_a_time(
                         return False
             return True
 
-        async with asyncio.timeout(30):
-            while not await caught_up():
-                await asyncio.sleep(0.05)
+        await eventually(caught_up, timeout=30, what="every relay's view acked to the tail")
     wakes = [r.body["wake_id"] for r in receiver.received]
     generations = [r.body["generation"] for r in receiver.received]
     assert len(set(wakes)) == len(wakes), "a wake was delivered twice"

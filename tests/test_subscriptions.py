@@ -5,8 +5,7 @@ receivers."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SqliteStore
 from tests.serving import RelayTestServer
 from tests.stores import Backend, backend
+from tests.waits import eventually
 from tests.webhook_receiver import Received, Receiver, verify
 
 __all__ = ["backend"]
@@ -86,17 +86,6 @@ async def relay(backend: Backend) -> AsyncIterator[Relay]:
             yield Relay(f"http://127.0.0.1:{server.port}", http)
     finally:
         await server.close()
-
-
-async def eventually(check: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 def hook(url: str, **extra: Any) -> dict[str, Any]:
@@ -372,7 +361,7 @@ async def test_pull_wake_claim_heartbeat_ack_release(relay: Relay) -> None:
     wake = {"wake_id": claim["wake_id"], "generation": claim["generation"]}
     ack_url, token = relay.sub("p", "/ack"), claim["token"]
     for _ in range(3):  # heartbeats keep the 1 s lease past its first expiry
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a sleep: the lease runs on the relay's real clock
         assert (await relay.post(ack_url, wake, token)) == (200, {"ok": True, "next_wake": False})
     await relay.append("p/1", b'{"a":2}')
     tail = claim["streams"][0]["tail_offset"]
@@ -400,7 +389,7 @@ async def test_expired_pull_lease_fences_the_old_worker(relay: Relay) -> None:
     status, claim = await relay.post(relay.sub("q", "/claim"), {"worker": "w1"})
     assert status == 200
 
-    async def reclaimed() -> Any:
+    async def reclaimed() -> dict[str, Any] | None:
         status, again = await relay.post(relay.sub("q", "/claim"), {"worker": "w2"})
         return again if status == 200 else None
 
@@ -515,7 +504,7 @@ async def test_each_delivery_attempt_logs_one_line_without_secrets(relay: Relay)
             await relay.create_stream("log/1", b'{"a":1}')
             got = await receiver.wait_for(1)
 
-            async def logged() -> list[dict[str, Any]]:
+            async def logged() -> list[MutableMapping[str, Any]]:
                 return [e for e in logs if e["event"] == "subscription delivery"]
 
             lines = await eventually(logged)

@@ -6,15 +6,15 @@ old stream naming it with ``Stream-Successor``. Every read of the old stream the
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from collections.abc import Mapping
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import make_app
 from relay.config import Config
+from tests.serving import AppClient
 from tests.stores import Backend, backend
 
 __all__ = ["backend"]  # the fixture, imported so pytest finds it here
@@ -22,6 +22,7 @@ __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 TEXT = {"Content-Type": "text/plain"}
 OLD, NEW = "/v1/stream/chat/1/reply-a", "/v1/stream/chat/1/reply-b"
 LINK = f'<{NEW}>; rel="successor-version"'
+HAND_OVER = {"Stream-Closed": "true", "Stream-Successor": NEW}  # close, naming the successor
 
 
 async def stored_bytes(backend: Backend, path: str) -> bytes:
@@ -50,18 +51,20 @@ async def stored_bytes(backend: Backend, path: str) -> bytes:
 
 
 @pytest.fixture
-async def client(backend: Backend, aiohttp_client: AiohttpClient) -> TestClient:
+async def client(backend: Backend, aiohttp_client: AiohttpClient) -> AppClient:
     config = Config(data_dir=str(backend.data_dir), database_url=backend.url or "")
     return await aiohttp_client(make_app(config))
 
 
-async def _post(client: TestClient, path: str, body: bytes = b"", **headers: str) -> Any:
-    async with client.post(path, data=body, headers={**TEXT, **headers}) as response:
+async def _post(
+    client: AppClient, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    async with client.post(path, data=body, headers={**TEXT, **(headers or {})}) as response:
         return response.status, dict(response.headers), await response.text()
 
 
 async def test_regenerate_from_here_forks_continues_and_links_the_old_reply(
-    client: TestClient,
+    client: AppClient,
 ) -> None:
     assert (await client.put(OLD, headers=TEXT)).status == 201
     await _post(client, OLD, b"The capital is ")
@@ -70,7 +73,7 @@ async def test_regenerate_from_here_forks_continues_and_links_the_old_reply(
     fork = {**TEXT, "Stream-Forked-From": OLD, "Stream-Fork-Offset": good}
     assert (await client.put(NEW, headers=fork)).status == 201
     await _post(client, NEW, b"Paris.")
-    status, _, _ = await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    status, _, _ = await _post(client, OLD, headers=HAND_OVER)
     assert status == 204
 
     for response in (
@@ -89,27 +92,25 @@ async def test_regenerate_from_here_forks_continues_and_links_the_old_reply(
     assert "Link" not in new.headers
 
     # The same successor again is an idempotent repeat; another one is refused.
-    again = await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    again = await _post(client, OLD, headers=HAND_OVER)
     assert again[0] == 204
     assert (await client.put("/v1/stream/chat/1/reply-c", headers=TEXT)).status == 201
     other = await _post(
-        client, OLD, **{"Stream-Closed": "true", "Stream-Successor": "chat/1/reply-c"}
+        client, OLD, headers={"Stream-Closed": "true", "Stream-Successor": "chat/1/reply-c"}
     )
     assert other[0] == 409 and "successor_conflict" in other[2]
 
 
-async def test_a_finished_reply_can_name_its_successor_later(client: TestClient) -> None:
+async def test_a_finished_reply_can_name_its_successor_later(client: AppClient) -> None:
     """The common chat case: the reply closed when the model finished; the user regenerates."""
     assert (await client.put(OLD, headers=TEXT)).status == 201
-    await _post(client, OLD, b"done", **{"Stream-Closed": "true"})
+    await _post(client, OLD, b"done", headers={"Stream-Closed": "true"})
     assert (await client.put(NEW, headers=TEXT)).status == 201
-    status, headers, _ = await _post(
-        client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW}
-    )
+    status, headers, _ = await _post(client, OLD, headers=HAND_OVER)
     assert status == 204 and headers["Stream-Closed"] == "true"
     read = await client.get(OLD, params={"offset": "-1"})
     assert read.headers["Link"] == LINK and await read.text() == "done"
-    late = await _post(client, OLD, b"more", **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    late = await _post(client, OLD, b"more", headers=HAND_OVER)
     assert late[0] == 409  # data after the close is refused as ever
 
 
@@ -131,18 +132,18 @@ async def test_a_finished_reply_can_name_its_successor_later(client: TestClient)
     ],
 )
 async def test_a_bad_successor_is_a_clear_400_and_changes_nothing(
-    client: TestClient, headers: dict[str, str], code: str
+    client: AppClient, headers: dict[str, str], code: str
 ) -> None:
     assert (await client.put(OLD, headers=TEXT)).status == 201
     assert (await client.put(NEW, headers=TEXT)).status == 201
-    status, _, body = await _post(client, OLD, **headers)
+    status, _, body = await _post(client, OLD, headers=headers)
     assert status == 400 and code in body
     head = await client.head(OLD)
     assert "Stream-Closed" not in head.headers and "Link" not in head.headers
 
 
 async def test_revoking_a_superseded_reply_erases_what_no_fork_inherits(
-    client: TestClient, backend: Backend
+    client: AppClient, backend: Backend
 ) -> None:
     """Moderation or PII: supersede, then delete the old stream. Its successor (a fork)
     inherits the good prefix, so the old stream is soft-deleted (410 for everyone) and every
@@ -155,7 +156,7 @@ async def test_revoking_a_superseded_reply_erases_what_no_fork_inherits(
     fork = {**TEXT, "Stream-Forked-From": OLD, "Stream-Fork-Offset": good}
     assert (await client.put(NEW, headers=fork)).status == 201
     await _post(client, NEW, b"[redacted]")
-    await _post(client, OLD, **{"Stream-Closed": "true", "Stream-Successor": NEW})
+    await _post(client, OLD, headers=HAND_OVER)
     assert b"SECRET" in await stored_bytes(backend, OLD)
 
     assert (await client.delete(OLD)).status == 204
@@ -168,7 +169,7 @@ async def test_revoking_a_superseded_reply_erases_what_no_fork_inherits(
 
 
 async def test_revoking_bytes_a_fork_inherits_is_refused_unless_that_fork_goes_too(
-    client: TestClient, backend: Backend
+    client: AppClient, backend: Backend
 ) -> None:
     assert (await client.put(OLD, headers=TEXT)).status == 201
     await _post(client, OLD, b"good ")

@@ -27,7 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.config import WORKERS_NEED_POSTGRES
 from relay.metrics import Metrics, sum_expositions
 from relay.store.base import StoreStats
-from tests.relay_process import RelayProcess, listening
+from tests.pg import blocked_on_locks
+from tests.relay_process import RelayProcess, listening, parked_at
+from tests.waits import eventually, wait_for
 
 TEXT = {"Content-Type": "text/plain"}
 WORKERS = 2
@@ -66,27 +68,18 @@ async def connection(relay: RelayProcess) -> AsyncIterator[tuple[aiohttp.ClientS
 
 async def samples(relay: RelayProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """The public ``/metrics``, waiting out the 503 it answers while a worker is starting."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
-        while True:
+    async with aiohttp.ClientSession() as http:
+
+        async def exposition() -> str | None:
             async with http.get(f"{relay.url}/metrics") as response:
-                if response.status == 200:
-                    text = await response.text()
-                    break
-            await asyncio.sleep(0.05)
+                return await response.text() if response.status == 200 else None
+
+        text = await eventually(exposition, what="/metrics answered by every worker")
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-async def parked(relay: RelayProcess, count: int) -> None:
-    async with asyncio.timeout(10):
-        while (
-            sum(v for (n, _), v in (await samples(relay)).items() if n == "relay_live_readers")
-            < count
-        ):
-            await asyncio.sleep(0.02)
 
 
 def running(pid: int) -> bool:
@@ -134,7 +127,7 @@ def test_summed_exposition_adds_counters_gauges_and_histograms() -> None:
         for size in sizes:
             stats.batch_ops.observe(size)
             stats.commit_seconds.observe(0.002)
-        metrics.watch_store(_Stats(stats))  # type: ignore[arg-type]
+        metrics.watch_store(_Stats(stats))  # type: ignore[arg-type]  # only stats() is read
     text = sum_expositions([one.render().decode(), two.render().decode()]).decode()
     got = {
         (sample.name, frozenset(sample.labels.items())): sample.value
@@ -230,7 +223,9 @@ async def test_a_long_poll_on_one_worker_wakes_on_an_append_through_the_other(
                 waiting = asyncio.create_task(
                     reader.get(stream, params={"offset": tail, "live": "long-poll"})
                 )
-                await parked(relay, 1)  # else the POST may land first: a catch-up, not a wake
+                await parked_at(
+                    relay.url, 1
+                )  # else the POST may land first: a catch-up, not a wake
                 async with writer.post(stream, data=b"across", headers=TEXT) as response:
                     assert response.status == 204
                 async with await asyncio.wait_for(waiting, 15) as woken:
@@ -257,7 +252,7 @@ async def test_sigterm_stops_every_worker_gracefully_and_the_parent_exits_0(
         polling = asyncio.create_task(
             http.get(stream, params={"offset": tail, "live": "long-poll"})
         )
-        await parked(relay, 1)
+        await parked_at(relay.url, 1)
         started = time.monotonic()
         relay.proc.send_signal(signal.SIGTERM)
         async with await polling as response:
@@ -285,9 +280,7 @@ async def test_workers_stop_when_the_parent_is_killed(relay: RelayProcess) -> No
     await samples(relay)
     workers = relay.children()
     relay.kill()
-    async with asyncio.timeout(EXIT_BOUND):
-        while any(running(pid) for pid in workers):
-            await asyncio.sleep(0.05)
+    await wait_for(lambda: not any(running(pid) for pid in workers), timeout=EXIT_BOUND)
 
 
 async def test_a_worker_whose_parent_is_gone_exits_on_a_second_signal(
@@ -317,19 +310,19 @@ async def test_a_worker_whose_parent_is_gone_exits_on_a_second_signal(
             if len(seen) == WORKERS:
                 break
         assert len(seen) == WORKERS
-        await asyncio.sleep(0.3)  # the appends reach the committers, which wait on the lock
+        await blocked_on_locks(pg_url, WORKERS)  # each worker's append waits on the lock
         relay.kill()  # the workers see their pipe close and begin stopping
-        async with asyncio.timeout(EXIT_BOUND):
-            while listening(relay.port):
-                await asyncio.sleep(0.02)
+        await wait_for(lambda: not listening(relay.port), timeout=EXIT_BOUND, interval=0.02)
         assert all(running(pid) for pid in workers), "the stop did not wait for the appends"
-        await asyncio.sleep(0.3)  # a second stop, not the first delivered twice
+        # A sleep: only time apart on the real clock makes it a second stop, not the first
+        # delivered twice.
+        await asyncio.sleep(0.3)
         started = time.monotonic()
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
-        async with asyncio.timeout(EXIT_BOUND):
-            while any(running(pid) for pid in workers):
-                await asyncio.sleep(0.02)
+        await wait_for(
+            lambda: not any(running(pid) for pid in workers), timeout=EXIT_BOUND, interval=0.02
+        )
         assert time.monotonic() - started < 2.0
     finally:
         for task in stuck:

@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         type=_names(tuple(SCENARIOS)),
         default=DEFAULT_SCENARIOS,
-        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity, streams "
-        "and long)",
+        help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity, streams, "
+        "long and compression)",
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")

@@ -217,6 +217,7 @@ HEADLINES = {
     "capacity": Headline("ops/s", True),
     "streams": Headline("p99", False),
     "long": Headline("p99", False),
+    "compression": Headline("CPU/req", False),
 }
 
 

@@ -20,6 +20,7 @@ import orjson
 from protocol import headers as h
 from relay.bench import growth
 from relay.bench.capacity import capacity
+from relay.bench.compression import compression
 from relay.bench.ledger import ledger
 from relay.bench.report import Result, replicas_caught_up, snapshot, usage
 from relay.bench.requests import BenchError, _create, _post, _read_all, _stream_url
@@ -472,9 +473,12 @@ SCENARIOS = {
     "capacity": capacity,
     "streams": growth.streams,
     "long": growth.long,
+    "compression": compression,
 }
-DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in ("capacity", "streams", "long"))
+OPT_IN = ("capacity", "streams", "long", "compression")
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in OPT_IN)
 """What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres; the
-growth scenarios (streams, long) run for minutes at the sizes they are meant for."""
+growth scenarios (streams, long) run for minutes at the sizes they are meant for; compression
+measures a feature rather than the server's speed."""
 BARE_SCENARIOS = ("append", "ledger")
 """The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

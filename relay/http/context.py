@@ -8,11 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import FilteringBoundLogger
 
-from protocol.errors import Overloaded, PayloadTooLarge, Unavailable
+from protocol.errors import BadRequest, Overloaded, PayloadTooLarge, Unavailable
 from relay.config import Config
+from relay.http.compression import check_body_encoding
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.store.base import Store
@@ -108,6 +111,9 @@ CTX = web.RequestKey("relay_context", Context)
 server have no ``request.app``."""
 CONTINUE = web.RequestKey("relay_continue", bool)
 """Set (by ``Front``) while a client waits for ``100 Continue`` before sending its body."""
+DROP = web.RequestKey("relay_drop_connection", bool)
+"""Set when the rest of a request's body must not be read (a compressed body that passed the
+limit or does not decode): ``Front`` ends the connection after the answer."""
 REQUEST_ID = web.RequestKey("relay_request_id", str)
 """The request's id (the client's sane X-Request-Id, or ours), set by ``Front``."""
 
@@ -130,17 +136,31 @@ async def read_body(request: web.Request, limit: int, admission: WriteAdmission)
 
     The body's bytes are claimed from ``admission`` before they are read (the declared
     length) and as they arrive (chunked bodies), so 503 comes before the memory is spent.
+    A compressed body (``compression.check_body_encoding``) arrives decoded, and ``limit``
+    bounds what it decodes to.
     A client that disconnects mid-upload raises here, before anything reaches the store.
     """
+    coding = request.headers.get(hdrs.CONTENT_ENCODING)
+    check_body_encoding(coding)
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(limit)
     admission.claim(declared or 0)
     await continue_body(request)
     body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(limit)
-        admission.claim(len(body))
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                if coding:  # a bomb: decode no more of it to drain the connection
+                    request[DROP] = True
+                raise PayloadTooLarge(limit)
+            admission.claim(len(body))
+    except RequestPayloadError as exc:
+        if not isinstance(exc.__cause__, ContentEncodingError):
+            raise
+        request[DROP] = True
+        raise BadRequest(
+            "invalid_body", "the body does not decode as its Content-Encoding"
+        ) from None
     return bytes(body)

@@ -28,6 +28,7 @@ from protocol.errors import (
     StreamClosed,
     Unauthorized,
     Unavailable,
+    UnsupportedEncoding,
 )
 from protocol.offsets import format_offset
 from protocol.retention import BeforeRetention
@@ -80,6 +81,11 @@ def _allow(exc: BaseException) -> dict[str, str]:
     return {"Allow": ", ".join(exc.allow)}
 
 
+def _accept_encoding(exc: BaseException) -> dict[str, str]:
+    assert isinstance(exc, UnsupportedEncoding)
+    return {"Accept-Encoding": ", ".join(exc.accepted)}
+
+
 def _retry(exc: BaseException) -> dict[str, str]:
     assert isinstance(exc, Unavailable | Overloaded)
     return {"Retry-After": str(exc.retry_after)}
@@ -98,6 +104,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, HeaderFn]] = {
     Gone: (410, _none),
     BeforeRetention: (410, _before_retention),
     PayloadTooLarge: (413, _none),
+    UnsupportedEncoding: (415, _accept_encoding),
     Overloaded: (429, _retry),
     Unavailable: (503, _retry),
 }

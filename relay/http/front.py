@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
@@ -26,7 +26,8 @@ from aiohttp.http import HttpVersion11
 from protocol import headers as h
 from protocol.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from relay.config import Config
-from relay.http.context import CONTINUE, CTX, REQUEST_ID, Context
+from relay.http.connections import ConnectionRules, RelayProtocol, RelayServer
+from relay.http.context import CONTINUE, CTX, DROP, REQUEST_ID, Context
 from relay.http.errors import Handler, error_response
 from relay.http.paths import PREFIX, valid_host
 
@@ -97,6 +98,7 @@ class Front:
 
     def __init__(self, ctx: Context, routes: Routes) -> None:
         self._ctx = ctx
+        self.config = ctx.config
         self._routes = routes
         self._decorate = ResponseHeaders(ctx.config)
         ctx.decorate = self._decorate
@@ -107,11 +109,18 @@ class Front:
         request[CTX] = ctx
         request[REQUEST_ID] = rid = request_id(request)
         route = "other"
+        connection = request.protocol
+        over_cap = False
+        if isinstance(connection, RelayProtocol):
+            connection.request_started()
+            over_cap = connection.over_cap
         try:
             handler, route = self._routes.resolve(request)
             check_host(request)
             if ctx.stopping:  # requests still arriving on open connections get 503, not a reset
                 raise Unavailable("relay is shutting down")
+            if over_cap:
+                raise Unavailable("too many open connections", retry_after=1)
             if request.headers.get(hdrs.EXPECT) is not None:
                 _expect(request)
             response = await handler(request)
@@ -119,14 +128,19 @@ class Front:
             response = _plain(request, exc)
         except Exception as exc:
             response = error_response(request, exc)
-        if ctx.stopping or request.get(CONTINUE):
+        if ctx.stopping or over_cap or request.get(CONTINUE) or request.get(DROP):
             # Stopping: clients reconnect elsewhere rather than race our close. A body never
             # invited: the client may still send it, and it must not be read as a request.
+            # A body dropped part-read: its rest is not worth decoding to reuse the connection.
             response.force_close()
         if not response.prepared:
             self._decorate(request, response)
         # Prepared ones (SSE) too: their end is sent here, bounded, and their length known.
         await _write_bounded(request, response, ctx.config.write_timeout)
+        if request.get(DROP) and request.transport is not None:
+            request.transport.close()  # else aiohttp decodes the rest of the body to drain it
+        if isinstance(connection, RelayProtocol):
+            connection.request_ended()
         elapsed = time.perf_counter() - started
         status = response.status
         ctx.metrics.observe_request(
@@ -275,14 +289,42 @@ FRONT: web.AppKey[Front] = web.AppKey("relay_front", Front)
 class RelayRunner(web.AppRunner):
     """An ``AppRunner`` whose server hands every request straight to the app's ``Front``:
     the application starts, serves its cleanup contexts and stops as usual, but no request
-    passes its router, middleware or signals."""
+    passes its router, middleware or signals. Its connections are ``RelayProtocol``s, with
+    the request-head deadlines, idle timeout and cap of the app's config."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        handle_signals: bool = False,
+        shutdown_timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, **kwargs
+        )
+        self._protocol_kwargs = kwargs
+
+    @property
+    def connection_cap(self) -> int:
+        """How many connections it serves before answering new ones 503 (after setup)."""
+        server = self.server
+        assert isinstance(server, RelayServer)
+        return server.rules.cap
 
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # The server still builds web.Request objects (the app's request factory), so the
-        # BaseRequest this attribute is typed with is always a Request here.
-        server.request_handler = cast(_LowLevelHandler, self.app[FRONT])
-        return server
+        server = await super()._make_server()  # starts the app, which makes the Context
+        config = self.app[FRONT].config
+        kwargs = {"keepalive_timeout": config.idle_timeout, **self._protocol_kwargs}
+        return RelayServer(
+            # The server still builds web.Request objects (the app's request factory), so the
+            # BaseRequest this attribute is typed with is always a Request here.
+            cast(_LowLevelHandler, self.app[FRONT]),
+            rules=ConnectionRules.from_config(config),
+            loop=asyncio.get_running_loop(),
+            request_factory=server.request_factory,
+            **kwargs,
+        )
 
 
 _LowLevelHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

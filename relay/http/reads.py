@@ -3,40 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from aiohttp import web
 
-from protocol import caching, cursor, jsonmode, sse
+from protocol import caching, cursor, sse
 from protocol import headers as h
-from protocol.errors import BadRequest, NotFound, ProtocolError
+from protocol.errors import BadRequest
 from protocol.lifecycle import deadline
 from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
 from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
-from relay.auth.errors import Unauthorized
+from relay.http import chunks, compression, live
+from relay.http.chunks import Chunk, check_boundary, read_chunk
 from relay.http.context import Context, context
 from relay.http.paths import stream_path
-from relay.hub import Subscription
 
 LIVE_MODES = ("long-poll", "sse")
 # nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
 # SSE: a buffering proxy reads events as fast as Relay writes them and spools them for a slow
 # reader, up to a gigabyte on disk, so --write-timeout never sees that reader stall.
 ACCEL_BUFFERING = "X-Accel-Buffering"
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """Bytes read from ``start`` up to ``end``, and whether they reach the known tail."""
-
-    data: bytes
-    start: int
-    end: int
-    up_to_date: bool
-    closed: bool  # the chunk ends at the final offset of a closed stream
-    rendered: bytes | None = None  # the response body, when already rendered for others
 
 
 async def get(request: web.Request) -> web.StreamResponse:
@@ -74,79 +62,13 @@ async def get(request: web.Request) -> web.StreamResponse:
     elif start.is_now:
         response = _tail_response(ctx, meta, status=200, cursor_value=None, now=True)
     else:
-        chunk = await _read_chunk(ctx, meta, position)
+        chunk = await read_chunk(ctx, meta, position)
         response = _chunk_response(request, ctx, meta, chunk, cursor_value=None)
     if access is not None and not access.public:
         response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
     if meta.successor is not None:
         response.headers.update(h.successor_headers(meta.successor))
     return response
-
-
-async def _read_chunk(ctx: Context, meta: StreamMeta, start: int) -> Chunk:
-    """Up to ``max_chunk_bytes`` from ``start``, cut at a message boundary in JSON mode."""
-    limit = ctx.config.max_chunk_bytes
-    end = min(meta.tail, start + limit)
-    json_mode = h.is_json(meta.content_type)
-    # The byte before proves start is a message boundary (the horizon is one by construction,
-    # and its previous byte may be gone).
-    first = start - 1 if json_mode and start > meta.retained_from else start
-    data = ctx.hub.held(meta.stream_id, first, end)
-    if data is None:
-        data = await ctx.store.read(meta, first, end)
-        if len(data) != end - first:  # rows gone: the horizon passed this reader meanwhile
-            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-            check_retained(current, first)
-            raise RuntimeError(f"stream {meta.stream_id}: short read at {first}")
-    if first < start:
-        _check_boundary(data[:1])
-        data = data[1:]
-    if json_mode and end < meta.tail:
-        data = await _whole_messages(ctx, meta, start, data, limit)
-    return _chunk(meta, start, data)
-
-
-def _check_boundary(previous: bytes) -> None:
-    """A JSON read must start after a whole message: offsets inside one are not offsets
-    Relay ever returned, and reading from them would hand out half a message."""
-    if previous != jsonmode.SEPARATOR:
-        raise BadRequest("invalid_offset", "offset is not on a message boundary")
-
-
-async def _whole_messages(
-    ctx: Context, meta: StreamMeta, start: int, data: bytes, limit: int
-) -> bytes:
-    """``data`` cut after its last whole message within ``limit``.
-
-    A first message longer than ``limit`` goes whole: its end is found by reading on in
-    windows of ``limit`` bytes, so the work is bounded by that message, not the stream.
-    """
-    cut = jsonmode.chunk_end(data, limit)
-    if cut:
-        return data[:cut]
-    parts = [data]
-    at = start + len(data)
-    while at < meta.tail:
-        window = await ctx.store.read(meta, at, min(meta.tail, at + limit))
-        if not window:
-            break
-        cut = jsonmode.chunk_end(window, 0)  # the end of the message in progress
-        if cut:
-            parts.append(window[:cut])
-            break
-        parts.append(window)
-        at += len(window)
-    return b"".join(parts)
-
-
-def _chunk(meta: StreamMeta, start: int, data: bytes) -> Chunk:
-    end = start + len(data)
-    at_tail = end >= meta.tail
-    return Chunk(data, start, end, up_to_date=at_tail, closed=meta.closed and at_tail)
-
-
-def _render(meta: StreamMeta, data: bytes) -> bytes:
-    return jsonmode.render(data) if h.is_json(meta.content_type) else data
 
 
 def _cursor(ctx: Context, request: web.Request) -> str:
@@ -162,12 +84,14 @@ def _chunk_response(
     *,
     now: bool = False,
 ) -> web.Response:
-    tag = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed)
-    out = {
-        "Content-Type": meta.content_type,
-        h.STREAM_NEXT_OFFSET: format_offset(chunk.end),
-        "ETag": tag,
-    }
+    coding = None
+    out = {"Content-Type": meta.content_type, h.STREAM_NEXT_OFFSET: format_offset(chunk.end)}
+    if _compressible(ctx, meta, chunk):
+        out["Vary"] = "Accept-Encoding"
+        coding = compression.negotiate(request.headers.get("Accept-Encoding"))
+        if coding is not None:
+            out["Content-Encoding"] = coding
+    tag = out["ETag"] = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed, coding)
     if chunk.up_to_date:
         out[h.STREAM_UP_TO_DATE] = "true"
     if chunk.closed:
@@ -179,8 +103,18 @@ def _chunk_response(
     )
     if caching.matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=out)
-    body = chunk.rendered if chunk.rendered is not None else _render(meta, chunk.data)
+    body = chunk.rendered if chunk.rendered is not None else chunks.render(meta, chunk.data)
+    if coding is not None:
+        body = chunk.encoded(coding, body)
     return web.Response(status=200, headers=out, body=body)
+
+
+def _compressible(ctx: Context, meta: StreamMeta, chunk: Chunk) -> bool:
+    """Whether an answer's body depends on Accept-Encoding: a textual stream's chunk of at
+    least ``--compress-min-bytes``. Decided on the stored bytes, before any render, so a 304
+    carries the same Vary and ETag as the 200 it confirms."""
+    least = ctx.config.compress_min_bytes
+    return 0 < least <= len(chunk.data) and compression.compressible(meta.content_type)
 
 
 def _cache_control(ctx: Context, meta: StreamMeta, *, open_tail: bool, now: bool) -> str:
@@ -214,7 +148,7 @@ def _tail_response(
     if status == 204:
         return web.Response(status=204, headers=out)
     out["Content-Type"] = meta.content_type
-    return web.Response(status=200, headers=out, body=_render(meta, b""))
+    return web.Response(status=200, headers=out, body=chunks.render(meta, b""))
 
 
 async def _long_poll(
@@ -227,20 +161,11 @@ async def _long_poll(
     is_now: bool,
 ) -> web.Response:
     if position < meta.tail and not is_now:
-        chunk = await _read_chunk(ctx, meta, position)
+        chunk = await read_chunk(ctx, meta, position)
         return _chunk_response(request, ctx, meta, chunk, _cursor(ctx, request))
     if meta.closed:
         return _tail_response(ctx, meta, status=204, cursor_value=None, now=is_now)
-    ctx.limits.enter_reader()
-    ctx.metrics.long_poll_readers.inc()
-    try:
-        with ctx.hub.subscribe(meta.stream_id) as sub:
-            found = await _wait_for_data(
-                ctx, sub, meta, position, ctx.config.long_poll_timeout, access
-            )
-    finally:
-        ctx.limits.exit_reader()
-        ctx.metrics.long_poll_readers.dec()
+    found = await live.long_poll(ctx, meta, position, access)
     if found is None or found.start == found.end:
         latest = replace(meta, tail=found.end if found else meta.tail)
         if found is not None and found.closed:
@@ -251,93 +176,19 @@ async def _long_poll(
     return _chunk_response(request, ctx, meta, found, _cursor(ctx, request), now=is_now)
 
 
-async def _wait_for_data(
-    ctx: Context,
-    sub: Subscription,
-    meta: StreamMeta,
-    position: int,
-    timeout: float,
-    access: Access | None = None,
-) -> Chunk | None:
-    """Park until data past ``position`` commits; None on timeout.
-
-    Subscribing happens before re-reading the stream's state, so a commit landing between
-    the first read and the subscription is never missed. A reader holding a credential
-    re-checks it at every wake and every few seconds (401 once revoked or expired).
-    """
-    if sub.known_tail() is None:  # a watch already following the stream needs no re-check
-        current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-        if current.stream_id != meta.stream_id:
-            raise NotFound()
-        sub.note_tail(current.tail, current.closed)
-    if access is None:
-        woke = await sub.wait_beyond(position, timeout)
-    else:
-        woke = await _wait_checking(ctx, sub, position, timeout, access)
-    if not woke:
-        return None
-    if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it
-        current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-        if current.stream_id != meta.stream_id:
-            raise NotFound("stream was deleted")
-    return await _take(ctx, sub, meta, position)
-
-
-async def _wait_checking(
-    ctx: Context, sub: Subscription, position: int, timeout: float, access: Access
-) -> bool:
-    """``sub.wait_beyond`` in slices of at most ``recheck_seconds``, re-checking the
-    credential after each; raises Unauthorized once it is no longer valid."""
-    auth = ctx.auth
-    assert auth is not None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        remaining = deadline - loop.time()
-        woke = await sub.wait_beyond(position, min(remaining, auth.recheck_seconds))
-        auth.recheck(access.principal)
-        if woke:
-            return True
-        if ctx.stopping or remaining <= auth.recheck_seconds:
-            return False
-
-
-async def _take(ctx: Context, sub: Subscription, meta: StreamMeta, position: int) -> Chunk:
-    """The data past ``position`` that woke a reader: from the hub's memory, else the store.
-
-    Readers woken by one commit at the same position share one chunk, rendered once (the
-    fan-out case: a thousand long-polls of one chat take the same bytes)."""
-    tail = sub.known_tail()
-    assert tail is not None
-    closed = sub.closed
-    key = (position, tail, closed)
-    shared = sub.shared.get(key)
-    if isinstance(shared, Chunk):
-        return shared
-    latest = replace(meta, tail=tail, closed=closed)
-    data = sub.take(position, ctx.config.max_chunk_bytes, json_mode=h.is_json(meta.content_type))
-    chunk = (
-        await _read_chunk(ctx, latest, position) if data is None else _chunk(latest, position, data)
-    )
-    chunk = replace(chunk, rendered=_render(meta, chunk.data))
-    sub.shared[key] = chunk
-    return chunk
-
-
 async def _sse(
     request: web.Request, ctx: Context, meta: StreamMeta, position: int, access: Access | None
 ) -> web.StreamResponse:
-    """Stream events until the stream closes, is deleted, or the reconnect interval passes.
+    """Send ``live.SseFeed``'s events until it ends (closed, deleted, revoked, or the reconnect
+    interval passed).
 
-    Each data event goes out in one write together with its control event, so a reader never
-    sees data without the offset that follows it. A reader holding a credential re-checks it
-    before every event and every few seconds while idle; the stream ends once it is revoked
-    or expired.
+    Never compressed: a compressor keeps its window per connection (91 KiB for gzip, 790 KiB
+    for zstd, against a few KiB for the whole parked reader), and a commit woken readers now
+    share as one render would be compressed once per reader, each with its own history.
     """
-    json_mode = h.is_json(meta.content_type)
     binary = not h.is_text_like(meta.content_type)
-    if json_mode and meta.retained_from < position < meta.tail:  # before the 200 goes out
-        _check_boundary(await ctx.store.read(meta, position - 1, position))
+    if h.is_json(meta.content_type) and meta.retained_from < position < meta.tail:
+        check_boundary(await ctx.store.read(meta, position - 1, position))  # before the 200
     response = web.StreamResponse(
         status=200,
         headers={
@@ -350,80 +201,19 @@ async def _sse(
             **h.successor_headers(meta.successor),
         },
     )
-    ctx.limits.enter_reader()
-    ctx.metrics.sse_readers.inc()
-    try:
-        ctx.decorate(request, response)
-        await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        ends_at = loop.time() + ctx.config.sse_reconnect_interval
-        with ctx.hub.subscribe(meta.stream_id) as sub:
-            try:
-                current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-            except ProtocolError:  # removed since the first look: the reader re-connects
-                return response
-            if current.stream_id != meta.stream_id:  # the path now names another stream
-                return response
-            sub.note_tail(current.tail, current.closed)
-            announced = False  # a control event for the current position went out
-            while not sub.deleted:
-                if access is not None and not _still_allowed(ctx, access):
-                    break
-                tail = sub.known_tail() or position
-                event = b""
-                if position < tail:
-                    chunk = await _take(ctx, sub, meta, position)
-                    data = chunk.data
-                    if not (json_mode or binary or chunk.up_to_date):
-                        data = data[: sse.text_chunk_end(data)]
-                    event = sse.data_event(data, json_mode=json_mode, binary=binary)
-                    position = chunk.start + len(data)
-                    announced = False
-                    tail = sub.known_tail() or position
-                closed = sub.closed and position >= tail
-                if closed:
-                    announced = False  # the final control event must say streamClosed
-                if not announced and (event or position >= tail):
-                    event += sse.control_event(
-                        format_offset(position),
-                        cursor=None if closed else _cursor(ctx, request),
-                        up_to_date=position >= tail,
-                        closed=closed,
-                    )
-                    announced = True
-                if event:
+    with live.reader_slot(ctx, ctx.metrics.sse_readers):
+        try:
+            ctx.decorate(request, response)
+            await response.prepare(request)
+            deadline = asyncio.get_running_loop().time() + ctx.config.sse_reconnect_interval
+            with ctx.hub.subscribe(meta.stream_id) as sub:
+                reader = live.LiveRead(ctx, sub, meta, access)
+                feed = live.SseFeed(reader, position, deadline, lambda: _cursor(ctx, request))
+                while (event := await feed.next_event()) is not None:
                     await _send(request, response, event, ctx.config.write_timeout)
-                if closed:
-                    break
-                remaining = ends_at - loop.time()
-                if position < tail and remaining > 0:
-                    continue  # catching up; a reader far behind still reconnects on time
-                if remaining <= 0:
-                    break
-                if access is None:
-                    if not await sub.wait_beyond(position, remaining):
-                        break
-                    continue
-                assert ctx.auth is not None
-                every = ctx.auth.recheck_seconds
-                woke = await sub.wait_beyond(position, min(remaining, every))
-                if not woke and (ctx.stopping or remaining <= every):
-                    break
-    except ConnectionResetError:
-        pass  # the reader went away; it resumes from the last control event's offset
-    finally:
-        ctx.limits.exit_reader()
-        ctx.metrics.sse_readers.dec()
+        except ConnectionResetError:
+            pass  # the reader went away; it resumes from the last control event's offset
     return response
-
-
-def _still_allowed(ctx: Context, access: Access) -> bool:
-    assert ctx.auth is not None
-    try:
-        ctx.auth.recheck(access.principal)
-    except Unauthorized:
-        return False
-    return True
 
 
 async def _send(

@@ -32,6 +32,7 @@ CREATE INDEX relay_streams_source ON relay_streams (source_id) WHERE source_id I
 CREATE INDEX relay_streams_expiry ON relay_streams (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX relay_streams_ttl ON relay_streams ((last_access + ttl)) WHERE ttl IS NOT NULL;
 CREATE INDEX relay_streams_compact ON relay_streams (last_append, id) WHERE compact_pending;
+CREATE INDEX relay_streams_soft_deleted ON relay_streams (id) WHERE soft_deleted;
 
 -- Raises RL001 unless ok: the one-round-trip write's check that nothing changed underneath.
 CREATE OR REPLACE FUNCTION relay_guard(ok boolean) RETURNS boolean

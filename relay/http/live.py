@@ -1,0 +1,235 @@
+"""Live reads (sections 5.7 and 5.8): a reader parked on a stream until data commits, the
+stream closes or is deleted, its time runs out, or its credential stops being valid.
+
+``LiveRead`` is one reader's hold on a stream: it learns the tail after subscribing, waits for
+a wake, re-checks the reader's credential once per wake (here and nowhere else), and takes the
+woken bytes. ``long_poll`` parks for one answer; ``SseFeed`` turns the same waits into the
+events of one SSE response. Neither renders HTTP: ``reads.py`` parses, calls them and renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+from prometheus_client import Gauge
+
+from protocol import headers as h
+from protocol import sse
+from protocol.errors import NotFound, ProtocolError
+from protocol.model import StreamMeta
+from protocol.offsets import format_offset
+from relay.auth.authorizer import Access
+from relay.auth.errors import Unauthorized
+from relay.http import chunks
+from relay.http.chunks import Chunk
+from relay.http.context import Context
+from relay.hub import Subscription
+
+
+class Wake(enum.Enum):
+    """Why a parked reader stopped waiting."""
+
+    DATA = "data"  # the tail passed its position, or the stream closed or was deleted
+    TIMEOUT = "timeout"  # its deadline passed, or the relay is stopping
+
+
+@contextmanager
+def reader_slot(ctx: Context, gauge: Gauge) -> Iterator[None]:
+    """One of ``--max-live-readers`` slots (429 when none is left), counted in ``gauge``."""
+    ctx.limits.enter_reader()
+    gauge.inc()
+    try:
+        yield
+    finally:
+        ctx.limits.exit_reader()
+        gauge.dec()
+
+
+class LiveRead:
+    """One live reader's hold on a subscribed stream."""
+
+    def __init__(
+        self, ctx: Context, sub: Subscription, meta: StreamMeta, access: Access | None
+    ) -> None:
+        self.ctx = ctx
+        self.sub = sub
+        self.meta = meta
+        self._access = access
+
+    async def attach(self) -> bool:
+        """Tell the subscription the stream's tail as the store has it now; False when the
+        path names another stream since the reader's first look. Store errors (404, 410)
+        propagate.
+
+        The subscription comes first, this read second, so a commit landing between the
+        reader's first look and its subscription is never missed.
+        """
+        ctx = self.ctx
+        current = await ctx.store.head(self.meta.path, ctx.clock(), touch=False)
+        if current.stream_id != self.meta.stream_id:
+            return False
+        self.sub.note_tail(current.tail, current.closed)
+        return True
+
+    async def wake(self, position: int, deadline: float) -> Wake:
+        """Wait until data past ``position`` commits, the stream closes or is deleted
+        (``DATA``, at once if that is already so), or the loop's clock reaches ``deadline``.
+
+        A reader holding a credential waits in slices of ``recheck_seconds`` and re-checks it
+        after each, raising ``Unauthorized`` once it is revoked or expired: a parked reader is
+        cut off within seconds, and a reader catching up is checked before each chunk.
+        """
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return Wake.TIMEOUT
+        if self._access is None:
+            return Wake.DATA if await self.sub.wait_beyond(position, remaining) else Wake.TIMEOUT
+        auth = self.ctx.auth
+        assert auth is not None
+        every = auth.recheck_seconds
+        while True:
+            woke = await self.sub.wait_beyond(position, min(remaining, every))
+            auth.recheck(self._access.principal)
+            if woke:
+                return Wake.DATA
+            if self.ctx.stopping or remaining <= every:
+                return Wake.TIMEOUT
+            remaining = deadline - loop.time()
+
+    async def take(self, position: int) -> Chunk:
+        """The data past ``position`` that woke the reader: from the hub's memory, else the
+        store.
+
+        Readers woken by one commit at the same position share one chunk, rendered once (the
+        fan-out case: a thousand long-polls of one chat take the same bytes).
+        """
+        sub, meta = self.sub, self.meta
+        tail = sub.known_tail()
+        assert tail is not None
+        closed = sub.closed
+        key = (position, tail, closed)
+        shared = sub.shared.get(key)
+        if isinstance(shared, Chunk):
+            return shared
+        latest = replace(meta, tail=tail, closed=closed)
+        json_mode = h.is_json(meta.content_type)
+        data = sub.take(position, self.ctx.config.max_chunk_bytes, json_mode=json_mode)
+        if data is None:
+            chunk = await chunks.read_chunk(self.ctx, latest, position)
+        else:
+            chunk = chunks.chunk_of(latest, position, data)
+        chunk = replace(chunk, rendered=chunks.render(meta, chunk.data))
+        sub.shared[key] = chunk
+        return chunk
+
+
+async def long_poll(
+    ctx: Context, meta: StreamMeta, position: int, access: Access | None
+) -> Chunk | None:
+    """Park until data past ``position`` commits; the chunk (empty when the stream closed with
+    nothing new), or None on timeout. 404 once the stream is deleted (410 while forks keep
+    it), 401 once the credential is no longer valid."""
+    with reader_slot(ctx, ctx.metrics.long_poll_readers), ctx.hub.subscribe(meta.stream_id) as sub:
+        live = LiveRead(ctx, sub, meta, access)
+        # A watch already following the stream (a re-poll) knows its tail: no store read.
+        if sub.known_tail() is None and not await live.attach():
+            raise NotFound()
+        deadline = asyncio.get_running_loop().time() + ctx.config.long_poll_timeout
+        if await live.wake(position, deadline) is Wake.TIMEOUT:
+            return None
+        if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it
+            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
+            if current.stream_id != meta.stream_id:
+                raise NotFound("stream was deleted")
+        return await live.take(position)
+
+
+class SseState(enum.Enum):
+    """Where an SSE feed is; ``next_event`` moves it on."""
+
+    OPENING = "opening"  # subscribed, the tail not yet learned
+    SENDING = "sending"  # the next event is due from what the reader knows
+    PARKED = "parked"  # everything known was sent: waiting for a wake
+    ENDED = "ended"  # closed, deleted, replaced, revoked, or time to reconnect
+
+
+class SseFeed:
+    """The events of one SSE response, one ``next_event`` at a time, until the stream closes,
+    is deleted, the reader's credential ends, or ``deadline`` (the reconnect interval) passes.
+
+    Each data event comes together with its control event, so a reader never sees data without
+    the offset that follows it. A reader far behind sends chunks back to back, but each passes
+    through ``wake`` (the credential check, the deadline) like any other.
+    """
+
+    def __init__(self, live: LiveRead, position: int, deadline: float, cursor: Callable[[], str]):
+        self._live = live
+        self.position = position
+        self._deadline = deadline
+        self._cursor = cursor
+        self.state = SseState.OPENING
+        self._announced = False  # a control event for the current position went out
+        content_type = live.meta.content_type
+        self._json = h.is_json(content_type)
+        self._binary = not h.is_text_like(content_type)
+
+    async def next_event(self) -> bytes | None:
+        """The next bytes to send, or None once the feed has ended."""
+        live = self._live
+        while True:
+            if self.state is SseState.OPENING:
+                try:
+                    attached = await live.attach()
+                except ProtocolError:  # removed since the first look: the reader re-connects
+                    attached = False
+                self.state = SseState.SENDING if attached else SseState.ENDED
+            elif self.state is SseState.PARKED:
+                try:
+                    woke = await live.wake(self.position, self._deadline)
+                except Unauthorized:
+                    woke = Wake.TIMEOUT
+                self.state = SseState.SENDING if woke is Wake.DATA else SseState.ENDED
+            elif self.state is SseState.SENDING:
+                if live.sub.deleted:
+                    self.state = SseState.ENDED
+                    continue
+                event, closed = await self._event()
+                self.state = SseState.ENDED if closed else SseState.PARKED
+                if event:
+                    return event
+            else:
+                return None
+
+    async def _event(self) -> tuple[bytes, bool]:
+        """What is due from the known tail (data and/or control), and whether it ends the
+        stream (the final control event of a closed stream)."""
+        sub = self._live.sub
+        position = self.position
+        tail = sub.known_tail() or position
+        event = b""
+        if position < tail:
+            chunk = await self._live.take(position)
+            data = chunk.data
+            if not (self._json or self._binary or chunk.up_to_date):
+                data = data[: sse.text_chunk_end(data)]
+            event = sse.data_event(data, json_mode=self._json, binary=self._binary)
+            position = self.position = chunk.start + len(data)
+            self._announced = False
+            tail = sub.known_tail() or position
+        closed = sub.closed and position >= tail
+        if closed:
+            self._announced = False  # the final control event must say streamClosed
+        if not self._announced and (event or position >= tail):
+            event += sse.control_event(
+                format_offset(position),
+                cursor=None if closed else self._cursor(),
+                up_to_date=position >= tail,
+                closed=closed,
+            )
+            self._announced = True
+        return event, closed
