@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_tables(config, args)
     try:
         config_mod.check_serving(config)
+        if not config.database_url:
+            from relay.datadir import prepare
+
+            prepare(config.data_dir)
     except config_mod.ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
@@ -194,6 +198,11 @@ async def _serve_until_signalled(config: config_mod.Config, spec: WorkerSpec | N
         await runner.setup()
     except StoreStartupError as exc:
         log.error("cannot start", reason=str(exc))
+        return 1
+    except Exception as exc:  # e.g. a database whose schema the migration cannot create
+        # Still one line naming it; the traceback only when asked for (--log-level debug).
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("cannot start", reason=reason, exc_info=config.log_level == "debug")
         return 1
     deadline: threading.Timer | None = None
     try:

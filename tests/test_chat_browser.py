@@ -123,7 +123,7 @@ def chat(request: pytest.FixtureRequest, tmp_path: Path, web_dist: Path) -> Iter
     backend = Backend(
         [
             "--relay-url", relay.url,
-            "--relay-api-key", (keys / "backend.key").read_text(),
+            "--relay-api-key-file", str(keys / "backend.key"),
             "--jwt-keys", str(keys / "jwks.json"),
             "--web-dir", str(web_dist),
             "--tokens-per-second", str(TOKENS_PER_SECOND),

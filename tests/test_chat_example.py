@@ -1,12 +1,15 @@
 """examples/chat without a browser: `examples/chat/run` starts a working chat with one command,
-the browser's token reads its own chat and nothing else, and the metadata store behaves the
-same on SQLite and Postgres. (The browser itself: tests/test_chat_browser.py.)"""
+refuses a taken port in one line before it starts anything, prints the chat's URL only once the
+chat answers and never puts the backend's key in a process's argv; the browser's token reads its
+own chat and nothing else, and the metadata store behaves the same on SQLite and Postgres. (The
+browser itself: tests/test_chat_browser.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -18,13 +21,19 @@ from typing import Any
 import jwt
 import pytest
 
+from examples.chat.backend.config import SettingsError, read_settings
 from examples.chat.backend.metadata import Chat, Message, MetadataStore, open_store
 from examples.chat.backend.model import DeterministicModel
-from tests.relay_process import free_port
+from tests.relay_process import RelayProcess, free_port
 from tests.waits import wait_for_sync
 
 ROOT = Path(__file__).resolve().parent.parent
+RUN = str(ROOT / "examples/chat/run")
 REPLY_TOKENS = 25
+needs_web = pytest.mark.skipif(
+    shutil.which("npx") is None or not (ROOT / "examples/chat/web/node_modules").is_dir(),
+    reason="needs npm ci in examples/chat/web (scripts/test runs it)",
+)
 
 
 def _call(
@@ -51,7 +60,7 @@ def running(tmp_path: Path) -> Iterator[tuple[str, str]]:
         pytest.skip("needs npm ci in examples/chat/web (scripts/test runs it)")
     port, relay_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [str(ROOT / "examples/chat/run"), "--port", str(port), "--relay-port", str(relay_port),
+        [RUN, "--port", str(port), "--relay-port", str(relay_port),
          "--data", str(tmp_path / "data"), "--reply-tokens", str(REPLY_TOKENS),
          "--tokens-per-second", "200"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -83,10 +92,27 @@ def _read_all(url: str, token: str) -> list[Any]:
     return list(body or [])
 
 
-def test_run_serves_a_chat_with_read_only_browser_tokens(running: tuple[str, str]) -> None:
+def _argvs() -> list[bytes]:
+    """Every process's command line this user can read, as ps shows it to any local user."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(cmdline.read_bytes())
+        except OSError:  # gone while we looked
+            continue
+    return found
+
+
+def test_run_serves_a_chat_with_read_only_browser_tokens(
+    running: tuple[str, str], tmp_path: Path
+) -> None:
     url, relay = running
     status, _, _ = _call("GET", url + "/")
     assert status == 200
+    key = (tmp_path / "data" / "backend.key").read_bytes().strip()
+    argvs = _argvs()
+    assert any(b"examples.chat.backend" in argv for argv in argvs)  # the backend is there
+    assert not [argv for argv in argvs if key in argv]  # but its key is in no one's argv
     _, created, _ = _call("POST", url + "/api/chats")
     _, other, _ = _call("POST", url + "/api/chats")
     chat = created["id"]
@@ -133,6 +159,75 @@ def test_run_serves_a_chat_with_read_only_browser_tokens(running: tuple[str, str
     assert _call("GET", other_state, token=token)[0] == 403
     assert _call("GET", f"{reply_url}?offset=-1")[0] == 401
     assert _call("GET", f"{url}/api/chats/nope/session")[0] == 404
+
+
+def _run_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """`examples/chat/run` that must stop on its own, having printed no chat URL."""
+    done = subprocess.run([RUN, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "chat on" not in done.stdout
+    return done
+
+
+def test_run_names_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "data"
+        relay_port = str(free_port())
+        done = _run_refused("--port", str(port), "--relay-port", relay_port, "--data", str(data))
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"port {port}, for the chat, is taken by another process, pid " in lines[0]
+    assert "--port" in lines[0]
+    assert not data.exists()  # refused before it wrote credentials or started a relay
+
+
+def test_run_says_a_relay_holds_its_relay_port(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "other")
+    relay.start()
+    try:
+        done = _run_refused("--port", str(free_port()), "--relay-port", str(relay.port),
+                            "--data", str(tmp_path / "data"))  # fmt: skip
+    finally:
+        relay.stop()
+    (line,) = done.stderr.splitlines()
+    assert f"port {relay.port}, for the relay, is taken by a relay, pid " in line
+    assert line.endswith("choose another with --relay-port")
+
+
+def test_run_needs_two_ports(tmp_path: Path) -> None:
+    port = str(free_port())
+    done = _run_refused("--port", port, "--relay-port", port, "--data", str(tmp_path / "data"))
+    assert done.stderr.splitlines() == [
+        f"examples/chat/run: each needs its own port, got chat {port}, relay {port}"
+    ]
+
+
+@needs_web
+def test_run_prints_no_url_when_the_backend_fails(tmp_path: Path) -> None:
+    """A backend that exits at start-up (here: an unknown model) ends the run without a URL."""
+    done = _run_refused("--port", str(free_port()), "--relay-port", str(free_port()),
+                        "--data", str(tmp_path / "data"), "--model", "nope")  # fmt: skip
+    assert "chat backend: --model: deterministic or openai" in done.stderr
+    assert "the backend exited before it answered" in done.stderr
+
+
+def test_backend_reads_its_relay_key_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    key_file = tmp_path / "backend.key"
+    key_file.write_text("k-123\n")
+    jwks = ["--jwt-keys", "jwks.json"]
+    by_file = read_settings([*jwks, "--relay-api-key-file", str(key_file)], {})
+    assert by_file.relay_api_key == "k-123"
+    assert read_settings(jwks, {"CHAT_RELAY_API_KEY": "k-456"}).relay_api_key == "k-456"
+    for argv, message in [
+        (jwks, "--relay-api-key-file .or CHAT_RELAY_API_KEY.: the backend's write credential"),
+        ([*jwks, "--relay-api-key-file", str(tmp_path / "none")], "cannot read .*none"),
+        ([*jwks, "--relay-api-key-file", str(key_file), "--relay-api-key", "x"], "not both"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            read_settings(argv, {})
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -14,6 +14,7 @@ committed state and request paths that only need metadata never touch the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import sqlite3
@@ -158,7 +159,10 @@ class SqliteStore:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._lock_directory()
         loop = asyncio.get_running_loop()
-        self._write_conn = await loop.run_in_executor(self._writer, self._connect_writer)
+        try:
+            self._write_conn = await loop.run_in_executor(self._writer, self._connect_writer)
+        except sqlite3.Error as exc:  # not a database, a newer schema, a disk I/O error
+            raise StoreStartupError(f"cannot open {self._db_path}: {exc}") from None
         self._committer.start()
 
     def _lock_directory(self) -> None:
@@ -175,6 +179,7 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted rows are zeroed, not just unlinked
         migrate(conn)
         return conn
 
@@ -354,6 +359,12 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             self._cache.clear()
             raise
+        if state.removed or any(isinstance(op, RetainOp) for op in batch):
+            # Erased bytes still sit in WAL frames and older page images: copy the zeroed pages
+            # into relay.sqlite3 and empty the WAL before anyone is answered. The batch has
+            # committed, so a failed checkpoint must not fail it; the next erasure's retries.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         for path, (stream_id, when) in touches.items():
             cached = self._cache.get(path)
             if cached is not None and cached.stream_id == stream_id:

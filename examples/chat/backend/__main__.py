@@ -18,8 +18,13 @@ def main() -> int:
         print(f"chat backend: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"chat backend on http://{settings.host}:{settings.port}/", flush=True)
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, print=None)
+    url = f"http://{settings.host}:{settings.port}/"
+
+    def listening(_banner: str) -> None:
+        """run_app calls this once the socket listens: only then is the URL true."""
+        logging.getLogger("chat").info("backend on %s", url)
+
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, print=listening)
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 EXAMPLE = Path(__file__).resolve().parent.parent  # examples/chat
@@ -18,7 +18,8 @@ class Settings:
     port: int = 8080
     relay_url: str = "http://127.0.0.1:4437"  # how the backend reaches the relay
     public_relay_url: str = ""  # how browsers reach it (default: relay_url)
-    relay_api_key: str = ""  # the backend's write credential
+    relay_api_key: str = ""  # the backend's write credential; set CHAT_RELAY_API_KEY, not the flag
+    relay_api_key_file: str = ""  # or a file holding it (argv is visible to every local user)
     jwt_keys: str = ""  # the relay's --auth-jwt-keys file; its HS256 key signs browser tokens
     jwt_audience: str = ""  # the relay's --auth-audience, if it sets one
     token_lifetime: float = 300.0  # seconds a browser's read-only token lives
@@ -64,6 +65,26 @@ def read_settings(
         raise SettingsError("--model: deterministic or openai")
     if not settings.jwt_keys:
         raise SettingsError("--jwt-keys: the JWK Set file the relay verifies browser tokens with")
+    return _with_api_key(settings)
+
+
+def _with_api_key(settings: Settings) -> Settings:
+    """The relay API key from ``--relay-api-key-file`` or ``CHAT_RELAY_API_KEY`` (the flag
+    works too, but any local user's ``ps`` shows it)."""
+    path = settings.relay_api_key_file
+    if path and settings.relay_api_key:
+        raise SettingsError("--relay-api-key-file: give it or --relay-api-key, not both")
+    if path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as exc:
+            why = exc.strerror
+            raise SettingsError(f"--relay-api-key-file: cannot read {path}: {why}") from None
+        if not key:
+            raise SettingsError(f"--relay-api-key-file: {path} is empty")
+        settings = replace(settings, relay_api_key=key)
     if not settings.relay_api_key:
-        raise SettingsError("--relay-api-key: the backend's write credential for the relay")
+        raise SettingsError(
+            "--relay-api-key-file (or CHAT_RELAY_API_KEY): the backend's write credential"
+        )
     return settings
