@@ -40,6 +40,28 @@ def numbered_sql(backend: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def named_queries(backend: str) -> dict[str, str]:
+    """``sql/<backend>/queries.sql`` as name -> statement: a backend's SQL, loaded once.
+
+    ``-- name: <name>`` opens each statement; other comment lines are dropped, and
+    ``{meta_columns}`` becomes :data:`META_COLUMNS`.
+    """
+    text = (resources.files("relay.store") / "sql" / backend / "queries.sql").read_text()
+    queries: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-- name:"):
+            name = stripped.removeprefix("-- name:").strip()
+            queries[name] = ""
+        elif name and stripped and not stripped.startswith("--"):
+            queries[name] += line + "\n"
+    return {
+        key: sql.strip().removesuffix(";").replace("{meta_columns}", META_COLUMNS)
+        for key, sql in queries.items()
+    }
+
+
 def encode_acks(acks: tuple[tuple[int, int], ...]) -> str:
     """A producer's recent acknowledgements as stored: ``seq:offset`` pairs, comma-separated."""
     return ",".join(f"{seq}:{offset}" for seq, offset in acks)
