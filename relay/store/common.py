@@ -1,8 +1,8 @@
-"""What every batched store shares: the stream row's columns, staging appended rows, stitching
-reads across fork segments, the purge cascade, and resolving fork sub-offsets.
+"""What every batched store shares: the stream row's columns, named SQL and migrations,
+staging appended rows, stitching reads across fork segments, and resolving fork sub-offsets.
 
 Backends differ only in their driver (sqlite3 on a writer thread, asyncpg on the loop); the
-shapes of rows, the order of columns and the rules for what a purge removes live here once.
+shapes of rows and the order of columns live here once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from protocol.append import AppendPlan
 from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
-from protocol.errors import BadRequest, Conflict, ProtocolError
+from protocol.errors import BadRequest, ProtocolError
 from protocol.headers import ProducerHeaders, is_json
 from protocol.jsonmode import SEPARATOR
 from protocol.model import StreamMeta
@@ -72,36 +72,6 @@ def decode_acks(text: str | None) -> tuple[tuple[int, int], ...]:
         return ()
     pairs = (entry.split(":", 1) for entry in text.split(","))
     return tuple((int(seq), int(offset)) for seq, offset in pairs)
-
-
-def retention_limit_sql(table: str, param: str) -> str:
-    """The lowest horizon among a stream's descendant forks (NULL when it has none): rows of
-    the stream ending at or before ``min(its horizon, this)`` can be read by nobody."""
-    return (
-        f"WITH RECURSIVE d(id, h) AS (SELECT id, retained_from FROM {table} "
-        f"WHERE source_id = {param} UNION ALL SELECT s.id, s.retained_from FROM {table} s "
-        "JOIN d ON s.source_id = d.id) SELECT min(h) FROM d"
-    )
-
-
-def inheriting_sql(table: str, stream: str, offset: str) -> str:
-    """Every stream that can read ``stream``'s bytes at or past ``offset``: its forks made past
-    that offset and all their descendants, as (id, path)."""
-    return (
-        f"WITH RECURSIVE d(id, path) AS (SELECT id, path FROM {table} "
-        f"WHERE source_id = {stream} AND fork_offset > {offset} "
-        f"UNION ALL SELECT s.id, s.path FROM {table} s JOIN d ON s.source_id = d.id) "
-        "SELECT id, path FROM d"
-    )
-
-
-def refuse_inherited(inheriting: list[tuple[int, str]], allowed: frozenset[str]) -> list[int]:
-    """The ids to delete with a revocation; Conflict if any inheriting stream is not allowed."""
-    refused = sorted(path for _, path in inheriting if path not in allowed)
-    if refused:
-        names = ", ".join(refused[:5]) + (" ..." if len(refused) > 5 else "")
-        raise Conflict("inherited_by_fork", f"forks inherit these bytes: {names}")
-    return [stream_id for stream_id, _ in inheriting]
 
 
 def row_meta(row: Any) -> StreamMeta:
@@ -187,18 +157,6 @@ def stitch(out: bytearray, rows: Iterable[tuple[int, bytes]], lo: int, hi: int) 
     """Append the part of each stored row ``(start_pos, data)`` inside ``[lo, hi)``."""
     for row_start, data in rows:
         out += data[max(0, lo - row_start) : hi - row_start]
-
-
-def purge_chain_sql(streams: str, param: str) -> str:
-    """Ids a purge of stream ``param`` removes: the stream, then each soft-deleted source left
-    with no other fork, up the chain. One statement, so both backends cascade alike."""
-    return (
-        f"WITH RECURSIVE doomed(id, source_id) AS ("
-        f"SELECT id, source_id FROM {streams} WHERE id = {param} "
-        f"UNION ALL SELECT s.id, s.source_id FROM {streams} s JOIN doomed d ON s.id = d.source_id "
-        f"WHERE s.soft_deleted AND NOT EXISTS (SELECT 1 FROM {streams} f "
-        f"WHERE f.source_id = s.id AND f.id <> d.id)) SELECT id FROM doomed"
-    )
 
 
 Head = Callable[[str], Awaitable[StreamMeta]]

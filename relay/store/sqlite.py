@@ -93,12 +93,7 @@ class SqliteStore(Engine):
         commit_interval: float = 0.0,
         max_fork_scan: int = 16 * 1024 * 1024,
     ) -> None:
-        super().__init__(
-            max_batch_ops=max_batch_ops,
-            max_batch_bytes=max_batch_bytes,
-            commit_interval=commit_interval,
-            max_fork_scan=max_fork_scan,
-        )
+        super().__init__(max_batch_ops, max_batch_bytes, commit_interval, max_fork_scan)
         self._dir = Path(data_dir)
         self._db_path = self._dir / "relay.sqlite3"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="relay-sqlite-writer")
@@ -304,24 +299,8 @@ class SqliteTransaction:
                 return [(r[0], r[1]) for r in conn.execute(Q["purge_chain"], (stream_id,))]
             case needs.Flush():
                 self.flush()
-            case needs.Insert(path, plan, now):
-                source = plan.source
-                row = conn.execute(
-                    Q["insert_stream"],
-                    (
-                        path,
-                        plan.content_type,
-                        plan.fork_offset + len(plan.data),
-                        int(plan.closed),
-                        plan.expiry.ttl,
-                        plan.expiry.expires_at,
-                        now,
-                        source.stream_id if source else None,
-                        source.path if source else None,
-                        plan.fork_offset,
-                        plan.retained_from,
-                    ),
-                ).fetchone()
+            case needs.Insert():
+                row = conn.execute(Q["insert_stream"], need.params()).fetchone()
                 return with_segments(conn, row_meta(row))
             case needs.Erase(ids):
                 doomed = (json.dumps(ids),)

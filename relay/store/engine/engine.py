@@ -40,7 +40,6 @@ class Engine:
 
     def __init__(
         self,
-        *,
         max_batch_ops: int,
         max_batch_bytes: int,
         commit_interval: float,

@@ -88,6 +88,23 @@ class Insert:
     plan: CreatePlan
     now: float
 
+    def params(self) -> tuple[object, ...]:
+        """The row's values in the order both backends' ``insert_stream`` takes them."""
+        plan, source = self.plan, self.plan.source
+        return (
+            self.path,
+            plan.content_type,
+            plan.fork_offset + len(plan.data),
+            plan.closed,
+            plan.expiry.ttl,
+            plan.expiry.expires_at,
+            self.now,
+            source.stream_id if source else None,
+            source.path if source else None,
+            plan.fork_offset,
+            plan.retained_from,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Erase:
