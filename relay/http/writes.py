@@ -64,10 +64,7 @@ async def create(request: web.Request) -> web.Response:
     out = meta_headers(result.meta)
     if result.created:
         out["Location"] = str(request.url.with_query(None))
-        ctx.metrics.streams_created.inc()
-        ctx.metrics.appended_bytes.inc(result.meta.tail - result.meta.fork_offset)
-        if ctx.subscriptions is not None:
-            ctx.subscriptions.on_append(path, result.meta.fork_offset)
+        ctx.metrics.streams_created.inc()  # its body reached readers through the sink
     return web.Response(status=201 if result.created else 200, headers=out)
 
 

@@ -30,8 +30,9 @@ class StoreEvents(Protocol):
     """Who hears what the store learns after a commit (``relay.sink.CommitSink``)."""
 
     def appended(self, path: str, result: AppendResult) -> None:
-        """An append that wrote (data, a close or both) committed here; called by the
-        committer before the appender's future resolves, whether or not it is still waiting."""
+        """An append that wrote (data, a close or both), or a create with a body (as the
+        append of that body), committed here; called by the committer before the writer's
+        future resolves, whether or not it is still waiting."""
 
     def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
         """Another process committed to the stream: its tail and closure now."""
@@ -61,6 +62,7 @@ class Revocation:
 class CreateResult:
     meta: StreamMeta
     created: bool  # False: an idempotent repeat of an existing, matching stream
+    initial: AppendResult | None = None  # the body it was created with, as the sink hears it
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from protocol.append import AppendRequest, decide_append
+from protocol.append import AppendPlan, AppendRequest, decide_append
 from protocol.create import CreateRequest, plan_create
 from protocol.errors import Conflict, NotFound, StreamDiverged, Unavailable
 from protocol.lifecycle import check_visible, is_expired
@@ -156,10 +156,12 @@ def create(batch: Batch, request: CreateRequest, now: float) -> Plan[CreateResul
         return CreateResult(again, created=False)
     batch.keep(meta)
     batch.created.add(meta.stream_id)
-    if outcome.data:
-        yield from _stage(batch, meta.stream_id, outcome.fork_offset, outcome.data)
-        batch.appends += 1
-    return CreateResult(meta, created=True)
+    if not outcome.data:
+        return CreateResult(meta, created=True)
+    yield from _stage(batch, meta.stream_id, outcome.fork_offset, outcome.data)
+    batch.appends += 1
+    body = AppendPlan(True, outcome.data, outcome.closed, None, None, None)
+    return CreateResult(meta, True, AppendResult(meta, body, outcome.fork_offset))
 
 
 def delete(
