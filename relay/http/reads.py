@@ -17,7 +17,7 @@ from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
 from relay.auth.errors import Unauthorized
 from relay.http.context import Context, context
-from relay.http.paths import stream_path
+from relay.http.paths import stream_path, stream_url_path
 from relay.hub import Subscription
 
 LIVE_MODES = ("long-poll", "sse")
@@ -79,7 +79,7 @@ async def get(request: web.Request) -> web.StreamResponse:
     if access is not None and not access.public:
         response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
     if meta.successor is not None:
-        response.headers.update(h.successor_headers(meta.successor))
+        response.headers.update(h.successor_headers(stream_url_path(meta.successor)))
     return response
 
 
@@ -347,7 +347,7 @@ async def _sse(
             else caching.private(caching.SSE_CACHE_CONTROL),
             ACCEL_BUFFERING: "no",
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
-            **h.successor_headers(meta.successor),
+            **h.successor_headers(meta.successor and stream_url_path(meta.successor)),
         },
     )
     ctx.limits.enter_reader()

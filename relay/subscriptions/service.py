@@ -118,11 +118,10 @@ class Subscriptions:
         """After a local commit to ``path`` whose new bytes begin at ``start``."""
         if not self._linked and not self._patterns:
             return
-        relative = path[len(PREFIX) :]
-        if relative not in self._linked and not self._pattern_hit(relative):
+        if path not in self._linked and not self._pattern_hit(path):
             return
-        if relative not in self._dirty or start < self._dirty[relative]:
-            self._dirty[relative] = start
+        if path not in self._dirty or start < self._dirty[path]:
+            self._dirty[path] = start
         self._kick.set()
 
     def _pattern_hit(self, relative: str) -> bool:
@@ -312,7 +311,7 @@ class Subscriptions:
             sub.id, sub.trigger_path or "", sub.generation, int(self.clock() * 1000)
         )
         try:
-            await self._append_json(PREFIX + sub.config.wake_stream, orjson.dumps(event))
+            await self._append_json(sub.config.wake_stream, orjson.dumps(event))
         except Exception as exc:
             return False, False, type(exc).__name__
         return True, False, "appended"
