@@ -125,7 +125,9 @@ def append(batch: Batch, path: str, request: AppendRequest, now: float) -> Plan[
         batch.producers[key] = batch.producer_writes[key] = decided.producer_state
     batch.moved[meta.stream_id] = (after.tail, after.closed)
     if decided.data:
-        yield from _stage(batch, meta.stream_id, meta.tail, decided.data)
+        if not batch.rows.stage(meta.stream_id, meta.tail, decided.data):
+            yield Flush()  # a gap from the staged row: write that one first
+            batch.rows.stage(meta.stream_id, meta.tail, decided.data)
         batch.appends += 1
     return AppendResult(after, decided, meta.tail)
 
@@ -158,7 +160,8 @@ def create(batch: Batch, request: CreateRequest, now: float) -> Plan[CreateResul
     batch.created.add(meta.stream_id)
     if not outcome.data:
         return CreateResult(meta, created=True)
-    yield from _stage(batch, meta.stream_id, outcome.fork_offset, outcome.data)
+    staged = batch.rows.stage(meta.stream_id, outcome.fork_offset, outcome.data)
+    assert staged  # nothing was staged since the Flush above
     batch.appends += 1
     body = AppendPlan(True, outcome.data, outcome.closed, None, None, None)
     return CreateResult(meta, True, AppendResult(meta, body, outcome.fork_offset))
@@ -242,12 +245,6 @@ def _visible(batch: Batch, path: str, now: float) -> Plan[StreamMeta]:
         raise NotFound()
     check_visible(meta, now)
     return meta
-
-
-def _stage(batch: Batch, stream_id: int, start: int, data: bytes) -> Plan[None]:
-    if not batch.rows.stage(stream_id, start, data):
-        yield Flush()  # a gap from the staged row: write that one first
-        batch.rows.stage(stream_id, start, data)
 
 
 def run(steps: Plan[T], answer: Callable[[Need], Any]) -> T:
