@@ -31,7 +31,6 @@ import structlog
 from protocol import subscriptions as rules
 from protocol.errors import Unavailable
 from protocol.glob import Matcher, compile_glob
-from relay.http.paths import PREFIX
 from relay.metrics import SubscriptionMetrics
 from relay.subscriptions import keys as keyring
 from relay.subscriptions.db import Database
@@ -50,6 +49,7 @@ CLAIM_MARGIN_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class EngineSettings:
+    control_path: str  # where this relay serves the control API (callbacks go there)
     poll_interval: float = 0.25  # how often due deliveries are looked for
     sweep_interval: float = 1.0
     webhook_timeout: float = 10.0
@@ -285,7 +285,8 @@ class Subscriptions:
         )
         token = rules.make_token(keys.token_secret, claims)
         base = self.settings.public_url or sub.base_url
-        callback = f"{base}{PREFIX}__ds/subscriptions/{quote(sub.id, safe='')}/callback"
+        path = f"{self.settings.control_path}subscriptions/{quote(sub.id, safe='')}/callback"
+        callback = base + path
         body = rules.webhook_body(sub.id, sub.wake_id, sub.generation, view.links, callback, token)
         headers = {
             "Content-Type": "application/json",
