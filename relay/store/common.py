@@ -1,5 +1,5 @@
 """What every batched store shares: the stream row's columns, named SQL and migrations,
-staging appended rows, stitching reads across fork segments, and resolving fork sub-offsets.
+staging appended rows, and stitching reads across fork segments.
 
 Backends differ only in their driver (sqlite3 on a writer thread, asyncpg on the loop); the
 shapes of rows and the order of columns live here once.
@@ -7,16 +7,13 @@ shapes of rows and the order of columns live here once.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 from protocol.append import AppendPlan
-from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
-from protocol.errors import BadRequest, ProtocolError
-from protocol.headers import ProducerHeaders, is_json
-from protocol.jsonmode import SEPARATOR
+from protocol.headers import ProducerHeaders
 from protocol.model import StreamMeta
 
 META_COLUMNS = (
@@ -25,8 +22,6 @@ META_COLUMNS = (
     "fork_offset, soft_deleted, successor, retained_from"
 )
 """The stream row as every query returns it; :func:`row_meta` reads it back."""
-
-FORK_SCAN_WINDOW = 64 * 1024
 
 
 def numbered_sql(backend: str) -> list[tuple[int, str]]:
@@ -157,58 +152,3 @@ def stitch(out: bytearray, rows: Iterable[tuple[int, bytes]], lo: int, hi: int) 
     """Append the part of each stored row ``(start_pos, data)`` inside ``[lo, hi)``."""
     for row_start, data in rows:
         out += data[max(0, lo - row_start) : hi - row_start]
-
-
-Head = Callable[[str], Awaitable[StreamMeta]]
-Read = Callable[[StreamMeta, int, int], Awaitable[bytes]]
-
-
-async def resolve_fork(
-    request: CreateRequest, head: Head, read: Read, max_scan: int
-) -> CreateRequest:
-    """Turn a fork sub-offset into an absolute fork point before the commit transaction.
-
-    Committed bytes never change, so the point found in a snapshot of the source stays right;
-    the transaction only checks that the source is still that stream. This keeps reading the
-    source (bounded by ``max_scan`` bytes) out of the transaction that locks it.
-    """
-    fork = request.fork
-    if fork is None or not needs_source_bytes(request):
-        return request
-    try:
-        source = await head(fork.source_path)
-    except ProtocolError:
-        return request  # missing, expired or deleted: the transaction reports it
-    anchor = source.tail if fork.offset is None else fork.offset
-    if anchor > source.tail:
-        return request  # the transaction refuses it with the spec's error
-    point = await _sub_offset_point(source, anchor, fork.sub_offset, read, max_scan)
-    if point is None:
-        raise BadRequest("fork_sub_offset_overshoot", "Stream-Fork-Sub-Offset is past the data")
-    resolved = ForkRequest(fork.source_path, point, 0, source_id=source.stream_id)
-    return replace(request, fork=resolved)
-
-
-async def _sub_offset_point(
-    source: StreamMeta, anchor: int, sub_offset: int, read: Read, max_scan: int
-) -> int | None:
-    """Where ``sub_offset`` bytes (or, in JSON mode, messages) past ``anchor`` end."""
-    if not is_json(source.content_type):
-        point = anchor + sub_offset
-        return point if point <= source.tail else None
-    position, remaining = anchor, sub_offset
-    while True:
-        if position >= source.tail:
-            return None
-        if position - anchor >= max_scan:
-            raise BadRequest("fork_sub_offset_too_far", f"sub-offset scans past {max_scan} bytes")
-        window = await read(source, position, min(source.tail, position + FORK_SCAN_WINDOW))
-        cut = 0
-        while remaining:
-            newline = window.find(SEPARATOR, cut)
-            if newline < 0:
-                break
-            cut, remaining = newline + 1, remaining - 1
-        if remaining == 0:
-            return position + cut
-        position += len(window)

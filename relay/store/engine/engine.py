@@ -3,9 +3,10 @@
 Writes queue an operation on the :class:`~relay.store.batching.Committer`, which hands each
 batch to the backend's ``_apply`` (one transaction that runs the batch's plans,
 :mod:`relay.store.engine.plan`). A create first resolves a fork sub-offset from a snapshot of
-its source, outside the transaction. ``head`` is one policy (pending touches, visibility, TTL
-slides) over the backend's ``_lookup``. A backend supplies ``_apply``, ``_lookup`` and
-``read``, and the rest of ``Store`` (lifecycle, ``tracked``, ``inheriting``, ``ready``).
+its source, outside the transaction (:func:`resolve_fork`). ``head`` is one policy (pending
+touches, visibility, TTL slides) over the backend's ``_lookup``. A backend supplies
+``_apply``, ``_lookup`` and ``read``, and the rest of ``Store`` (lifecycle, ``tracked``,
+``inheriting``, ``ready``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 from protocol.append import AppendRequest
-from protocol.create import CreateRequest
-from protocol.errors import NotFound, ProtocolError
+from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
+from protocol.errors import BadRequest, NotFound, ProtocolError
+from protocol.headers import is_json
+from protocol.jsonmode import SEPARATOR
 from protocol.lifecycle import check_visible
 from protocol.model import StreamMeta
 from relay.store.base import AppendResult, CreateResult, Revocation, StoreEvents
@@ -30,7 +33,6 @@ from relay.store.batching import (
     Touches,
     WriteOp,
 )
-from relay.store.common import resolve_fork
 from relay.store.engine.needs import Need
 from relay.store.engine.plan import Batch, plan, run, run_async
 
@@ -147,3 +149,59 @@ async def run_batch_async(
         except ProtocolError as exc:
             outcomes.append(exc)
     return outcomes
+
+
+FORK_SCAN_WINDOW = 64 * 1024
+Head = Callable[[str], Awaitable[StreamMeta]]
+Read = Callable[[StreamMeta, int, int], Awaitable[bytes]]
+
+
+async def resolve_fork(
+    request: CreateRequest, head: Head, read: Read, max_scan: int
+) -> CreateRequest:
+    """Turn a fork sub-offset into an absolute fork point before the commit transaction.
+
+    Committed bytes never change, so the point found in a snapshot of the source stays right;
+    the transaction only checks that the source is still that stream. This keeps reading the
+    source (bounded by ``max_scan`` bytes) out of the transaction that locks it.
+    """
+    fork = request.fork
+    if fork is None or not needs_source_bytes(request):
+        return request
+    try:
+        source = await head(fork.source_path)
+    except ProtocolError:
+        return request  # missing, expired or deleted: the transaction reports it
+    anchor = source.tail if fork.offset is None else fork.offset
+    if anchor > source.tail:
+        return request  # the transaction refuses it with the spec's error
+    point = await _sub_offset_point(source, anchor, fork.sub_offset, read, max_scan)
+    if point is None:
+        raise BadRequest("fork_sub_offset_overshoot", "Stream-Fork-Sub-Offset is past the data")
+    resolved = ForkRequest(fork.source_path, point, 0, source_id=source.stream_id)
+    return replace(request, fork=resolved)
+
+
+async def _sub_offset_point(
+    source: StreamMeta, anchor: int, sub_offset: int, read: Read, max_scan: int
+) -> int | None:
+    """Where ``sub_offset`` bytes (or, in JSON mode, messages) past ``anchor`` end."""
+    if not is_json(source.content_type):
+        point = anchor + sub_offset
+        return point if point <= source.tail else None
+    position, remaining = anchor, sub_offset
+    while True:
+        if position >= source.tail:
+            return None
+        if position - anchor >= max_scan:
+            raise BadRequest("fork_sub_offset_too_far", f"sub-offset scans past {max_scan} bytes")
+        window = await read(source, position, min(source.tail, position + FORK_SCAN_WINDOW))
+        cut = 0
+        while remaining:
+            newline = window.find(SEPARATOR, cut)
+            if newline < 0:
+                break
+            cut, remaining = newline + 1, remaining - 1
+        if remaining == 0:
+            return position + cut
+        position += len(window)
