@@ -7,6 +7,7 @@ shapes of rows and the order of columns live here once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -38,23 +39,27 @@ def numbered_sql(backend: str) -> list[tuple[int, str]]:
 def named_queries(backend: str) -> dict[str, str]:
     """``sql/<backend>/queries.sql`` as name -> statement: a backend's SQL, loaded once.
 
-    ``-- name: <name>`` opens each statement; other comment lines are dropped, and
-    ``{meta_columns}`` becomes :data:`META_COLUMNS`.
+    ``-- name: <name>`` opens each statement; other comment lines are dropped. ``{name}``
+    inside one stands for an earlier named part (so statements that share a clause write it
+    once), and ``{meta_columns}`` for :data:`META_COLUMNS`.
     """
     text = (resources.files("relay.store") / "sql" / backend / "queries.sql").read_text()
-    queries: dict[str, str] = {}
+    parts: dict[str, str] = {}
     name = ""
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("-- name:"):
             name = stripped.removeprefix("-- name:").strip()
-            queries[name] = ""
+            parts[name] = ""
         elif name and stripped and not stripped.startswith("--"):
-            queries[name] += line + "\n"
-    return {
-        key: sql.strip().removesuffix(";").replace("{meta_columns}", META_COLUMNS)
-        for key, sql in queries.items()
-    }
+            parts[name] += line + "\n"
+    queries = {"meta_columns": META_COLUMNS}
+    for key, sql in parts.items():
+        queries[key] = _PART.sub(lambda found: queries[found[1]], sql.strip().removesuffix(";"))
+    return queries
+
+
+_PART = re.compile(r"\{(\w+)\}")
 
 
 def encode_acks(acks: tuple[tuple[int, int], ...]) -> str:

@@ -123,27 +123,31 @@ SELECT id, tail, closed FROM relay_streams WHERE id = ANY($1::bigint[]) AND NOT 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM relay_schema_version;
 
+-- name: insert_chunks
+INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[]);
+
+-- name: set_written
+-- What a write sets on each stream row it moves (u: the unnest of its new state).
+tail = u.tail, closed = u.closed, last_access = greatest(s.last_access, u.at),
+last_append = u.at, stream_seq = u.seq, compact_pending = true, closed_by_id = u.cid,
+closed_by_epoch = u.cepoch, closed_by_seq = u.cseq, successor = u.successor;
+
+-- name: upsert_producers
+INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
+SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[], $19::text[])
+ON CONFLICT (stream_id, producer_id) DO UPDATE
+SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks;
+
 -- name: write
 -- A batch's writes in one statement (data-modifying CTEs all apply; one round trip).
-WITH chunks AS (
-    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
-), streams AS (
-    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
-        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
-        compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq,
-        successor = u.successor
+WITH chunks AS ({insert_chunks}), streams AS (
+    UPDATE relay_streams s SET {set_written}
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
                 $11::bigint[], $12::bigint[], $20::text[])
         AS u(id, tail, closed, at, seq, cid, cepoch, cseq, successor)
     WHERE s.id = u.id
-), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[], $19::text[])
-    ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks
-)
+), producers AS ({upsert_producers})
 SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL;
 
 -- name: guarded_write
@@ -152,24 +156,12 @@ SELECT pg_notify($17, $18) WHERE $18::text IS NOT NULL;
 -- it all back). Producer state and Stream-Seq change only with a stream's tail or closure, so
 -- an unchanged tail means the producer states the plan used are the database's too.
 WITH streams AS (
-    UPDATE relay_streams s SET tail = u.tail, closed = u.closed,
-        last_access = greatest(s.last_access, u.at), last_append = u.at, stream_seq = u.seq,
-        compact_pending = true,
-        closed_by_id = u.cid, closed_by_epoch = u.cepoch, closed_by_seq = u.cseq,
-        successor = u.successor
+    UPDATE relay_streams s SET {set_written}
     FROM unnest($5::bigint[], $6::bigint[], $7::bool[], $8::float8[], $9::text[], $10::text[],
                 $11::bigint[], $12::bigint[], $20::text[], $21::bigint[])
         AS u(id, tail, closed, at, seq, cid, cepoch, cseq, successor, expected)
     WHERE s.id = u.id AND s.tail = u.expected AND NOT s.closed AND NOT s.soft_deleted
     RETURNING s.id
-), chunks AS (
-    INSERT INTO relay_chunks (stream_id, start_pos, end_pos, data)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
-), producers AS (
-    INSERT INTO relay_producers (stream_id, producer_id, epoch, last_seq, acks)
-    SELECT * FROM unnest($13::bigint[], $14::text[], $15::bigint[], $16::bigint[], $19::text[])
-    ON CONFLICT (stream_id, producer_id) DO UPDATE
-    SET epoch = excluded.epoch, last_seq = excluded.last_seq, acks = excluded.acks
-)
+), chunks AS ({insert_chunks}), producers AS ({upsert_producers})
 SELECT pg_notify($17, $18)
 FROM (SELECT relay_guard((SELECT count(*) FROM streams) = cardinality($5::bigint[]))) AS checked;
