@@ -584,15 +584,18 @@ async def _matching_streams(
         literal.append(segment)
     partial = literal and len(literal) < len(pattern.split("/"))
     prefix = "/".join(literal) + ("/" if partial else "")
-    sql = "SELECT path, tail FROM {streams} WHERE NOT soft_deleted AND substr(path, 1, ?) = ?"
+    sql = (
+        "SELECT s.path, s.tail FROM {streams} s "
+        "WHERE NOT s.soft_deleted AND substr(s.path, 1, ?) = ?"
+    )
     args: list[object] = [len(prefix), prefix]
     if since is not None:
-        sql += " AND created_at >= ?"
+        sql += " AND s.created_at >= ?"
         args.append(since)
     if unlinked_for is not None:
         sql += (
             " AND NOT EXISTS (SELECT 1 FROM relay_subscription_links l WHERE "
-            "l.subscription_id = ? AND l.path = path)"
+            "l.subscription_id = ? AND l.path = s.path)"
         )
         args.append(unlinked_for)
     matches = compile_glob(pattern)
