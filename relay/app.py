@@ -19,7 +19,7 @@ from relay.config import Config
 from relay.http import reads, writes
 from relay.http.context import CONTEXT, Context, Limits, context
 from relay.http.errors import Handler
-from relay.http.front import ALLOWED_METHODS, FRONT, Front, Routes
+from relay.http.front import ALLOWED_METHODS, CONTROL_PREFIX, FRONT, Front, Routes
 from relay.http.paths import stream_path
 from relay.hub import Hub
 from relay.metrics import CONTENT_TYPE, Metrics
@@ -221,6 +221,7 @@ def make_subscriptions(ctx: Context) -> Subscriptions | None:
         await writes.append_json(ctx, path, message)
 
     settings = EngineSettings(
+        control_path=CONTROL_PREFIX,
         poll_interval=config.subscription_poll_interval,
         webhook_timeout=config.webhook_timeout,
         public_url=config.public_url.rstrip("/"),

@@ -1,10 +1,10 @@
 """Where a commit becomes a wake: what the relay does once the store has committed.
 
-The store's committer hands every committed append here (before any handler resumes, and
-whether or not its client is still there), and the Postgres LISTEN connection hands over what
-other relays committed. From here the hub wakes parked readers and keeps the new bytes,
-metrics count them, and subscriptions learn which linked streams moved. Nothing else
-publishes commits, so a handler only awaits its result and renders it.
+The store's committer hands every committed append here, a create's body included (before any
+handler resumes, and whether or not its client is still there), and the Postgres LISTEN
+connection hands over what other relays committed. From here the hub wakes parked readers and
+keeps the new bytes, metrics count them, and subscriptions learn which linked streams moved.
+Nothing else publishes commits, so a handler only awaits its result and renders it.
 """
 
 from __future__ import annotations

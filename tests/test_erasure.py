@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpClient
 from protocol.offsets import format_offset
 from relay.app import make_app
 from relay.config import Config
-from relay.store.postgres.store import CHANNEL
+from relay.store.postgres.notify import CHANNEL
 from tests.serving import AppClient
 from tests.waits import wait_for
 

@@ -200,7 +200,7 @@ async def test_a_synchronous_standby_keeps_every_acknowledged_append_across_fail
             assert not await promoted.fetchval("SELECT pg_is_in_recovery()")
             for n in range(STREAMS):
                 tail = await promoted.fetchval(
-                    "SELECT tail FROM relay_streams WHERE path = $1", f"/v1/stream/fail-{n}"
+                    "SELECT tail FROM relay_streams WHERE path = $1", f"fail-{n}"
                 )
                 assert tail == len(stored[n])
         finally:

@@ -10,11 +10,11 @@ from relay.http import paths
 from relay.http.paths import stream_path
 
 TARGETS = [
-    ("/v1/stream/a?offset=-1", "/v1/stream/a"),
-    ("/v1/stream/a?x=/../b&live=sse", "/v1/stream/a"),  # a query may hold anything
-    ("/v1/stream/a%20b?offset=now", "/v1/stream/a b"),
-    ("http://relay.example/v1/stream/c?offset=-1", "/v1/stream/c"),
-    ("/v1/stream/d", "/v1/stream/d"),
+    ("/v1/stream/a?offset=-1", "a"),  # the stream's name: the path after the prefix
+    ("/v1/stream/a?x=/../b&live=sse", "a"),  # a query may hold anything
+    ("/v1/stream/a%20b?offset=now", "a b"),
+    ("http://relay.example/v1/stream/c?offset=-1", "c"),
+    ("/v1/stream/d", "d"),
 ]
 
 

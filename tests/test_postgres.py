@@ -24,6 +24,7 @@ from relay.app import make_app
 from relay.config import Config
 from relay.store.common import numbered_sql
 from relay.store.postgres import COMPACT_BYTES, PostgresStore, apply_migrations, migrate
+from relay.store.postgres.schema import migrations
 from tests.pg import blocked_on_locks, fresh_database
 from tests.stores import Recorder
 from tests.tcp_proxy import TcpProxy
@@ -104,6 +105,31 @@ async def test_the_fresh_schema_equals_the_migrated_one(
         await stepwise.close()
     assert versions[0] == versions[1]
     assert await _schema(empty_db_url) == await _schema(second_empty_db_url)
+
+
+async def test_stream_keys_lose_the_http_prefix_when_migrated(empty_db_url: str) -> None:
+    """Before 009 streams were stored under their request path; now under their name (the
+    path after ``/v1/stream/``), fork sources and successors included."""
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await conn.execute("CREATE TABLE relay_schema_version (version INT PRIMARY KEY)")
+        for version, sql in migrations():
+            if version < 9:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO relay_schema_version VALUES ($1)", version)
+        await conn.execute(
+            "INSERT INTO relay_streams (path, content_type, tail, last_access, created_at,"
+            " last_append, forked_from, successor) VALUES"
+            " ('/v1/stream/chat/a', 'text/plain', 0, 0, 0, 0, NULL, '/v1/stream/chat/b'),"
+            " ('/v1/stream/chat/b', 'text/plain', 0, 0, 0, 0, '/v1/stream/chat/a', NULL)"
+        )
+        await apply_migrations(conn)
+        rows = await conn.fetch(
+            "SELECT path, forked_from, successor FROM relay_streams ORDER BY path"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(row) for row in rows] == [("chat/a", None, "chat/b"), ("chat/b", "chat/a", None)]
 
 
 async def test_concurrent_first_migrations_agree(empty_db_url: str) -> None:
@@ -438,7 +464,7 @@ async def test_bytes_held_from_before_an_outage_are_not_served_after_it(
             await conn.execute(
                 "UPDATE relay_chunks SET data = 'replaced'::bytea WHERE stream_id ="
                 " (SELECT id FROM relay_streams WHERE path = $1)",
-                url,
+                "history",
             )
         finally:
             await conn.close()

@@ -23,6 +23,7 @@ __all__ = ["backend"]  # the fixture, imported so pytest finds it here
 TEXT = {"Content-Type": "text/plain"}
 JSON = {"Content-Type": "application/json"}
 S = "/v1/stream/history"
+NAME = "history"  # how the store keys it: the path after /v1/stream/
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ async def test_reads_before_the_horizon_are_gone_and_minus_one_starts_at_it(
 
     # The rows before it are gone from the store itself, not just hidden.
     ctx = ctx_of(client)
-    meta = await ctx.store.head(S, ctx.clock(), touch=False)
+    meta = await ctx.store.head(NAME, ctx.clock(), touch=False)
     stored = await ctx.store.read(replace(meta, retained_from=0), 0, 12)
     assert stored == b"cccc"
 

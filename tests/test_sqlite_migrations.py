@@ -64,3 +64,34 @@ def test_migrating_again_changes_nothing(tmp_path: Path) -> None:
     before = _schema(conn)
     assert migrate(conn) == first
     assert _schema(conn) == before
+
+
+async def test_stream_keys_lose_the_http_prefix_when_migrated(tmp_path: Path) -> None:
+    """Before 008 streams were stored under their request path; now under their name (the
+    path after ``/v1/stream/``), fork sources and successors included."""
+    data = tmp_path / "prefixed"
+    data.mkdir()
+    conn = sqlite3.connect(data / "relay.sqlite3", isolation_level=None)
+    for version, sql in migrations():
+        if version < 8:
+            conn.executescript(sql)
+    conn.execute("PRAGMA user_version = 7")
+    rows = (
+        (1, "/v1/stream/chat/a", None, "/v1/stream/chat/b", 1),
+        (2, "/v1/stream/chat/b", "/v1/stream/chat/a", None, 0),
+    )
+    for stream_id, path, forked_from, successor, closed in rows:
+        conn.execute(
+            "INSERT INTO streams (id, path, content_type, tail, closed, last_access, created_at,"
+            " forked_from, successor) VALUES (?, ?, 'text/plain', 5, ?, ?, ?, ?, ?)",
+            (stream_id, path, closed, NOW, NOW, forked_from, successor),
+        )
+    conn.close()
+    store = SqliteStore(data)
+    await store.open()
+    try:
+        closed_one = await store.head("chat/a", NOW, touch=False)
+        fork = await store.head("chat/b", NOW, touch=False)
+    finally:
+        await store.close()
+    assert (closed_one.successor, fork.forked_from) == ("chat/b", "chat/a")

@@ -286,6 +286,18 @@ async def test_stream_ids_are_never_reused(store: Store) -> None:
     assert after.meta.stream_id not in seen
 
 
+async def test_a_create_with_a_body_reaches_the_listener_like_an_append(store: Store) -> None:
+    recorder = Recorder()
+    store.set_listener(recorder)
+    await store.create(create("empty"), NOW)  # nothing for readers: not reported
+    await store.create(create("src", body=b"abc"), NOW)
+    fork = ForkRequest("src", 2)
+    forked = await store.create(create("fork", content_type=None, body=b"de", fork=fork), NOW)
+    assert (await store.create(create("src", body=b"abc"), NOW)).created is False  # a repeat
+    assert recorder.local == [("src", 0, 3), ("fork", 2, 4)]
+    assert forked.initial is not None and forked.initial.plan.data == b"de"
+
+
 async def test_removals_reach_the_listener_after_their_commit(store: Store) -> None:
     recorder = Recorder()
     store.set_listener(recorder)

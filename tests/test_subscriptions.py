@@ -5,6 +5,7 @@ receivers."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from protocol.create import CreateRequest
+from protocol.lifecycle import Expiry
 from protocol.offsets import format_offset
 from relay.app import make_app
 from relay.config import Config
@@ -530,3 +533,36 @@ async def test_control_bodies_are_read_whole_and_bounded(relay: Relay) -> None:
     async with relay.http.put(relay.sub("big"), data=big, headers=JSON) as r:
         assert r.status == 413
         assert (await r.json())["error"]["code"]
+
+
+async def test_a_stream_another_relay_created_is_linked_beside_existing_links(
+    pg_url: str, tmp_path: Any
+) -> None:
+    """A stream this relay's append hook never saw (created through another relay) is found
+    by the sweep even when the subscription already has links: the sweep's "not linked yet"
+    test compares the link's path with the stream's, not with itself."""
+    config = Config(data_dir=str(tmp_path / "a"), database_url=pg_url)
+    server = RelayTestServer(make_app(config, PostgresStore(pg_url)), host="127.0.0.1")
+    other = PostgresStore(pg_url)  # another relay's store: no hook of this relay hears it
+    await server.start_server()
+    await other.open()
+    try:
+        base = f"http://127.0.0.1:{server.port}/v1/stream/"
+        async with aiohttp.ClientSession() as http:
+            sub = f"{base}__ds/subscriptions/late"
+            async with http.put(sub, json=hook("http://127.0.0.1:9/hook", pattern="late/*")) as r:
+                assert r.status == 201
+
+            async def linked(*paths: str) -> bool:
+                async with http.get(sub) as r:
+                    return {link["path"] for link in (await r.json())["streams"]} == set(paths)
+
+            async with http.put(f"{base}late/1", headers={"Content-Type": "text/plain"}) as r:
+                assert r.status == 201
+            await eventually(lambda: linked("late/1"))  # by this relay's append hook
+            request = CreateRequest("late/2", "text/plain", Expiry(), False, b"")
+            await other.create(request, time.time())
+            await eventually(lambda: linked("late/1", "late/2"))  # by the sweep
+    finally:
+        await other.close()
+        await server.close()

@@ -25,8 +25,10 @@ LINK = f'<{NEW}>; rel="successor-version"'
 HAND_OVER = {"Stream-Closed": "true", "Stream-Successor": NEW}  # close, naming the successor
 
 
-async def stored_bytes(backend: Backend, path: str) -> bytes:
-    """Every byte the database itself holds for ``path``'s own rows, queried directly."""
+async def stored_bytes(backend: Backend, url: str) -> bytes:
+    """Every byte the database itself holds for the own rows of the stream at ``url``, queried
+    directly (stores key streams by their name, the path after ``/v1/stream/``)."""
+    path = url.removeprefix("/v1/stream/")
     if backend.url is None:
         conn = sqlite3.connect(backend.data_dir / "relay.sqlite3")
         try:

@@ -12,7 +12,7 @@ from protocol import headers as h
 from relay.auth.authorizer import ACCESS, Access
 from relay.auth.grants import ADMIN, ANONYMOUS, APPEND, READ, Action, Principal
 from relay.http.context import context
-from relay.http.paths import PREFIX, source_path, stream_path
+from relay.http.paths import source_path, stream_path
 
 ACTION_BY_METHOD: dict[str, Action] = {
     "GET": READ,
@@ -46,10 +46,10 @@ async def authorize_stream(request: web.Request) -> Principal:
     source."""
     max_path = context(request).config.max_path_length
     path = stream_path(request.raw_path, max_path)
-    principal = await authorize(request, ACTION_BY_METHOD[request.method], path[len(PREFIX) :])
+    principal = await authorize(request, ACTION_BY_METHOD[request.method], path)
     source = request.headers.get(h.STREAM_FORKED_FROM) if request.method == "PUT" else None
     if source is not None:
         auth = context(request).auth
         assert auth is not None
-        auth.permit(principal, READ, source_path(source, max_path)[len(PREFIX) :])
+        auth.permit(principal, READ, source_path(source, max_path))
     return principal

@@ -21,15 +21,16 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def stream_path(raw_path: str, max_length: int) -> str:
-    """Decode and check a request's raw target (a query string is ignored); the decoded path
-    names the stream (see ``_checked_path``). The memo is keyed on the path alone: a reader's
+    """Decode and check a request's raw target (a query string is ignored); returns the
+    stream's name, the decoded path after :data:`PREFIX` (the key stores, grants and
+    subscriptions use; see ``_checked_path``). The memo is keyed on the path alone: a reader's
     every request carries another offset and cursor, which would miss it every time."""
     return _checked_path(raw_path.partition("?")[0], max_length)
 
 
 @functools.lru_cache(maxsize=2048)
 def _checked_path(raw_path: str, max_length: int) -> str:
-    """Decode and check a request path; the decoded form names the stream.
+    """Decode and check a request path; the decoded name after the prefix is the stream's.
 
     Refuses invalid percent-encoding, invalid UTF-8, NUL and other control characters, ``.``
     and ``..`` segments, empty names and paths over ``max_length`` bytes. A path under the
@@ -57,7 +58,13 @@ def _checked_path(raw_path: str, max_length: int) -> str:
         raise BadRequest("invalid_path", "stream path must not contain . or .. segments")
     if name.split("/", 1)[0] == RESERVED_SEGMENT:
         raise NotFound(f"{PREFIX}{RESERVED_SEGMENT}/ is reserved for control APIs")
-    return decoded
+    return name
+
+
+def stream_url_path(name: str) -> str:
+    """The request path of the stream named ``name`` (the inverse of :func:`stream_path`,
+    before percent-encoding)."""
+    return PREFIX + name
 
 
 def origin_form(target: str) -> str:
@@ -102,7 +109,8 @@ def valid_host(value: str) -> bool:
 
 
 def source_path(header: str, max_length: int) -> str:
-    """A ``Stream-Forked-From`` value: a stream path, absolute or relative to the prefix."""
+    """A ``Stream-Forked-From`` value (a stream path, absolute or relative to the prefix) as
+    the stream's name."""
     value = header.strip()
     if "://" in value:
         value = "/" + value.split("://", 1)[1].split("/", 1)[-1]

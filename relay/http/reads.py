@@ -18,7 +18,7 @@ from relay.auth.authorizer import ACCESS, Access
 from relay.http import chunks, compression, live
 from relay.http.chunks import Chunk, check_boundary, read_chunk
 from relay.http.context import Context, context
-from relay.http.paths import stream_path
+from relay.http.paths import stream_path, stream_url_path
 
 LIVE_MODES = ("long-poll", "sse")
 # nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
@@ -67,7 +67,7 @@ async def get(request: web.Request) -> web.StreamResponse:
     if access is not None and not access.public:
         response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
     if meta.successor is not None:
-        response.headers.update(h.successor_headers(meta.successor))
+        response.headers.update(h.successor_headers(stream_url_path(meta.successor)))
     return response
 
 
@@ -198,7 +198,7 @@ async def _sse(
             else caching.private(caching.SSE_CACHE_CONTROL),
             ACCEL_BUFFERING: "no",
             **({h.STREAM_SSE_DATA_ENCODING: sse.BASE64} if binary else {}),
-            **h.successor_headers(meta.successor),
+            **h.successor_headers(meta.successor and stream_url_path(meta.successor)),
         },
     )
     with live.reader_slot(ctx, ctx.metrics.sse_readers):

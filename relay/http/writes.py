@@ -16,7 +16,7 @@ from protocol.offsets import format_offset, parse_offset
 from relay.auth.authorizer import ACCESS
 from relay.auth.grants import ADMIN, READ
 from relay.http.context import Context, context, read_body
-from relay.http.paths import PREFIX, source_path, stream_path
+from relay.http.paths import source_path, stream_path, stream_url_path
 from relay.store.base import Revocation
 
 
@@ -30,7 +30,7 @@ def meta_headers(meta: StreamMeta) -> dict[str, str]:
     if meta.expires_at is not None:
         out[h.STREAM_EXPIRES_AT] = format_rfc3339(meta.expires_at)
     if meta.successor is not None:
-        out.update(h.successor_headers(meta.successor))
+        out.update(h.successor_headers(stream_url_path(meta.successor)))
     if meta.retained_from:
         out[h.STREAM_RETAINED_FROM] = format_offset(meta.retained_from)
     return out
@@ -64,10 +64,7 @@ async def create(request: web.Request) -> web.Response:
     out = meta_headers(result.meta)
     if result.created:
         out["Location"] = str(request.url.with_query(None))
-        ctx.metrics.streams_created.inc()
-        ctx.metrics.appended_bytes.inc(result.meta.tail - result.meta.fork_offset)
-        if ctx.subscriptions is not None:
-            ctx.subscriptions.on_append(path, result.meta.fork_offset)
+        ctx.metrics.streams_created.inc()  # its body reached readers through the sink
     return web.Response(status=201 if result.created else 200, headers=out)
 
 
@@ -158,7 +155,7 @@ async def _successor(
     access = request.get(ACCESS) if ctx.auth is not None else None
     if access is not None:  # naming a stream reveals whether it exists: the writer must see it
         assert ctx.auth is not None
-        ctx.auth.permit(access.principal, READ, successor[len(PREFIX) :])
+        ctx.auth.permit(access.principal, READ, successor)
     try:
         await ctx.store.head(successor, ctx.clock(), touch=False)
     except ProtocolError:
@@ -187,7 +184,7 @@ async def delete(request: web.Request) -> web.Response:
         if access is not None:
             assert ctx.auth is not None
             for fork in forks:  # deleting a fork is that fork's admin action
-                ctx.auth.permit(access.principal, ADMIN, fork[len(PREFIX) :])
+                ctx.auth.permit(access.principal, ADMIN, fork)
     with ctx.limits.admit_write():
         # The store tells the hub about the removal itself, after the commit.
         await ctx.store.delete(path, ctx.clock(), revoke)

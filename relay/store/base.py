@@ -1,10 +1,11 @@
 """The storage interface every backend implements, and the contract its tests check.
 
-Stores own durability and atomicity; protocol rules live in :mod:`protocol` (stores call
-``plan_create`` and ``decide_append`` inside their transactions). Waking live readers is not a
-store's job: the caller publishes committed appends to the hub, and the store reports what
-the caller cannot see to its :class:`StoreEvents` listener: commits made by other processes,
-and every stream removed (deleted, expired, replaced), locally or elsewhere.
+Stores own durability and atomicity; protocol rules live in :mod:`protocol`, applied once for
+every backend by the engine's plans (:mod:`relay.store.engine.plan` calls ``plan_create`` and
+``decide_append`` inside the backend's transaction). Waking live readers is not a store's
+job: it reports to its :class:`StoreEvents` listener (the commit sink) every committed append
+(a create's body included), commits made by other processes, and every stream removed
+(deleted, expired, replaced), locally or elsewhere.
 
 A stream's ``stream_id`` is never reused, on any backend: every watch, cache and ETag keys on
 it, so a reader of a removed stream can never be handed another stream's bytes.
@@ -30,8 +31,9 @@ class StoreEvents(Protocol):
     """Who hears what the store learns after a commit (``relay.sink.CommitSink``)."""
 
     def appended(self, path: str, result: AppendResult) -> None:
-        """An append that wrote (data, a close or both) committed here; called by the
-        committer before the appender's future resolves, whether or not it is still waiting."""
+        """An append that wrote (data, a close or both), or a create with a body (as the
+        append of that body), committed here; called by the committer before the writer's
+        future resolves, whether or not it is still waiting."""
 
     def remote_commit(self, stream_id: int, tail: int, closed: bool) -> None:
         """Another process committed to the stream: its tail and closure now."""
@@ -61,6 +63,7 @@ class Revocation:
 class CreateResult:
     meta: StreamMeta
     created: bool  # False: an idempotent repeat of an existing, matching stream
+    initial: AppendResult | None = None  # the body it was created with, as the sink hears it
 
 
 @dataclass(frozen=True, slots=True)

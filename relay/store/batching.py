@@ -11,7 +11,8 @@ TTL "touches" from reads ride along with the next batch, or go alone once the ol
 ``TOUCH_FLUSH_SECONDS``, so reads never wait for a write and never cause one of their own while
 writes are flowing.
 
-Once a batch commits, every append in it that wrote goes to ``events`` (the relay's commit
+Once a batch commits, every append in it that wrote (and every create with a body, as the
+append of that body) goes to ``events`` (the relay's commit
 sink: hub, metrics, subscriptions) in commit order, before any appender resumes, and whether
 or not the client that sent it is still waiting.
 
@@ -46,6 +47,7 @@ from relay.store.base import (
     BATCH_OPS_BOUNDS,
     COMMIT_SECONDS_BOUNDS,
     AppendResult,
+    CreateResult,
     Distribution,
     Revocation,
     StoreEvents,
@@ -342,13 +344,12 @@ class Committer:
         outcomes = await self._commit(batch, touches)  # raises only if the loop must die
         events = self.events
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if (
-                events is not None
-                and type(outcome) is AppendResult
-                and outcome.plan.write
-                and type(pending.op) is AppendOp
-            ):
-                events.appended(pending.op.path, outcome)
+            if events is not None:
+                kind = type(outcome)
+                if kind is AppendResult and outcome.plan.write and type(pending.op) is AppendOp:
+                    events.appended(pending.op.path, outcome)
+                elif kind is CreateResult and outcome.initial is not None:
+                    events.appended(outcome.meta.path, outcome.initial)
             if pending.future.done():
                 continue
             if isinstance(outcome, BaseException):

@@ -1,22 +1,20 @@
-"""What every batched store shares: the stream row's columns, staging appended rows, stitching
-reads across fork segments, the purge cascade, and resolving fork sub-offsets.
+"""What every batched store shares: the stream row's columns, named SQL and migrations,
+staging appended rows, and stitching reads across fork segments.
 
 Backends differ only in their driver (sqlite3 on a writer thread, asyncpg on the loop); the
-shapes of rows, the order of columns and the rules for what a purge removes live here once.
+shapes of rows and the order of columns live here once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 from protocol.append import AppendPlan
-from protocol.create import CreateRequest, ForkRequest, needs_source_bytes
-from protocol.errors import BadRequest, Conflict, ProtocolError
-from protocol.headers import ProducerHeaders, is_json
-from protocol.jsonmode import SEPARATOR
+from protocol.headers import ProducerHeaders
 from protocol.model import StreamMeta
 
 META_COLUMNS = (
@@ -25,8 +23,6 @@ META_COLUMNS = (
     "fork_offset, soft_deleted, successor, retained_from"
 )
 """The stream row as every query returns it; :func:`row_meta` reads it back."""
-
-FORK_SCAN_WINDOW = 64 * 1024
 
 
 def numbered_sql(backend: str) -> list[tuple[int, str]]:
@@ -40,6 +36,32 @@ def numbered_sql(backend: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def named_queries(backend: str) -> dict[str, str]:
+    """``sql/<backend>/queries.sql`` as name -> statement: a backend's SQL, loaded once.
+
+    ``-- name: <name>`` opens each statement; other comment lines are dropped. ``{name}``
+    inside one stands for an earlier named part (so statements that share a clause write it
+    once), and ``{meta_columns}`` for :data:`META_COLUMNS`.
+    """
+    text = (resources.files("relay.store") / "sql" / backend / "queries.sql").read_text()
+    parts: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-- name:"):
+            name = stripped.removeprefix("-- name:").strip()
+            parts[name] = ""
+        elif name and stripped and not stripped.startswith("--"):
+            parts[name] += line + "\n"
+    queries = {"meta_columns": META_COLUMNS}
+    for key, sql in parts.items():
+        queries[key] = _PART.sub(lambda found: queries[found[1]], sql.strip().removesuffix(";"))
+    return queries
+
+
+_PART = re.compile(r"\{(\w+)\}")
+
+
 def encode_acks(acks: tuple[tuple[int, int], ...]) -> str:
     """A producer's recent acknowledgements as stored: ``seq:offset`` pairs, comma-separated."""
     return ",".join(f"{seq}:{offset}" for seq, offset in acks)
@@ -50,36 +72,6 @@ def decode_acks(text: str | None) -> tuple[tuple[int, int], ...]:
         return ()
     pairs = (entry.split(":", 1) for entry in text.split(","))
     return tuple((int(seq), int(offset)) for seq, offset in pairs)
-
-
-def retention_limit_sql(table: str, param: str) -> str:
-    """The lowest horizon among a stream's descendant forks (NULL when it has none): rows of
-    the stream ending at or before ``min(its horizon, this)`` can be read by nobody."""
-    return (
-        f"WITH RECURSIVE d(id, h) AS (SELECT id, retained_from FROM {table} "
-        f"WHERE source_id = {param} UNION ALL SELECT s.id, s.retained_from FROM {table} s "
-        "JOIN d ON s.source_id = d.id) SELECT min(h) FROM d"
-    )
-
-
-def inheriting_sql(table: str, stream: str, offset: str) -> str:
-    """Every stream that can read ``stream``'s bytes at or past ``offset``: its forks made past
-    that offset and all their descendants, as (id, path)."""
-    return (
-        f"WITH RECURSIVE d(id, path) AS (SELECT id, path FROM {table} "
-        f"WHERE source_id = {stream} AND fork_offset > {offset} "
-        f"UNION ALL SELECT s.id, s.path FROM {table} s JOIN d ON s.source_id = d.id) "
-        "SELECT id, path FROM d"
-    )
-
-
-def refuse_inherited(inheriting: list[tuple[int, str]], allowed: frozenset[str]) -> list[int]:
-    """The ids to delete with a revocation; Conflict if any inheriting stream is not allowed."""
-    refused = sorted(path for _, path in inheriting if path not in allowed)
-    if refused:
-        names = ", ".join(refused[:5]) + (" ..." if len(refused) > 5 else "")
-        raise Conflict("inherited_by_fork", f"forks inherit these bytes: {names}")
-    return [stream_id for stream_id, _ in inheriting]
 
 
 def row_meta(row: Any) -> StreamMeta:
@@ -165,70 +157,3 @@ def stitch(out: bytearray, rows: Iterable[tuple[int, bytes]], lo: int, hi: int) 
     """Append the part of each stored row ``(start_pos, data)`` inside ``[lo, hi)``."""
     for row_start, data in rows:
         out += data[max(0, lo - row_start) : hi - row_start]
-
-
-def purge_chain_sql(streams: str, param: str) -> str:
-    """Ids a purge of stream ``param`` removes: the stream, then each soft-deleted source left
-    with no other fork, up the chain. One statement, so both backends cascade alike."""
-    return (
-        f"WITH RECURSIVE doomed(id, source_id) AS ("
-        f"SELECT id, source_id FROM {streams} WHERE id = {param} "
-        f"UNION ALL SELECT s.id, s.source_id FROM {streams} s JOIN doomed d ON s.id = d.source_id "
-        f"WHERE s.soft_deleted AND NOT EXISTS (SELECT 1 FROM {streams} f "
-        f"WHERE f.source_id = s.id AND f.id <> d.id)) SELECT id FROM doomed"
-    )
-
-
-Head = Callable[[str], Awaitable[StreamMeta]]
-Read = Callable[[StreamMeta, int, int], Awaitable[bytes]]
-
-
-async def resolve_fork(
-    request: CreateRequest, head: Head, read: Read, max_scan: int
-) -> CreateRequest:
-    """Turn a fork sub-offset into an absolute fork point before the commit transaction.
-
-    Committed bytes never change, so the point found in a snapshot of the source stays right;
-    the transaction only checks that the source is still that stream. This keeps reading the
-    source (bounded by ``max_scan`` bytes) out of the transaction that locks it.
-    """
-    fork = request.fork
-    if fork is None or not needs_source_bytes(request):
-        return request
-    try:
-        source = await head(fork.source_path)
-    except ProtocolError:
-        return request  # missing, expired or deleted: the transaction reports it
-    anchor = source.tail if fork.offset is None else fork.offset
-    if anchor > source.tail:
-        return request  # the transaction refuses it with the spec's error
-    point = await _sub_offset_point(source, anchor, fork.sub_offset, read, max_scan)
-    if point is None:
-        raise BadRequest("fork_sub_offset_overshoot", "Stream-Fork-Sub-Offset is past the data")
-    resolved = ForkRequest(fork.source_path, point, 0, source_id=source.stream_id)
-    return replace(request, fork=resolved)
-
-
-async def _sub_offset_point(
-    source: StreamMeta, anchor: int, sub_offset: int, read: Read, max_scan: int
-) -> int | None:
-    """Where ``sub_offset`` bytes (or, in JSON mode, messages) past ``anchor`` end."""
-    if not is_json(source.content_type):
-        point = anchor + sub_offset
-        return point if point <= source.tail else None
-    position, remaining = anchor, sub_offset
-    while True:
-        if position >= source.tail:
-            return None
-        if position - anchor >= max_scan:
-            raise BadRequest("fork_sub_offset_too_far", f"sub-offset scans past {max_scan} bytes")
-        window = await read(source, position, min(source.tail, position + FORK_SCAN_WINDOW))
-        cut = 0
-        while remaining:
-            newline = window.find(SEPARATOR, cut)
-            if newline < 0:
-                break
-            cut, remaining = newline + 1, remaining - 1
-        if remaining == 0:
-            return position + cut
-        position += len(window)

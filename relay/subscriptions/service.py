@@ -31,7 +31,6 @@ import structlog
 from protocol import subscriptions as rules
 from protocol.errors import Unavailable
 from protocol.glob import Matcher, compile_glob
-from relay.http.paths import PREFIX
 from relay.metrics import SubscriptionMetrics
 from relay.subscriptions import keys as keyring
 from relay.subscriptions.db import Database
@@ -50,6 +49,7 @@ CLAIM_MARGIN_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class EngineSettings:
+    control_path: str  # where this relay serves the control API (callbacks go there)
     poll_interval: float = 0.25  # how often due deliveries are looked for
     sweep_interval: float = 1.0
     webhook_timeout: float = 10.0
@@ -118,11 +118,10 @@ class Subscriptions:
         """After a local commit to ``path`` whose new bytes begin at ``start``."""
         if not self._linked and not self._patterns:
             return
-        relative = path[len(PREFIX) :]
-        if relative not in self._linked and not self._pattern_hit(relative):
+        if path not in self._linked and not self._pattern_hit(path):
             return
-        if relative not in self._dirty or start < self._dirty[relative]:
-            self._dirty[relative] = start
+        if path not in self._dirty or start < self._dirty[path]:
+            self._dirty[path] = start
         self._kick.set()
 
     def _pattern_hit(self, relative: str) -> bool:
@@ -286,7 +285,8 @@ class Subscriptions:
         )
         token = rules.make_token(keys.token_secret, claims)
         base = self.settings.public_url or sub.base_url
-        callback = f"{base}{PREFIX}__ds/subscriptions/{quote(sub.id, safe='')}/callback"
+        path = f"{self.settings.control_path}subscriptions/{quote(sub.id, safe='')}/callback"
+        callback = base + path
         body = rules.webhook_body(sub.id, sub.wake_id, sub.generation, view.links, callback, token)
         headers = {
             "Content-Type": "application/json",
@@ -312,7 +312,7 @@ class Subscriptions:
             sub.id, sub.trigger_path or "", sub.generation, int(self.clock() * 1000)
         )
         try:
-            await self._append_json(PREFIX + sub.config.wake_stream, orjson.dumps(event))
+            await self._append_json(sub.config.wake_stream, orjson.dumps(event))
         except Exception as exc:
             return False, False, type(exc).__name__
         return True, False, "appended"

@@ -21,17 +21,13 @@ from dataclasses import dataclass
 from protocol import subscriptions as rules
 from protocol.glob import compile_glob
 from protocol.subscriptions import LinkState, SubscriptionConfig, TokenClaims, WakeRequest
-from relay.http.paths import PREFIX
 from relay.subscriptions.db import Contention, Database, Row, Tx
 
 _SUB_COLUMNS = (
     "id, kind, pattern, config, config_hash, base_url, created_at, deleted_at, generation, "
     "wake_id, trigger_path, holder, lease_until, status, attempt, due_at, owner, owner_until"
 )
-_TAIL = (
-    "(SELECT s.tail FROM {streams} s WHERE s.path = '" + PREFIX + "' || l.path "
-    "AND NOT s.soft_deleted)"
-)
+_TAIL = "(SELECT s.tail FROM {streams} s WHERE s.path = l.path AND NOT s.soft_deleted)"
 _LINKS = (
     "SELECT l.path, l.explicit, l.glob, l.acked, coalesce(" + _TAIL + ", 0), l.snapshot "
     "FROM relay_subscription_links l WHERE l.subscription_id = ? ORDER BY l.path"
@@ -131,7 +127,7 @@ async def _links(tx: Tx, sub_id: str) -> tuple[LinkState, ...]:
 
 
 async def _tail(tx: Tx, path: str) -> int:
-    rows = await tx.fetch(_STREAM_TAIL, PREFIX + path)
+    rows = await tx.fetch(_STREAM_TAIL, path)
     return int(rows[0][0]) if rows else 0
 
 
@@ -144,7 +140,7 @@ async def _link(tx: Tx, sub_id: str, path: str, acked: int, *, explicit: bool) -
         sub_id,
         path,
         acked,
-        PREFIX + path,
+        path,
     )
 
 
@@ -536,8 +532,8 @@ class SubscriptionState:
         starts over (the old offsets mean nothing in it). A link made before its stream
         existed adopts the stream that appears, cursor unchanged."""
         current = (
-            "(SELECT s.id FROM {streams} s WHERE s.path = '" + PREFIX + "' || "
-            "relay_subscription_links.path AND NOT s.soft_deleted)"
+            "(SELECT s.id FROM {streams} s WHERE s.path = relay_subscription_links.path "
+            "AND NOT s.soft_deleted)"
         )
         if not await self._any(
             f"SELECT 1 FROM relay_subscription_links WHERE (stream_id IS NOT NULL AND "
@@ -587,22 +583,24 @@ async def _matching_streams(
             break
         literal.append(segment)
     partial = literal and len(literal) < len(pattern.split("/"))
-    prefix = PREFIX + "/".join(literal) + ("/" if partial else "")
-    sql = "SELECT path, tail FROM {streams} WHERE NOT soft_deleted AND substr(path, 1, ?) = ?"
+    prefix = "/".join(literal) + ("/" if partial else "")
+    sql = (
+        "SELECT s.path, s.tail FROM {streams} s "
+        "WHERE NOT s.soft_deleted AND substr(s.path, 1, ?) = ?"
+    )
     args: list[object] = [len(prefix), prefix]
     if since is not None:
-        sql += " AND created_at >= ?"
+        sql += " AND s.created_at >= ?"
         args.append(since)
     if unlinked_for is not None:
         sql += (
             " AND NOT EXISTS (SELECT 1 FROM relay_subscription_links l WHERE "
-            "l.subscription_id = ? AND '" + PREFIX + "' || l.path = path)"
+            "l.subscription_id = ? AND l.path = s.path)"
         )
         args.append(unlinked_for)
     matches = compile_glob(pattern)
     out = []
     for path, tail in await tx.fetch(sql, *args):
-        relative = path[len(PREFIX) :]
-        if relative.split("/", 1)[0] != "__ds" and matches(relative):
-            out.append((relative, int(tail)))
+        if path.split("/", 1)[0] != "__ds" and matches(path):
+            out.append((path, int(tail)))
     return out

@@ -56,7 +56,6 @@ from relay.tables.spec import TableStream
 log = structlog.get_logger("relay.tables")
 
 CONTENT_TYPE = "application/json"
-STREAM_PREFIX = "/v1/stream/"  # where stream paths live (relay.http.paths.PREFIX)
 APPEND_CONCURRENCY = 64
 """Paths appended to at once while applying a batch (the store group-commits them)."""
 RECHECK_SECONDS = 5.0
@@ -325,15 +324,14 @@ class TableFollower:
 
     async def _append(self, path: str, messages: list[Message], seq: str) -> bool:
         """Append once; False when the stream already has it (a replay) or refuses it."""
-        full = STREAM_PREFIX + path
         request = AppendRequest(CONTENT_TYPE, encode(messages), stream_seq=seq)
         try:
             try:
-                await self.store.append(full, request, self.clock())
+                await self.store.append(path, request, self.clock())
             except NotFound:
-                empty = CreateRequest(full, CONTENT_TYPE, Expiry(), closed=False, body=b"")
+                empty = CreateRequest(path, CONTENT_TYPE, Expiry(), closed=False, body=b"")
                 await self.store.create(empty, self.clock())
-                await self.store.append(full, request, self.clock())
+                await self.store.append(path, request, self.clock())
         except Conflict as exc:
             if exc.code == "stream_seq_regression":
                 return False  # appended before a crash, or by the relay that followed before

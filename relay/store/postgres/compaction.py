@@ -6,10 +6,18 @@ sees the old rows or the merged one, never a gap or an overlap.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import structlog
+
+from relay.store.postgres.connections import OFFLINE
+
+log = structlog.get_logger("relay.postgres")
 
 COMPACT_BYTES = 1024 * 1024
 COMPACT_PASS_BYTES = 16 * COMPACT_BYTES  # read per compaction pass, per relay
@@ -115,3 +123,41 @@ async def compact_stream(
                 "UPDATE relay_streams SET compact_pending = false WHERE id = $1", stream_id
             )
     return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
+
+
+class Compactor:
+    """Runs :func:`compact_pass` every ``interval`` seconds on a pooled connection, and counts."""
+
+    def __init__(
+        self,
+        conn: Callable[[], AbstractAsyncContextManager[Any]],
+        clock: Callable[[], float],
+        idle_seconds: float,
+        interval: float,
+    ) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._idle = idle_seconds
+        self._interval = interval
+        self.rows = 0
+        self.bytes = 0
+        self.passes = 0
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.compact(self._clock())
+            except OFFLINE:
+                continue
+            except Exception:
+                log.exception("compaction failed")
+
+    async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
+        """One pass, counted."""
+        async with self._conn() as conn:
+            done = await compact_pass(conn, now, self._idle, budget)
+        self.rows += done.rows_removed
+        self.bytes += done.bytes_read
+        self.passes += 1
+        return done
