@@ -131,6 +131,8 @@ def metric(relay: RelayProcess, name: str, labels: str = "") -> float:
         if exc.code != 503:
             raise
         return -1.0
+    except urllib.error.URLError:  # a worker's listener still opening (refused or reset)
+        return -1.0
     found = [
         float(line.rpartition(" ")[2])
         for line in text.splitlines()
