@@ -32,7 +32,8 @@ RETRY_SECONDS = 2.0
 
 ROWS = (
     "SELECT start_pos, data FROM relay_chunks WHERE stream_id = $1 AND end_pos > $2 "
-    "AND start_pos < $3 AND pg_is_in_recovery() "
+    "AND start_pos < $3 AND start_pos >= coalesce((SELECT max(start_pos) FROM relay_chunks "
+    "WHERE stream_id = $1 AND start_pos <= $2), 0) AND pg_is_in_recovery() "
     "AND (SELECT timeline_id FROM pg_control_checkpoint()) = $4 ORDER BY start_pos"
 )
 """A segment's rows; none from a server that is no longer a standby (promoted by a failover)

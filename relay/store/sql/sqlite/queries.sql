@@ -21,8 +21,14 @@ SELECT id FROM streams WHERE path = ?;
 SELECT epoch, last_seq, acks FROM producers WHERE stream_id = ? AND producer_id = ?;
 
 -- name: read_rows
+-- The rows holding [?2, ?3) of stream ?1: from the last one starting at or before ?2 (a
+-- stream's rows are contiguous, so it holds ?2) up to ?3, both ends found by the key, so a
+-- read from the middle of a long stream costs what a read from its start costs (bounded
+-- above only, it walked every row before ?3).
 SELECT start_pos, data FROM chunks
-WHERE stream_id = ? AND end_pos > ? AND start_pos < ? ORDER BY start_pos;
+WHERE stream_id = ?1 AND start_pos < ?3 AND end_pos > ?2 AND start_pos >= coalesce(
+    (SELECT max(start_pos) FROM chunks WHERE stream_id = ?1 AND start_pos <= ?2), 0)
+ORDER BY start_pos;
 
 -- name: inheriting
 -- Every stream that can read stream ?1's bytes at or past offset ?2: its forks made past that
