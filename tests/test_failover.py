@@ -230,10 +230,12 @@ async def test_after_failing_over_to_a_standby_that_was_behind_writes_are_refuse
     tmp_path: Path,
 ) -> None:
     """An asynchronous standby taken away falls behind; appends acknowledged meanwhile are
-    lost when the primary dies and the standby is promoted. The relay notices (the database's
-    tail is below what it acknowledged) and refuses further writes to that stream with 409
+    lost when the primary dies and the standby is promoted, and so is a stream created then.
+    The relay notices (the database's tail is below what it acknowledged; a stream it wrote is
+    missing and no delete left a tombstone) and refuses further writes there with 409
     stream_diverged, a log line and a metric, instead of handing out different bytes at offsets
-    readers already have."""
+    readers already have. Re-creating the missing stream is refused too: it would start again
+    at offset 0. A stream deleted before the failover is still just gone (404)."""
     pair = ReplicatedPair(synchronous=False)
     try:
         url = pair.start()
@@ -249,10 +251,20 @@ async def test_after_failing_over_to_a_standby_that_was_behind_writes_are_refuse
                     assert r.status == 201
                 async with http.post(stream, data=b"replicated;", headers=text) as r:
                     assert r.status == 204
+                deleted = f"{relay.url}/v1/stream/deleted"
+                async with http.put(deleted, headers=text, data=b"gone;") as r:
+                    assert r.status == 201
+                async with http.delete(deleted) as r:
+                    assert r.status == 204
                 await pair.caught_up()  # the standby has it
                 await asyncio.to_thread(pair.stop_standby)
                 async with http.post(stream, data=b"lost-in-failover;", headers=text) as r:
                     assert r.status == 204  # acknowledged by the primary alone
+                never_seen = f"{relay.url}/v1/stream/never-seen"
+                async with http.put(never_seen, headers=text, data=b"created;") as r:
+                    assert r.status == 201  # so is this stream, which the standby never sees
+                async with http.post(never_seen, data=b"appended;", headers=text) as r:
+                    assert r.status == 204
                 pair.kill_primary()
                 await asyncio.to_thread(pair.start_standby)
                 await asyncio.to_thread(pair.promote)
@@ -268,11 +280,21 @@ async def test_after_failing_over_to_a_standby_that_was_behind_writes_are_refuse
                 what = "the relay reaching the new primary"
                 status, body = await eventually(answered, timeout=60, interval=0.1, what=what)
                 assert status == 409 and "stream_diverged" in body
+                async with http.post(never_seen, data=b"after;", headers=text) as r:
+                    assert r.status == 409 and "stream_diverged" in await r.text()
+                async with http.put(never_seen, headers=text) as r:
+                    assert r.status == 409  # never re-created at offsets already acknowledged
+                async with http.head(never_seen) as r:
+                    assert r.status == 404  # the database has no such stream to read
+                async with http.post(deleted, data=b"x", headers=text) as r:
+                    assert r.status == 404  # deleted before: a tombstone, not a loss
                 async with http.get(f"{relay.url}/metrics") as r:
-                    assert "relay_store_diverged_streams_total 1.0" in await r.text()
+                    assert "relay_store_diverged_streams_total 2.0" in await r.text()
         finally:
             relay.stop()
-        assert "database is behind what this relay acknowledged" in log.read_text()
+        text_log = log.read_text()
+        assert "database is behind what this relay acknowledged" in text_log
+        assert "a stream this relay acknowledged is missing from the database" in text_log
     finally:
         pair.close()
 

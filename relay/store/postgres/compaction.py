@@ -125,8 +125,17 @@ async def compact_stream(
     return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
 
 
+TOMBSTONE_SECONDS = 7 * 24 * 3600
+"""How long a removed stream's tombstone (``relay_removed``) is kept: a relay that lost its
+database for longer than this cannot tell that database's losses from removals anyway."""
+PRUNE_TOMBSTONES = (
+    "DELETE FROM relay_removed WHERE removed_at < extract(epoch FROM clock_timestamp()) - $1"
+)
+
+
 class Compactor:
-    """Runs :func:`compact_pass` every ``interval`` seconds on a pooled connection, and counts."""
+    """Runs :func:`compact_pass` every ``interval`` seconds on a pooled connection, and counts.
+    Each pass also drops tombstones older than ``TOMBSTONE_SECONDS`` (an indexed range)."""
 
     def __init__(
         self,
@@ -157,6 +166,7 @@ class Compactor:
         """One pass, counted."""
         async with self._conn() as conn:
             done = await compact_pass(conn, now, self._idle, budget)
+            await conn.execute(PRUNE_TOMBSTONES, TOMBSTONE_SECONDS)
         self.rows += done.rows_removed
         self.bytes += done.bytes_read
         self.passes += 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, StreamDiverged
 from protocol.model import StreamMeta
 from relay.store.base import AppendResult
 from relay.store.batching import AppendOp, Touches, WriteOp
@@ -77,14 +77,66 @@ def plan_guarded(
     return batch, outcomes, expected
 
 
+ACKNOWLEDGED_LIMIT = 100_000
+"""Streams whose acknowledged writes this relay remembers (the oldest are forgotten first)."""
+
+
 class Divergence:
-    """Streams the database lost acknowledged appends of (a failover to a standby that was
-    behind): found when a locked row's tail is below what this relay committed or heard."""
+    """Streams the database lost acknowledged writes of (a failover to a standby that was
+    behind): found when a locked row's tail is below what this relay committed or heard, or
+    when a stream this relay created or appended to is missing and no delete removed it (a
+    removal leaves a tombstone in ``relay_removed``, so a delete by any relay, heard or not,
+    is told apart from a loss)."""
 
     def __init__(self, owned: OwnedStreams, known: Known) -> None:
         self.diverged: set[int] = set()
+        self.missing_paths: set[str] = set()  # paths whose stream the database lost
         self._owned = owned
         self._known = known
+        # path -> id of the stream there this relay created or wrote: kept across LISTEN
+        # outages and failovers, which is when it matters.
+        self._acknowledged: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        """Streams found diverged: behind, or missing."""
+        return len(self.diverged) + len(self.missing_paths)
+
+    def committed(self, batch: Batch) -> None:
+        """Remember the streams a committed batch created or wrote; forget those it removed."""
+        for path, stream_id in batch.gone.items():
+            if self._acknowledged.get(path) == stream_id:
+                del self._acknowledged[path]
+        for meta in batch.metas.values():
+            sid = meta.stream_id
+            if sid in batch.moved or sid in batch.created:
+                self._acknowledged.pop(meta.path, None)  # re-inserted last: the newest
+                if len(self._acknowledged) >= ACKNOWLEDGED_LIMIT:
+                    del self._acknowledged[next(iter(self._acknowledged))]
+                self._acknowledged[meta.path] = sid
+
+    def acknowledged(self, path: str) -> int | None:
+        """The stream at ``path`` this relay created or wrote, if it remembers one."""
+        return self._acknowledged.get(path)
+
+    def missing(self, path: str, stream_id: int, removed: bool) -> None:
+        """``path`` has no stream in the database, though this relay acknowledged writes to
+        ``stream_id`` there. ``removed``: a tombstone says a delete (or expiry) took it, so it
+        is forgotten. Otherwise the database lost it: refuse writes there, creates included
+        (a new stream would hand out offsets already acknowledged for other bytes)."""
+        if removed:
+            if self._acknowledged.get(path) == stream_id:
+                del self._acknowledged[path]
+            return
+        if path not in self.missing_paths:
+            self.missing_paths.add(path)
+            log.error(
+                "a stream this relay acknowledged is missing from the database; "
+                "refusing writes to its path",
+                path=path,
+                stream_id=stream_id,
+            )
+        raise StreamDiverged()
 
     def check(self, meta: StreamMeta) -> None:
         """Tails never move back: a row behind this relay's views of the same stream marks it

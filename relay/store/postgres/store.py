@@ -173,7 +173,7 @@ class PostgresStore(Engine):
             statements=self._db.statements,
             guarded_writes=counts["guarded_writes"],
             guard_misses=counts["guard_misses"],
-            diverged_streams=len(self._divergence.diverged),
+            diverged_streams=self._divergence.count,
             pool_in_use=in_use,
             pool_size=size,
         )
@@ -351,7 +351,7 @@ class PostgresStore(Engine):
     ) -> list[Any] | None:
         """The batch as one guarded statement; None if a stream changed underneath (then
         nothing of it was written and the caller takes the locking path)."""
-        transaction = PgTransaction(conn, batch, self._divergence.check)
+        transaction = PgTransaction(conn, batch, self._divergence)
         try:
             await transaction.write(notify_payload(self._origin, batch), expected=expected)
         except BaseException as exc:
@@ -373,7 +373,7 @@ class PostgresStore(Engine):
     ) -> list[Any]:
         for attempt in range(RETRIES):
             transaction = PgTransaction(
-                conn, Batch(diverged=self._divergence.diverged), self._divergence.check
+                conn, Batch(diverged=self._divergence.diverged), self._divergence
             )
             try:
                 async with conn.transaction():
@@ -407,6 +407,7 @@ class PostgresStore(Engine):
         (Another relay's commit may have been heard since the batch began: ``Known.put``
         keeps the later tail.)"""
         self._db.back()
+        self._divergence.committed(batch)
         self._stats["rows_written"] += batch.written
         self._stats["appends"] += batch.appends
         for meta in batch.metas.values():

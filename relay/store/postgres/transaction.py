@@ -14,9 +14,8 @@ tails it expects, is the guarded write (see :mod:`relay.store.postgres.guarded`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -34,19 +33,21 @@ from relay.store.engine import needs
 from relay.store.engine.plan import Batch
 from relay.store.postgres.notify import CHANNEL
 
+if TYPE_CHECKING:
+    from relay.store.postgres.guarded import Divergence
+
 Q = named_queries("postgres")
 
 
 class PgTransaction:
-    """Answers one batch's needs on ``conn``; ``locked`` hears every row it locks (the
-    divergence check)."""
+    """Answers one batch's needs on ``conn``; ``divergence`` hears every row it locks, and
+    every path this relay acknowledged writes to that it finds without a stream."""
 
-    def __init__(
-        self, conn: asyncpg.Connection, batch: Batch, locked: Callable[[StreamMeta], None]
-    ) -> None:
+    def __init__(self, conn: asyncpg.Connection, batch: Batch, divergence: Divergence) -> None:
         self.conn = conn
         self.batch = batch
-        self._locked = locked
+        self._divergence = divergence
+        self._locked = divergence.check
 
     async def lock(self, ops: list[WriteOp], touches: Touches) -> None:
         """The batch's opening statements (see the module docstring)."""
@@ -88,6 +89,10 @@ class PgTransaction:
             case needs.Load(path):
                 row = await conn.fetchrow(Q["load_stream_locked"], path)
                 if row is None:
+                    acknowledged = self._divergence.acknowledged(path)
+                    if acknowledged is not None:
+                        removed = await conn.fetchval(Q["removed"], acknowledged)
+                        self._divergence.missing(path, acknowledged, bool(removed))
                     return None
                 meta = await with_segments(conn, row_meta(row))
                 self._locked(meta)
@@ -117,6 +122,7 @@ class PgTransaction:
             case needs.Erase(ids):
                 for table in ("chunks", "producers", "streams"):
                     await conn.execute(Q[f"erase_{table}"], list(ids))
+                await conn.execute(Q["tombstones"], list(ids))
             case needs.SoftDelete(stream_id, inherited):
                 await conn.execute(Q["soft_delete"], stream_id)
                 await conn.execute(Q["erase_beyond"], stream_id, inherited)

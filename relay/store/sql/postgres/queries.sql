@@ -106,6 +106,15 @@ DELETE FROM relay_producers WHERE stream_id = ANY($1::bigint[]);
 -- name: erase_streams
 DELETE FROM relay_streams WHERE id = ANY($1::bigint[]);
 
+-- name: tombstones
+-- Streams removed for good (deleted, revoked, expired): what tells a removal from a loss
+-- after a failover (relay.store.postgres.guarded.Divergence).
+INSERT INTO relay_removed (stream_id, removed_at)
+SELECT unnest($1::bigint[]), extract(epoch FROM clock_timestamp()) ON CONFLICT DO NOTHING;
+
+-- name: removed
+SELECT true FROM relay_removed WHERE stream_id = $1;
+
 -- name: soft_delete
 UPDATE relay_streams SET soft_deleted = true WHERE id = $1;
 

@@ -34,6 +34,14 @@ CREATE INDEX relay_streams_ttl ON relay_streams ((last_access + ttl)) WHERE ttl 
 CREATE INDEX relay_streams_compact ON relay_streams (last_append, id) WHERE compact_pending;
 CREATE INDEX relay_streams_soft_deleted ON relay_streams (id) WHERE soft_deleted;
 
+-- Streams removed for good, kept for a week: a stream a relay acknowledged that is missing with
+-- no tombstone was lost in a failover, not deleted.
+CREATE TABLE relay_removed (
+    stream_id BIGINT PRIMARY KEY,
+    removed_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX relay_removed_at ON relay_removed (removed_at);
+
 -- Raises RL001 unless ok: the one-round-trip write's check that nothing changed underneath.
 CREATE OR REPLACE FUNCTION relay_guard(ok boolean) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
