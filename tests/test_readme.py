@@ -1,5 +1,6 @@
-"""The README's walkthroughs, run as pasted (each section's shell blocks as one bash script,
-against a real relay), so a step that fails or races for a newcomer fails here first."""
+"""The walkthroughs of the README and docs/, run as pasted (each section's shell blocks as one
+bash script, against a real relay), so a step that fails or races for a newcomer fails here
+first."""
 
 from __future__ import annotations
 
@@ -9,23 +10,27 @@ from pathlib import Path
 
 from tests.relay_process import RelayProcess
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SUBSCRIPTIONS = ROOT / "docs" / "SUBSCRIPTIONS.md"
+CORRECTIONS = ROOT / "docs" / "CORRECTIONS.md"
 
 
-def _section_script(heading: str) -> str:
-    """The ``sh`` blocks of one README section, joined in order."""
-    text = README.read_text()
+def _section_script(doc: Path, heading: str) -> str:
+    """The ``sh`` blocks of one ``## heading`` section of ``doc``, joined in order."""
+    text = doc.read_text()
+    assert f"\n## {heading}\n" in text, f"{doc.name} has no section {heading!r}"
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
     assert blocks, f"no sh block under {heading!r}"
     return "\n".join(blocks)
 
 
-def _run_section(relay: RelayProcess, heading: str) -> str:
-    """Run a section against ``relay`` (the README's URL rewritten to its port); its stdout."""
+def _run_section(relay: RelayProcess, doc: Path, heading: str) -> str:
+    """Run a section against ``relay`` (the doc's URL rewritten to its port); its stdout."""
     relay.start()
     try:
-        script = _section_script(heading).replace("http://127.0.0.1:4437", relay.url)
+        script = _section_script(doc, heading).replace("http://127.0.0.1:4437", relay.url)
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             capture_output=True,
@@ -41,7 +46,7 @@ def _run_section(relay: RelayProcess, heading: str) -> str:
 
 def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
     relay = RelayProcess(tmp_path / "data", "--long-poll-timeout", "20")
-    out = _run_section(relay, "Walkthrough with curl")
+    out = _run_section(relay, README, "Walkthrough with curl")
     assert out.count("HTTP/1.1 201 Created") == 1  # the create
     assert "Hello, world" in out  # the catch-up read
     assert "\ndata:  More.\n" in out  # the SSE reader saw the live append
@@ -51,7 +56,7 @@ def test_the_curl_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
 
 
 def test_the_subscriptions_walkthrough_runs_as_pasted(tmp_path: Path) -> None:
-    out = _run_section(RelayProcess(tmp_path / "data"), "Subscriptions")
+    out = _run_section(RelayProcess(tmp_path / "data"), SUBSCRIPTIONS, "Walkthrough")
     assert '"subscription_id":"indexer"' in out  # the wake event arrived before the claim
     assert '{"ok":true,"next_wake":false}' in out  # the claim and its ack
 
@@ -60,18 +65,16 @@ def test_the_subscriptions_walkthrough_runs_on_postgres_with_two_workers(
     tmp_path: Path, pg_url: str
 ) -> None:
     relay = RelayProcess(tmp_path / "data", "--database-url", pg_url, "--workers", "2")
-    out = _run_section(relay, "Subscriptions")
+    out = _run_section(relay, SUBSCRIPTIONS, "Walkthrough")
     assert '{"ok":true,"next_wake":false}' in out
 
 
 def test_the_supersede_recipe_runs_as_pasted(tmp_path: Path) -> None:
-    out = _run_section(RelayProcess(tmp_path / "data"), "Correcting a stream")
+    out = _run_section(RelayProcess(tmp_path / "data"), CORRECTIONS, "Supersede")
     assert 'rel="successor-version"' in out and "/v1/stream/answer-2>" in out
     assert out.rstrip().endswith("The capital is Paris.")
 
 
 def test_the_retention_recipe_runs_as_pasted(tmp_path: Path) -> None:
-    out = _run_section(
-        RelayProcess(tmp_path / "data"), "Retention: keep a stream from an offset on"
-    )
+    out = _run_section(RelayProcess(tmp_path / "data"), CORRECTIONS, "Retention")
     assert "retain: 200\nnew\nbefore: 410\n" in out

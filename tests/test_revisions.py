@@ -1,4 +1,4 @@
-"""Soft revision on the same stream, while readers are live (README "Correcting a stream"):
+"""Soft revision on the same stream, while readers are live (docs/CORRECTIONS.md):
 the correction is new data in each consumer's own vocabulary, and live and late readers end with
 the same corrected view. State Protocol streams through the official ``@durable-streams/state``
 StreamDB; plain JSON token streams through the revision envelope of ``relay_producer``."""
@@ -33,7 +33,7 @@ NEEDS_NODE = pytest.mark.skipif(
     shutil.which("node") is None or not (WEB / "node_modules").is_dir(),
     reason="needs node and `npm ci` in examples/chat/web (scripts/test does both)",
 )
-README = Path(__file__).resolve().parent.parent / "README.md"
+CORRECTIONS = Path(__file__).resolve().parent.parent / "docs" / "CORRECTIONS.md"
 RECIPES = WEB / "e2e" / "corrections.mjs"
 
 
@@ -102,7 +102,7 @@ async def test_a_token_stream_revised_converges_for_live_and_late_readers(
 def test_the_typescript_recipes_supersede_retain_and_compact_for_a_late_streamdb(
     relay: RelayProcess,
 ) -> None:
-    """The README's recipes for the official TypeScript client, run as they are written: the
+    """The recipes of docs/CORRECTIONS.md for the official TypeScript client, run as written: the
     old reply links its successor, which holds the good prefix and the correction; after a
     snapshot and a retention horizon a late StreamDB reader has the current rows and
     downloaded less than the history it no longer needs."""
@@ -122,7 +122,7 @@ def test_the_readme_shows_the_typescript_recipes_as_the_test_runs_them() -> None
     source = RECIPES.read_text()
     blocks = source.split("// -- recipe: ")[1:]
     assert [block.split("\n", 1)[0] for block in blocks] == ["supersede", "retain"]
-    readme = README.read_text()
+    doc = CORRECTIONS.read_text()
     for block in blocks:
         body = block.split("\n", 1)[1].split("// -- end", 1)[0].strip()
-        assert body in readme, f"README lacks the {block.split()[0]} recipe as written"
+        assert body in doc, f"docs/CORRECTIONS.md lacks the {block.split()[0]} recipe"

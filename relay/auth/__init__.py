@@ -1,4 +1,4 @@
 """Access control: bearer credentials (JWTs, API keys), grants on stream paths, revocation.
 
-Routes call ``relay.auth.http.authorize(request, action, path)``; see README "Access control".
+Routes call ``relay.auth.http.authorize(request, action, path)``; see docs/ACCESS.md.
 """

@@ -4,7 +4,7 @@ Each depth adds one layer to the one before: ``healthz`` is routing and ``Front`
 ``head`` adds a stream lookup, ``read`` a catch-up GET of a small stream (lookup, read,
 render), ``append`` a durable POST of ``--payload`` bytes. Beside the same requests answered
 by bare aiohttp it says what each layer of Relay costs above aiohttp's own floor, which is what
-to cut (see the README's benchmark section).
+to cut (see docs/BENCHMARKS.md).
 
 Load comes from ``wrk`` when it is installed (it keeps one core's server busy with little CPU of
 its own), else (and for HEAD, which wrk cannot parse) from the bench's own aiohttp client:

@@ -1,4 +1,4 @@
-"""Correcting a stream a producer wrote (Relay's README, "Correcting a stream").
+"""Correcting a stream a producer wrote (Relay's docs/CORRECTIONS.md).
 
 Bytes at an offset never change (readers and caches keep them), so each correction is new data
 or a new stream, never a rewrite:

@@ -1,4 +1,4 @@
-"""The revision convention for JSON token streams (README "Correcting a stream").
+"""The revision convention for JSON token streams (Relay's docs/CORRECTIONS.md).
 
 Bytes at an offset never change, so a correction is a message: a producer appends
 ``{"type": "revision", "from": i, "delta": "..."}`` (one POST, so the envelope and its

@@ -1,6 +1,6 @@
-// README "Correcting a stream" with the official TypeScript client: supersede (fork a
+// docs/CORRECTIONS.md with the official TypeScript client: supersede (fork a
 // successor at the last good offset, close the old stream naming it) and retention, then the
-// State Protocol's compaction read by a late StreamDB. The README shows the recipe blocks of
+// State Protocol's compaction read by a late StreamDB. That doc shows the recipe blocks of
 // this file as they are here (tests/test_revisions.py checks both). Prints the outcome as JSON.
 // Run from examples/chat/web with the stream root URL, e.g. http://127.0.0.1:4437/v1/stream.
 import { DurableStream } from "@durable-streams/client"

@@ -1,4 +1,4 @@
-// The revision convention for State Protocol streams (README "Correcting a stream"): a
+// The revision convention for State Protocol streams (docs/CORRECTIONS.md): a
 // correction is update and delete change messages under one txid, appended in one POST. A live
 // StreamDB reader (parked before the correction) and a late one must end with the same rows.
 // Prints {before, live, late} as JSON; run from examples/chat/web with the stream URL.
