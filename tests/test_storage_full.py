@@ -28,6 +28,8 @@ from tests.pg import _with_database
 from tests.relay_process import RelayProcess, read_all
 
 BLOCK = 200 * 1024
+ROOM = 2 * 1024 * 1024
+"""Free space left when the appends start: the disk fills after about ten of them."""
 OCTETS = {"Content-Type": "application/octet-stream"}
 
 
@@ -55,8 +57,18 @@ def metric(text: str, name: str) -> float:
     return 0.0
 
 
-async def fill_then_recover(relay: RelayProcess, filler: Path) -> None:
-    """Append blocks until the store refuses, check every promise, free ``filler``, go on."""
+def leave_free(disk: Path, room: int) -> Path:
+    """A file taking all of ``disk`` but ``room`` bytes (freed later to give space back), so
+    the store fills after a few appends whatever its schema took."""
+    stats = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - room))
+    return filler
+
+
+async def fill_then_recover(relay: RelayProcess, disk: Path) -> None:
+    """Append blocks until the store refuses, check every promise, free space, go on."""
+    filler = leave_free(disk, ROOM)
     url = f"{relay.url}/v1/stream/full-{uuid.uuid4().hex[:6]}"
     acked = bytearray()
     async with aiohttp.ClientSession() as http:
@@ -94,13 +106,11 @@ async def fill_then_recover(relay: RelayProcess, filler: Path) -> None:
 
 
 def test_the_embedded_store_on_a_full_disk(tmp_path: Path) -> None:
-    with small_disk(tmp_path / "disk", "6m") as disk:
-        filler = disk / "filler"
-        filler.write_bytes(b"\0" * (1024 * 1024))
+    with small_disk(tmp_path / "disk", "16m") as disk:
         relay = RelayProcess(disk / "data")
         relay.start()
         try:
-            asyncio.run(fill_then_recover(relay, filler))
+            asyncio.run(fill_then_recover(relay, disk))
         finally:
             relay.stop()
 
@@ -130,12 +140,10 @@ def test_postgres_with_its_tablespace_full(tmp_path: Path, pg_admin_url: str) ->
     # pytest's root-only temporary directory).
     mount_point = Path(tempfile.mkdtemp(prefix="relay-full-"))
     mount_point.chmod(0o755)
-    with small_disk(mount_point, "8m", owner=uid) as disk:
+    with small_disk(mount_point, "32m", owner=uid) as disk:
         location = disk / "tablespace"
         location.mkdir()
         os.chown(location, uid, -1)
-        filler = disk / "filler"
-        filler.write_bytes(b"\0" * (1024 * 1024))
         asyncio.run(
             _run(
                 pg_admin_url,
@@ -148,7 +156,7 @@ def test_postgres_with_its_tablespace_full(tmp_path: Path, pg_admin_url: str) ->
         )
         try:
             relay.start()
-            asyncio.run(fill_then_recover(relay, filler))
+            asyncio.run(fill_then_recover(relay, disk))
         finally:
             relay.stop()
             asyncio.run(
