@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from relay.config import SETTINGS
 from tests.relay_process import RelayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,10 @@ def test_the_supersede_recipe_runs_as_pasted(tmp_path: Path) -> None:
 def test_the_retention_recipe_runs_as_pasted(tmp_path: Path) -> None:
     out = _run_section(RelayProcess(tmp_path / "data"), CORRECTIONS, "Retention")
     assert "retain: 200\nnew\nbefore: 410\n" in out
+
+
+def test_every_setting_has_a_row_in_the_configuration_table() -> None:
+    """A newcomer finds every flag in the README's table, not only in ``relay serve --help``."""
+    text = README.read_text()
+    rows = {s.name for s in SETTINGS if f"| `--{s.name.replace('_', '-')}` |" in text}
+    assert [s.name for s in SETTINGS if s.name not in rows] == []
