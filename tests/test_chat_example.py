@@ -246,24 +246,33 @@ async def store(database_url: str, tmp_path: Path) -> AsyncIterator[MetadataStor
         await opened.close()
 
 
-async def test_metadata_store(store: MetadataStore) -> None:
-    await store.create_chat(Chat("c1", "New chat", 1.0))
-    await store.create_chat(Chat("c2", "New chat", 2.0))
+async def test_metadata_store(store: MetadataStore, database_url: str) -> None:
+    c1, c2 = Chat("c1", "New chat", 1.0), Chat("c2", "New chat", 2.0)
+    await store.create_chat(c1)
+    await store.create_chat(c2)
 
     def msg(mid: str, chat: str, role: str, stream: str | None = None) -> Message:
         return Message(mid, chat, -1, role, "", "streaming" if stream else "done", stream, 3.0)
 
     turns = [
-        await store.add_turn(msg("u1", "c1", "user"), msg("a1", "c1", "assistant", "s1")),
-        await store.add_turn(msg("u2", "c2", "user"), msg("a2", "c2", "assistant", "s2")),
-        await store.add_turn(msg("u3", "c1", "user"), msg("a3", "c1", "assistant", "s3")),
+        await store.add_turn(c1, msg("u1", "c1", "user"), msg("a1", "c1", "assistant", "s1"), "hi"),
+        await store.add_turn(c2, msg("u2", "c2", "user"), msg("a2", "c2", "assistant", "s2"), "yo"),
+        await store.add_turn(c1, msg("u3", "c1", "user"), msg("a3", "c1", "assistant", "s3"), "x"),
     ]
-    assert [(u.position, a.position) for u, a in turns] == [(0, 1), (0, 1), (2, 3)]
+    assert [(t.user.position, t.reply.position) for t in turns] == [(0, 1), (0, 1), (2, 3)]
+    # The title comes with the chat's first message, in the same transaction, and only then.
+    assert [t.chat for t in turns] == [Chat("c1", "hi", 1.0), Chat("c2", "yo", 2.0), None]
+    assert await store.chat("c1") == Chat("c1", "hi", 1.0)
+    txids = [t.txid for t in turns]
+    if database_url:  # each send is one transaction, named as table streams name it
+        assert all(t is not None and t.isdigit() for t in txids) and len(set(txids)) == 3
+    else:
+        assert txids == [None, None, None]
+    assert [m.id for m in await store.unfinished()] == ["a1", "a2", "a3"]
     done = await store.finish("a1", "the reply", "done")
     assert (done.text, done.status, done.stream) == ("the reply", "done", "s1")
+    assert [m.id for m in await store.unfinished()] == ["a2", "a3"]
     assert [m.id for m in await store.messages("c1")] == ["u1", "a1", "u3", "a3"]
-    await store.set_title("c1", "greetings")
-    assert await store.chat("c1") == Chat("c1", "greetings", 1.0)
     assert await store.chat("c3") is None
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         await store.create_chat(Chat("c1", "again", 4.0))

@@ -177,11 +177,36 @@ $<HTMLFormElement>("composer").addEventListener("submit", async (event) => {
   const text = input.value.trim()
   if (!text) return
   input.value = ""
-  const res = await fetch(`/api/chats/${id}/messages`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ text }),
-  })
-  statusLine.textContent = res.ok ? "" : `send failed: ${res.status}`
+  let res: Response
+  try {
+    res = await fetch(`/api/chats/${id}/messages`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text }),
+    })
+  } catch {
+    // The backend went away: it may have stored the message first, which then shows up.
+    statusLine.textContent = "send failed: no answer from the backend"
+    return
+  }
+  if (!res.ok) {
+    statusLine.textContent = `send failed: ${res.status}`
+    return
+  }
+  // On Postgres the relay appends the send's transaction to the state stream (a table
+  // stream): the message is stored, and on its way here until that transaction arrives.
+  const { txid } = (await res.json()) as { txid: string | null }
+  if (txid === null) return
+  statusLine.textContent = "sending…"
+  try {
+    await db.utils.awaitTxId(txid, 60_000)
+    statusLine.textContent = ""
+  } catch {
+    statusLine.textContent = "stored; the relay has not shown it yet"
+  }
+})
+// What the page holds, for tests (tests/test_chat_browser.py compares it with the database).
+Object.assign(window, {
+  chatRows: () => ({ chats: db.collections.chats.toArray, messages: db.collections.messages.toArray }),
 })
 document.body.dataset.ready = "true"
