@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -115,6 +116,12 @@ def _table_stream_flags(database_url: str) -> list[str]:
 
 
 def _rows(database_url: str, sql: str, *args: object) -> list[dict[str, Any]]:
+    """The rows ``sql`` selects in Postgres, or (a path, not a URL) in the SQLite file."""
+    if not database_url.startswith("postgresql://"):
+        with contextlib.closing(sqlite3.connect(database_url)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sql.replace("$", "?"), args)]
+
     async def fetch() -> list[dict[str, Any]]:
         conn = await asyncpg.connect(database_url)
         try:
@@ -348,20 +355,26 @@ CHAT_COLUMNS = ("id", "title", "created_at")
 MESSAGE_FIELDS = tuple(MESSAGE_COLUMNS.split(", "))
 
 
-@pytest.fixture
-def crash_chat(tmp_path: Path, web_dist: Path, chat_db: str) -> Iterator[tuple[Chat, str]]:
+@pytest.fixture(params=["postgres", "sqlite"])
+def crash_chat(
+    request: pytest.FixtureRequest, tmp_path: Path, web_dist: Path
+) -> Iterator[tuple[Chat, str]]:
+    """A chat whose model thinks before its first token; and its database (URL or path)."""
+    store = request.param
+    url = str(request.getfixturevalue("chat_db")) if store == "postgres" else ""
     with _running(
-        tmp_path, web_dist, chat_db, "postgres", "long-poll",
+        tmp_path, web_dist, url, store, "long-poll",
         "--reply-tokens", str(CRASH_REPLY_TOKENS),
         "--first-token-delay", str(FIRST_TOKEN_DELAY),
     ) as chat:  # fmt: skip
-        yield chat, chat_db
+        yield chat, url or str(tmp_path / "chat.sqlite")
 
 
 def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> None:
-    """On Postgres: kill -9 the backend after its send's transaction committed and before the
-    model's first token (the restarted backend resumes the reply), then the relay mid-reply
-    and again as the reply's last transaction commits (each restarted on the same data)."""
+    """Kill -9 the backend after its send's transaction committed and before the model's
+    first token (the restarted backend resumes the reply), then the relay mid-reply and again
+    as the reply's last transaction commits (each restarted on the same data). On Postgres the
+    relay follows the tables into the state stream; on SQLite the backend publishes it."""
     chat, database_url = crash_chat
     relay, backend = chat.relay, chat.backend
     key = (chat.keys / "backend.key").read_text()
@@ -406,23 +419,24 @@ def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> N
     assert [{c: r[c] for c in MESSAGE_FIELDS} for r in page_messages] == messages
     assert result["listed"] == [m["id"] for m in messages]
 
-    # The state stream, as the relay wrote it across its kills: each transaction's change
-    # once, each row inserted once, and folded it is the database's rows.
+    # The state stream, folded, is the database's rows.
     state = _read_json(f"{relay.url}/v1/stream/chat/{chat_id}/state", key)
-    changes = [c for c in state if "operation" in c["headers"]]
-    applied = Counter(
-        (c["type"], c["key"], c["headers"]["operation"], c["headers"]["txid"]) for c in changes
-    )
-    assert [k for k, n in applied.items() if n > 1] == []
-    inserts = Counter(
-        (c["type"], c["key"]) for c in changes if c["headers"]["operation"] == "insert"
-    )
-    assert sorted(inserts.values()) == [1, 1, 1]
-    folded = fold(state)
-    assert folded == {
+    assert fold(state) == {
         **{("chat", c["id"]): c for c in chats},
         **{("message", m["id"]): m for m in messages},
     }
+    if chat.store == "postgres":
+        # As the relay wrote it across its kills: each transaction's change once, each row
+        # inserted once. (On SQLite the resumed backend publishes the chat's rows again.)
+        changes = [c for c in state if "operation" in c["headers"]]
+        applied = Counter(
+            (c["type"], c["key"], c["headers"]["operation"], c["headers"]["txid"]) for c in changes
+        )
+        assert [k for k, n in applied.items() if n > 1] == []
+        inserts = Counter(
+            (c["type"], c["key"]) for c in changes if c["headers"]["operation"] == "insert"
+        )
+        assert sorted(inserts.values()) == [1, 1, 1]
     tokens = _read_json(f"{relay.url}/v1/stream/{messages[1]['stream']}", key)
     assert tokens == [{"type": "token", "delta": t} for t in CRASH_MODEL.tokens(PROMPT)]
 

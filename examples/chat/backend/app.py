@@ -235,6 +235,7 @@ async def _write_reply(
     Stopped (the backend shuts down), the reply stays ``streaming`` for the next start."""
     assert reply.stream is not None
     settings, parts, status = app[SETTINGS], list[str](), "error"
+    stored: list[str] = []
     try:
         stored, closed = await _stored_tokens(app, reply.stream) if resume else ([], False)
         if closed:
@@ -264,9 +265,21 @@ async def _write_reply(
                 status = "done"
     except asyncio.CancelledError:
         raise
+    except ReplyDiverged:
+        log.error("reply %s: the model did not repeat what was streamed; it ends there", reply.id)
+        parts = stored
     except Exception:
         log.exception("reply %s failed", reply.id)
     finished = await app[STORE].finish(reply.id, "".join(parts), status)
     publisher = app[PUBLISHER]
-    if publisher is not None:
+    if publisher is None:
+        return
+    if not resume:
         await publisher.publish(reply.chat_id, change(finished, "update"))
+        return
+    # The backend may have died between a transaction and its publish: publish the chat's
+    # rows again, as inserts (a reader that has a row takes its insert as an update).
+    chat = await app[STORE].chat(reply.chat_id)
+    rows: list[Chat | Message] = [] if chat is None else [chat]
+    rows += [m for m in await app[STORE].messages(reply.chat_id) if m.position <= reply.position]
+    await publisher.publish(reply.chat_id, *(change(row, "insert") for row in rows))

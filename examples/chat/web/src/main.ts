@@ -101,7 +101,10 @@ async function follow(message: MessageRow, el: HTMLElement): Promise<void> {
     closed: false,
   }
   show(el, saved)
+  let reads = 0
   while (!saved.closed) {
+    // A batch that arrives for a read this loop has given up on is the next read's to fetch.
+    const read = ++reads
     try {
       const { relay_url } = await currentSession()
       const res = await stream<ReplyEvent>({
@@ -113,15 +116,22 @@ async function follow(message: MessageRow, el: HTMLElement): Promise<void> {
         backoffOptions,
         onError,
       })
+      let sawClose = () => {}
+      const closeSeen = new Promise<void>((resolve) => (sawClose = resolve))
       res.subscribeJson(async (batch) => {
+        if (read !== reads) return
         for (const item of batch.items) if (item.type === "token") saved.text += item.delta
         saved.offset = batch.offset
         saved.closed = batch.streamClosed
         // Text and offset in one entry: a reload restores exactly the text up to that offset.
         localStorage.setItem(key, JSON.stringify(saved))
         show(el, saved)
+        if (batch.streamClosed) sawClose()
       })
       await res.closed
+      // On a stream already closed at the first read, the client (0.2.6) settles `closed`
+      // before its subscriber has the batch: wait for it (or read again from saved.offset).
+      await Promise.race([closeSeen, new Promise((resolve) => setTimeout(resolve, 1000))])
     } catch {
       // In a browser, an SSE response cut off mid-stream (the relay restarted) ends the
       // client's session with an error instead of a reconnect: start again at the saved offset.
