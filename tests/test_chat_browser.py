@@ -6,9 +6,10 @@ the metadata must each equal what the deterministic model produced: nothing lost
 doubled. Prints the time from each disruption to the next token on screen.
 
 On Postgres (a private cluster with wal_level=logical) the chat's state stream is a table
-stream the relay writes from the chat tables, and a second test kills the backend between its
-database write and the model's first token, then the relay mid-reply and again as the reply's
-last transaction commits: the page's rows must equal the database's, each once.
+stream the relay writes from the chat tables. A second test, on each store, kills the backend
+between its database write and the model's first token, then the relay mid-reply and again as
+the reply's last transaction commits: the page's rows must equal the database's, each once,
+and its reply the model's.
 
 The drivers are examples/chat/web/e2e/drive.mjs and crashes.mjs; scripts/test installs
 Chromium (scripts/install-chromium) and the page's npm packages.
@@ -16,31 +17,27 @@ Chromium (scripts/install-chromium) and the page's npm packages.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from examples.chat.backend.keys import ensure_keys
-from examples.chat.backend.metadata import MESSAGE_COLUMNS, TABLE_STREAMS, create_tables
+from examples.chat.backend.metadata import MESSAGE_COLUMNS
 from examples.chat.backend.model import DeterministicModel
 from protocol.state import fold
-from tests.pg import ThrowawayCluster, _bin_dir, _with_database
+from tests import chat_pg
 from tests.relay_process import RelayProcess, free_port
 from tests.waits import wait_for_process, wait_for_sync
 
@@ -52,13 +49,16 @@ TOKENS_PER_SECOND = 30
 REPLY_TOKENS = 360  # 12 s at 30 tokens/s: room for three disruptions, a second apart
 MODEL = DeterministicModel(TOKENS_PER_SECOND, REPLY_TOKENS)
 DRIVER_TIMEOUT = 100
-LOGICAL = {"wal_level": "logical", "max_replication_slots": "10", "max_wal_senders": "10"}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or not (WEB / "node_modules").is_dir() or not CHROMIUM.exists(),
     reason="needs node, `npm ci` in examples/chat/web and /usr/bin/chromium "
     "(scripts/test runs npm ci and scripts/install-chromium)",
 )
+
+
+logical_pg = chat_pg.logical_pg
+chat_db = chat_pg.chat_db
 
 
 @pytest.fixture(scope="module")
@@ -72,64 +72,6 @@ def web_dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=120,
     )
     return out
-
-
-@pytest.fixture(scope="module")
-def logical_pg() -> Iterator[str]:
-    """A private Postgres with wal_level=logical, as table streams need; its admin URL."""
-    if _bin_dir() is None:
-        pytest.skip("needs Postgres server binaries (initdb, pg_ctl)")
-    cluster = ThrowawayCluster(LOGICAL)
-    admin = cluster.start()
-    try:
-        yield admin
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def chat_db(logical_pg: str) -> str:
-    """A fresh database on the logical cluster holding the chat tables (as `run` makes them
-    before the relay starts: a table stream's table must exist)."""
-    name = f"chat_{uuid.uuid4().hex[:10]}"
-    url = _with_database(logical_pg, name)
-
-    async def create() -> None:
-        admin = await asyncpg.connect(logical_pg)
-        await admin.execute(f"CREATE DATABASE {name}")
-        await admin.close()
-        conn = await asyncpg.connect(url)
-        await create_tables(conn)
-        await conn.close()
-
-    asyncio.run(create())
-    return url
-
-
-def _table_stream_flags(database_url: str) -> list[str]:
-    """The relay's flags for the example's table streams, as `run` passes them; one slot per
-    database (slot names are the cluster's)."""
-    flags = ["--table-slot", database_url.rpartition("/")[2]]
-    for definition in TABLE_STREAMS:
-        flags += ["--table-stream", definition]
-    return flags
-
-
-def _rows(database_url: str, sql: str, *args: object) -> list[dict[str, Any]]:
-    """The rows ``sql`` selects in Postgres, or (a path, not a URL) in the SQLite file."""
-    if not database_url.startswith("postgresql://"):
-        with contextlib.closing(sqlite3.connect(database_url)) as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute(sql.replace("$", "?"), args)]
-
-    async def fetch() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(database_url)
-        try:
-            return [dict(r) for r in await conn.fetch(sql, *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
 
 
 class Backend:
@@ -192,7 +134,7 @@ def _running(
     keys = tmp_path / "keys"
     ensure_keys(keys)
     database = ["--database-url", database_url] if database_url else []
-    tables = _table_stream_flags(database_url) if database_url else []
+    tables = chat_pg.prepare(database_url) if database_url else []
     relay = RelayProcess(
         tmp_path / "relay",
         "--auth-jwt-keys", str(keys / "jwks.json"),
@@ -402,10 +344,10 @@ def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> N
     assert result["text"] == expected  # on screen: the model's reply, nothing lost or doubled
 
     chat_id = result["chat"]
-    chats = _rows(
+    chats = chat_pg.rows(
         database_url, "SELECT id, title, created_at FROM chat_chats WHERE id = $1", chat_id
     )
-    messages = _rows(
+    messages = chat_pg.rows(
         database_url,
         f"SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE chat_id = $1 ORDER BY position",
         chat_id,
@@ -443,7 +385,7 @@ def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> N
 
 def _wait_until_done(database_url: str, reply: str) -> None:
     wait_for_sync(
-        lambda: _rows(
+        lambda: chat_pg.rows(
             database_url, "SELECT 1 FROM chat_messages WHERE id = $1 AND status = 'done'", reply
         ),
         timeout=60,
@@ -457,7 +399,7 @@ def _kill_backend_after_its_write(chat: Chat, database_url: str, chat_id: str, k
     stream must still be empty (the kill came before the model's first token). Returns the
     reply's id."""
     found = wait_for_sync(
-        lambda: _rows(
+        lambda: chat_pg.rows(
             database_url,
             "SELECT id, stream FROM chat_messages WHERE chat_id = $1 AND role = 'assistant'",
             chat_id,
