@@ -312,7 +312,9 @@ def crash_chat(
         yield chat, url or str(tmp_path / "chat.sqlite")
 
 
-def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> None:
+def test_rows_survive_backend_and_relay_kills(
+    crash_chat: tuple[Chat, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """Kill -9 the backend after its send's transaction committed and before the model's
     first token (the restarted backend resumes the reply), then the relay mid-reply and again
     as the reply's last transaction commits (each restarted on the same data). On Postgres the
@@ -383,6 +385,21 @@ def test_rows_survive_backend_and_relay_kills(crash_chat: tuple[Chat, str]) -> N
         assert sorted(inserts.values()) == [1, 1, 1]
     tokens = _read_json(f"{relay.url}/v1/stream/{messages[1]['stream']}", key)
     assert tokens == [{"type": "token", "delta": t} for t in CRASH_MODEL.tokens(PROMPT)]
+    if chat.store == "postgres":
+        # Where the last kill fell (not asserted: either way each change is in once).
+        with urllib.request.urlopen(f"{relay.url}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        replays = sum(
+            float(line.rpartition(" ")[2])
+            for line in metrics.splitlines()
+            if line.startswith("relay_table_transactions_total")
+            and 'outcome="already_applied"' in line
+        )
+        with capsys.disabled():
+            print(
+                "\nchat crash test: the restarted relay found the reply's last transaction "
+                + ("appended before the kill (replay refused)" if replays else "still to append")
+            )
 
 
 def _wait_until_done(database_url: str, reply: str) -> None:
