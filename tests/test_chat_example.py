@@ -1,12 +1,15 @@
 """examples/chat without a browser: `examples/chat/run` starts a working chat with one command,
 refuses a taken port in one line before it starts anything, prints the chat's URL only once the
 chat answers and never puts the backend's key in a process's argv; the browser's token reads its
-own chat and nothing else, and the metadata store behaves the same on SQLite and Postgres. (The
-browser itself: tests/test_chat_browser.py.)"""
+own chat and nothing else, and the metadata store behaves the same on SQLite and Postgres. On
+Postgres (a private cluster with wal_level=logical) `run` has the relay write the state stream
+from the chat tables. (The browser itself: tests/test_chat_browser.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -22,8 +25,15 @@ import jwt
 import pytest
 
 from examples.chat.backend.config import SettingsError, read_settings
-from examples.chat.backend.metadata import Chat, Message, MetadataStore, open_store
+from examples.chat.backend.metadata import (
+    MESSAGE_COLUMNS,
+    Chat,
+    Message,
+    MetadataStore,
+    open_store,
+)
 from examples.chat.backend.model import DeterministicModel
+from tests import chat_pg
 from tests.relay_process import RelayProcess, free_port
 from tests.waits import wait_for_sync
 
@@ -53,8 +63,8 @@ def _call(
         return err.code, None, dict(err.headers)
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[str, str]]:
+@contextlib.contextmanager
+def _run(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
     """`examples/chat/run` on free ports with its data in tmp_path; (chat URL, relay URL)."""
     if shutil.which("npx") is None or not (ROOT / "examples/chat/web/node_modules").is_dir():
         pytest.skip("needs npm ci in examples/chat/web (scripts/test runs it)")
@@ -64,6 +74,7 @@ def running(tmp_path: Path) -> Iterator[tuple[str, str]]:
          "--data", str(tmp_path / "data"), "--reply-tokens", str(REPLY_TOKENS),
          "--tokens-per-second", "200"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -83,6 +94,12 @@ def running(tmp_path: Path) -> Iterator[tuple[str, str]]:
     for p in (port, relay_port):  # both processes are gone: their ports are free again
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=2)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    with _run(tmp_path) as urls:
+        yield urls
 
 
 def _read_all(url: str, token: str) -> list[Any]:
@@ -159,6 +176,45 @@ def test_run_serves_a_chat_with_read_only_browser_tokens(
     assert _call("GET", other_state, token=token)[0] == 403
     assert _call("GET", f"{reply_url}?offset=-1")[0] == 401
     assert _call("GET", f"{url}/api/chats/nope/session")[0] == 404
+
+
+logical_pg = chat_pg.logical_pg
+chat_db = chat_pg.chat_db
+
+
+def test_run_on_postgres_writes_the_state_stream_from_the_tables(
+    chat_db: str, tmp_path: Path
+) -> None:
+    """Given a database (as RELAY_DATABASE_URL, out of argv), `run` creates the chat tables and
+    starts the relay following them: the state stream carries the same changes as on SQLite,
+    written by the relay, each with the transaction it came from."""
+    with _run(tmp_path, {"RELAY_DATABASE_URL": chat_db}) as (url, _relay):
+        _, created, _ = _call("POST", url + "/api/chats")
+        chat = created["id"]
+        _, session, _ = _call("GET", f"{url}/api/chats/{chat}/session")
+        status, sent, _ = _call("POST", f"{url}/api/chats/{chat}/messages", {"text": "hi"})
+        assert status == 201 and sent["txid"].isdigit()
+
+        def done() -> list[Any] | None:
+            changes = _read_all(session["state_url"], session["token"])
+            last = changes[-1]["value"] if changes else {}
+            return changes if last.get("status") == "done" else None
+
+        changes = wait_for_sync(done, timeout=30, interval=0.1, what="the reply done")
+    assert [(c["type"], c["headers"]["operation"]) for c in changes] == [
+        ("chat", "insert"),
+        ("message", "insert"),  # the user's
+        ("message", "insert"),  # the reply, streaming, naming its stream
+        ("chat", "update"),  # its title: the same transaction as the two messages
+        ("message", "update"),  # the reply, done, with its whole text
+    ]
+    txids = [c["headers"]["txid"] for c in changes]
+    assert txids[1] == txids[2] == txids[3] == sent["txid"]
+    assert len(set(txids)) == 3
+    expected = "".join(DeterministicModel(reply_tokens=REPLY_TOKENS).tokens("hi"))
+    assert changes[-1]["value"] == {**sent["reply"], "text": expected, "status": "done"}
+    select = f"SELECT {MESSAGE_COLUMNS} FROM chat_messages WHERE id = $1"
+    assert chat_pg.rows(chat_db, select, sent["reply"]["id"]) == [changes[-1]["value"]]
 
 
 def _run_refused(*args: str) -> subprocess.CompletedProcess[str]:
@@ -246,24 +302,33 @@ async def store(database_url: str, tmp_path: Path) -> AsyncIterator[MetadataStor
         await opened.close()
 
 
-async def test_metadata_store(store: MetadataStore) -> None:
-    await store.create_chat(Chat("c1", "New chat", 1.0))
-    await store.create_chat(Chat("c2", "New chat", 2.0))
+async def test_metadata_store(store: MetadataStore, database_url: str) -> None:
+    c1, c2 = Chat("c1", "New chat", 1.0), Chat("c2", "New chat", 2.0)
+    await store.create_chat(c1)
+    await store.create_chat(c2)
 
     def msg(mid: str, chat: str, role: str, stream: str | None = None) -> Message:
         return Message(mid, chat, -1, role, "", "streaming" if stream else "done", stream, 3.0)
 
     turns = [
-        await store.add_turn(msg("u1", "c1", "user"), msg("a1", "c1", "assistant", "s1")),
-        await store.add_turn(msg("u2", "c2", "user"), msg("a2", "c2", "assistant", "s2")),
-        await store.add_turn(msg("u3", "c1", "user"), msg("a3", "c1", "assistant", "s3")),
+        await store.add_turn(c1, msg("u1", "c1", "user"), msg("a1", "c1", "assistant", "s1"), "hi"),
+        await store.add_turn(c2, msg("u2", "c2", "user"), msg("a2", "c2", "assistant", "s2"), "yo"),
+        await store.add_turn(c1, msg("u3", "c1", "user"), msg("a3", "c1", "assistant", "s3"), "x"),
     ]
-    assert [(u.position, a.position) for u, a in turns] == [(0, 1), (0, 1), (2, 3)]
+    assert [(t.user.position, t.reply.position) for t in turns] == [(0, 1), (0, 1), (2, 3)]
+    # The title comes with the chat's first message, in the same transaction, and only then.
+    assert [t.chat for t in turns] == [Chat("c1", "hi", 1.0), Chat("c2", "yo", 2.0), None]
+    assert await store.chat("c1") == Chat("c1", "hi", 1.0)
+    txids = [t.txid for t in turns]
+    if database_url:  # each send is one transaction, named as table streams name it
+        assert all(t is not None and t.isdigit() for t in txids) and len(set(txids)) == 3
+    else:
+        assert txids == [None, None, None]
+    assert [m.id for m in await store.unfinished()] == ["a1", "a2", "a3"]
     done = await store.finish("a1", "the reply", "done")
     assert (done.text, done.status, done.stream) == ("the reply", "done", "s1")
+    assert [m.id for m in await store.unfinished()] == ["a2", "a3"]
     assert [m.id for m in await store.messages("c1")] == ["u1", "a1", "u3", "a3"]
-    await store.set_title("c1", "greetings")
-    assert await store.chat("c1") == Chat("c1", "greetings", 1.0)
     assert await store.chat("c3") is None
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         await store.create_chat(Chat("c1", "again", 4.0))

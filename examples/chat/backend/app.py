@@ -7,8 +7,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -18,17 +19,26 @@ from examples.chat.backend.config import Settings
 from examples.chat.backend.credentials import browser_token, load_signing_key
 from examples.chat.backend.metadata import Chat, Message, MetadataStore, open_store
 from examples.chat.backend.model import DeterministicModel, Model, OpenAICompatibleModel, Turn
-from examples.chat.backend.state import StatePublisher, change, reply_path, state_path
+from examples.chat.backend.state import (
+    StatePublisher,
+    change,
+    create_stream,
+    read_stream,
+    reply_path,
+    state_path,
+    stream_url,
+)
 
 log = logging.getLogger("chat")
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", MetadataStore)
-PUBLISHER = web.AppKey("publisher", StatePublisher)
+PUBLISHER: web.AppKey[StatePublisher | None] = web.AppKey("publisher")  # SQLite only
 MODEL = web.AppKey("model", Model)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 REPLIES: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("replies")
 TITLE_CHARS = 48
+RESUME_TRIES = 40  # reading an unfinished reply's stream: 20 s of a relay restarting
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -56,14 +66,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     session = aiohttp.ClientSession()
     app[STORE], app[SESSION] = store, session
-    app[PUBLISHER] = StatePublisher(session, settings.relay_url, _write_headers(settings))
+    # On Postgres the relay follows the tables (metadata.TABLE_STREAMS): nothing to publish.
+    app[PUBLISHER] = (
+        None
+        if settings.database_url
+        else StatePublisher(session, settings.relay_url, _write_headers(settings))
+    )
     app[MODEL] = (
         OpenAICompatibleModel(
             session, settings.openai_url, settings.openai_key, settings.openai_model
         )
         if settings.model == "openai"
-        else DeterministicModel(settings.tokens_per_second, settings.reply_tokens)
+        else DeterministicModel(
+            settings.tokens_per_second, settings.reply_tokens, settings.first_token_delay
+        )
     )
+    _track(app, _resume_unfinished(app))
     try:
         yield
     finally:
@@ -71,9 +89,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for task in list(replies):
             task.cancel()
         await asyncio.gather(*replies, return_exceptions=True)
-        await app[PUBLISHER].close()
+        publisher = app[PUBLISHER]
+        if publisher is not None:
+            await publisher.close()
         await session.close()
         await store.close()
+
+
+def _track(app: web.Application, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in the background until it ends or the app stops."""
+    task = asyncio.create_task(work)
+    app[REPLIES].add(task)
+    task.add_done_callback(app[REPLIES].discard)
+
+
+def _url(app: web.Application, path: str) -> str:
+    return stream_url(app[SETTINGS].relay_url, path)
 
 
 def _write_headers(settings: Settings) -> dict[str, str]:
@@ -81,10 +112,24 @@ def _write_headers(settings: Settings) -> dict[str, str]:
 
 
 async def create_chat(request: web.Request) -> web.Response:
+    app = request.app
     chat = Chat(uuid.uuid4().hex[:12], "New chat", time.time())
-    await request.app[STORE].create_chat(chat)
-    await request.app[PUBLISHER].publish(chat.id, change(chat, "insert"))
+    # The state stream exists before the page reads it (on Postgres the relay appends to it
+    # only once it has followed the chat's row).
+    await _create_stream(app, state_path(chat.id))
+    await app[STORE].create_chat(chat)
+    publisher = app[PUBLISHER]
+    if publisher is not None:
+        await publisher.publish(chat.id, change(chat, "insert"))
     return web.json_response({"id": chat.id}, status=201)
+
+
+async def _create_stream(app: web.Application, path: str) -> None:
+    try:
+        await create_stream(app[SESSION], _url(app, path), _write_headers(app[SETTINGS]))
+    except Exception as exc:
+        log.exception("could not create %s", path)
+        raise web.HTTPBadGateway(text=f"the relay did not create {path}") from exc
 
 
 async def _chat_or_404(request: web.Request) -> Chat:
@@ -115,8 +160,10 @@ async def chat_session(request: web.Request) -> web.Response:
 
 
 async def send_message(request: web.Request) -> web.Response:
-    """Store the user's message and an empty reply, create the reply's stream, publish both
-    to the chat's state stream, and leave the model writing tokens into the stream."""
+    """Create the reply's stream, then store the user's message, the reply (naming its
+    stream) and the chat's title in one transaction, and leave the model writing tokens into
+    the stream. On SQLite the changes are then published to the chat's state stream; on
+    Postgres the relay follows the transaction, and ``txid`` says which one it was."""
     chat = await _chat_or_404(request)
     body = await request.json()
     text = body.get("text") if isinstance(body, dict) else None
@@ -128,63 +175,111 @@ async def send_message(request: web.Request) -> web.Response:
     history.append(Turn("user", text))
     reply_id = uuid.uuid4().hex[:12]
     stream = reply_path(chat.id, reply_id)
-    user, reply = await app[STORE].add_turn(
+    await _create_stream(app, stream)  # it exists before any browser learns of the message
+    written = await app[STORE].add_turn(
+        chat,
         Message(uuid.uuid4().hex[:12], chat.id, 0, "user", text, "done", None, now),
         Message(reply_id, chat.id, 0, "assistant", "", "streaming", stream, now),
+        " ".join(text.split())[:TITLE_CHARS],
     )
-    created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(_write_reply(app, reply, history, created))
-    app[REPLIES].add(task)
-    task.add_done_callback(app[REPLIES].discard)
-    try:
-        await created  # the stream exists before any browser learns of the message
-    except Exception as exc:
-        log.exception("could not create the reply stream")
-        raise web.HTTPBadGateway(text="the relay did not create the reply stream") from exc
-    changes = [change(user, "insert"), change(reply, "insert")]
-    if user.position == 0:
-        title = " ".join(text.split())[:TITLE_CHARS]
-        await app[STORE].set_title(chat.id, title)
-        changes.append(change(Chat(chat.id, title, chat.created_at), "update"))
-    await app[PUBLISHER].publish(chat.id, *changes)
-    return web.json_response({"user": user.value(), "reply": reply.value()}, status=201)
+    publisher = app[PUBLISHER]
+    if publisher is not None:
+        changes = [change(written.user, "insert"), change(written.reply, "insert")]
+        if written.chat is not None:
+            changes.append(change(written.chat, "update"))
+        await publisher.publish(chat.id, *changes)
+    _track(app, _write_reply(app, written.reply, history))
+    return web.json_response(
+        {"user": written.user.value(), "reply": written.reply.value(), "txid": written.txid},
+        status=201,
+    )
+
+
+async def _resume_unfinished(app: web.Application) -> None:
+    """Finish the replies a stopped backend left ``streaming``: each goes on from where its
+    stream stands (the model is asked again and what the stream already holds is skipped)."""
+    for reply in await app[STORE].unfinished():
+        earlier = await app[STORE].messages(reply.chat_id)
+        history = [Turn(m.role, m.text) for m in earlier if m.position < reply.position and m.text]
+        log.info("resuming reply %s", reply.id)
+        _track(app, _write_reply(app, reply, history, resume=True))
+
+
+async def _stored_tokens(app: web.Application, path: str) -> tuple[list[str], bool]:
+    """The reply's tokens the stream already holds, and whether it is closed."""
+    for attempt in range(RESUME_TRIES):
+        try:
+            found, closed = await read_stream(
+                app[SESSION], _url(app, path), _write_headers(app[SETTINGS])
+            )
+            return [m["delta"] for m in found if m.get("type") == "token"], closed
+        except aiohttp.ClientError:
+            if attempt == RESUME_TRIES - 1:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+class ReplyDiverged(Exception):
+    """Asked again, the model did not repeat what the stream holds (not a deterministic one)."""
 
 
 async def _write_reply(
-    app: web.Application, reply: Message, history: list[Turn], created: asyncio.Future[None]
+    app: web.Application, reply: Message, history: list[Turn], *, resume: bool = False
 ) -> None:
-    """Stream the model's tokens into the reply's own stream, then close it.
+    """Stream the model's tokens into the reply's own stream, close it, and store the whole
+    text with status ``done`` (``error`` if the model or the relay failed).
 
     Appends are not awaited one by one: the model runs at its own pace while the producer
-    batches whatever arrived during a POST (or during a relay restart) into the next one."""
+    batches whatever arrived during a POST (or during a relay restart) into the next one.
+    Stopped (the backend shuts down), the reply stays ``streaming`` for the next start."""
     assert reply.stream is not None
-    settings, parts = app[SETTINGS], []
-    status = "error"
+    settings, parts, status = app[SETTINGS], list[str](), "error"
+    stored: list[str] = []
     try:
-        async with StreamProducer(
-            app[PUBLISHER].url(reply.stream),
-            producer_id=f"reply-{reply.id}",
-            headers=_write_headers(settings),
-            session=app[SESSION],
-            linger=settings.linger,
-            max_backoff=0.5,  # a restarted relay is found within half a second
-            max_retries=40,
-        ) as producer:
-            created.set_result(None)
-            pending: list[asyncio.Task[str]] = []
-            async for token in app[MODEL].reply(history):
-                parts.append(token)
-                message = {"type": "token", "delta": token}
-                pending.append(asyncio.create_task(producer.append(message)))
-            await asyncio.gather(*pending)
-            await producer.close()
-            status = "done"
-    except Exception as exc:
-        if not created.done():
-            created.set_exception(exc)
-            return
+        stored, closed = await _stored_tokens(app, reply.stream) if resume else ([], False)
+        if closed:
+            parts, status = stored, "done"
+        else:
+            async with StreamProducer(
+                _url(app, reply.stream),
+                producer_id=f"reply-{reply.id}",
+                headers=_write_headers(settings),
+                session=app[SESSION],
+                linger=settings.linger,
+                max_backoff=0.5,  # a restarted relay is found within half a second
+                max_retries=40,
+            ) as producer:
+                pending: list[asyncio.Task[str]] = []
+                async for token in app[MODEL].reply(history):
+                    if len(parts) < len(stored):  # resuming: this one is stored already
+                        if token != stored[len(parts)]:
+                            raise ReplyDiverged(reply.id)
+                        parts.append(token)
+                        continue
+                    parts.append(token)
+                    message = {"type": "token", "delta": token}
+                    pending.append(asyncio.create_task(producer.append(message)))
+                await asyncio.gather(*pending)
+                await producer.close()
+                status = "done"
+    except asyncio.CancelledError:
+        raise
+    except ReplyDiverged:
+        log.error("reply %s: the model did not repeat what was streamed; it ends there", reply.id)
+        parts = stored
+    except Exception:
         log.exception("reply %s failed", reply.id)
-    finally:
-        if created.done() and not created.cancelled() and created.exception() is None:
-            finished = await app[STORE].finish(reply.id, "".join(parts), status)
-            await app[PUBLISHER].publish(reply.chat_id, change(finished, "update"))
+    finished = await app[STORE].finish(reply.id, "".join(parts), status)
+    publisher = app[PUBLISHER]
+    if publisher is None:
+        return
+    if not resume:
+        await publisher.publish(reply.chat_id, change(finished, "update"))
+        return
+    # The backend may have died between a transaction and its publish: publish the chat's
+    # rows again, as inserts (a reader that has a row takes its insert as an update).
+    chat = await app[STORE].chat(reply.chat_id)
+    rows: list[Chat | Message] = [] if chat is None else [chat]
+    rows += [m for m in await app[STORE].messages(reply.chat_id) if m.position <= reply.position]
+    await publisher.publish(reply.chat_id, *(change(row, "insert") for row in rows))

@@ -29,6 +29,7 @@ class Settings:
     model: str = "deterministic"  # or "openai"
     tokens_per_second: float = 30.0
     reply_tokens: int = 120
+    first_token_delay: float = 0.0  # seconds the local model thinks before its first token
     openai_url: str = "https://api.openai.com/v1"
     openai_key: str = ""
     openai_model: str = "gpt-4o-mini"

@@ -42,9 +42,12 @@ class Model(Protocol):
 class DeterministicModel:
     """A stand-in LLM: the same prompt always yields the same tokens, at a steady rate."""
 
-    def __init__(self, tokens_per_second: float = 30.0, reply_tokens: int = 120) -> None:
+    def __init__(
+        self, tokens_per_second: float = 30.0, reply_tokens: int = 120, first_token_delay: float = 0
+    ) -> None:
         self.interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.reply_tokens = reply_tokens
+        self.first_token_delay = first_token_delay  # a real model's time to first token
 
     def tokens(self, prompt: str) -> list[str]:
         """The whole reply to ``prompt``, token by token (what ``reply`` will stream)."""
@@ -60,6 +63,8 @@ class DeterministicModel:
 
     async def reply(self, history: Sequence[Turn]) -> AsyncIterator[str]:
         prompt = history[-1].text if history else ""
+        if self.first_token_delay:
+            await asyncio.sleep(self.first_token_delay)
         for token in self.tokens(prompt):
             if self.interval:
                 await asyncio.sleep(self.interval)

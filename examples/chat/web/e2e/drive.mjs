@@ -104,6 +104,8 @@ try {
   if (!answer.startsWith("restarted")) throw new Error(`unexpected answer ${answer}`)
 
   await page.waitForSelector(`${sel}[data-done=true]`, { timeout: 60_000 })
+  // The reply's row says done too (its last change may come after the stream's close).
+  await page.waitForSelector(`li[data-message="${replyId}"][data-status=done]`, { timeout: 60_000 })
   const replies = await page.$$eval("[data-testid^=reply-]", (els) => els.length)
   say({ event: "result", chat, text: await text(), before, restored, resumedAt, replies, timings, errors })
 } finally {

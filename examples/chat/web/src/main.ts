@@ -101,7 +101,10 @@ async function follow(message: MessageRow, el: HTMLElement): Promise<void> {
     closed: false,
   }
   show(el, saved)
+  let reads = 0
   while (!saved.closed) {
+    // A batch that arrives for a read this loop has given up on is the next read's to fetch.
+    const read = ++reads
     try {
       const { relay_url } = await currentSession()
       const res = await stream<ReplyEvent>({
@@ -113,15 +116,22 @@ async function follow(message: MessageRow, el: HTMLElement): Promise<void> {
         backoffOptions,
         onError,
       })
+      let sawClose = () => {}
+      const closeSeen = new Promise<void>((resolve) => (sawClose = resolve))
       res.subscribeJson(async (batch) => {
+        if (read !== reads) return
         for (const item of batch.items) if (item.type === "token") saved.text += item.delta
         saved.offset = batch.offset
         saved.closed = batch.streamClosed
         // Text and offset in one entry: a reload restores exactly the text up to that offset.
         localStorage.setItem(key, JSON.stringify(saved))
         show(el, saved)
+        if (batch.streamClosed) sawClose()
       })
       await res.closed
+      // On a stream already closed at the first read, the client (0.2.6) settles `closed`
+      // before its subscriber has the batch: wait for it (or read again from saved.offset).
+      await Promise.race([closeSeen, new Promise((resolve) => setTimeout(resolve, 1000))])
     } catch {
       // In a browser, an SSE response cut off mid-stream (the relay restarted) ends the
       // client's session with an error instead of a reconnect: start again at the saved offset.
@@ -177,11 +187,36 @@ $<HTMLFormElement>("composer").addEventListener("submit", async (event) => {
   const text = input.value.trim()
   if (!text) return
   input.value = ""
-  const res = await fetch(`/api/chats/${id}/messages`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ text }),
-  })
-  statusLine.textContent = res.ok ? "" : `send failed: ${res.status}`
+  let res: Response
+  try {
+    res = await fetch(`/api/chats/${id}/messages`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text }),
+    })
+  } catch {
+    // The backend went away: it may have stored the message first, which then shows up.
+    statusLine.textContent = "send failed: no answer from the backend"
+    return
+  }
+  if (!res.ok) {
+    statusLine.textContent = `send failed: ${res.status}`
+    return
+  }
+  // On Postgres the relay appends the send's transaction to the state stream (a table
+  // stream): the message is stored, and on its way here until that transaction arrives.
+  const { txid } = (await res.json()) as { txid: string | null }
+  if (txid === null) return
+  statusLine.textContent = "sending…"
+  try {
+    await db.utils.awaitTxId(txid, 60_000)
+    statusLine.textContent = ""
+  } catch {
+    statusLine.textContent = "stored; the relay has not shown it yet"
+  }
+})
+// What the page holds, for tests (tests/test_chat_browser.py compares it with the database).
+Object.assign(window, {
+  chatRows: () => ({ chats: db.collections.chats.toArray, messages: db.collections.messages.toArray }),
 })
 document.body.dataset.ready = "true"
