@@ -22,6 +22,8 @@ STREAM_SSE_DATA_ENCODING = "Stream-SSE-Data-Encoding"
 STREAM_SUCCESSOR = "Stream-Successor"  # Relay's extension: the stream that supersedes this one
 STREAM_RETAIN_FROM = "Stream-Retain-From"  # Relay's extension (admin): advance the horizon
 STREAM_RETAINED_FROM = "Stream-Retained-From"  # where a stream's retained data starts
+STREAM_COMPACT = "Stream-Compact"  # Relay's extension (admin): fold State Protocol history
+STREAM_COMPACTED = "Stream-Compacted"  # what a compaction folded
 STREAM_REVOKE_FROM = "Stream-Revoke-From"  # Relay's extension, on DELETE: these bytes must go
 STREAM_REVOKE_FORKS = "Stream-Revoke-Forks"  # ...and so must the forks that inherit them
 LINK = "Link"
@@ -44,6 +46,7 @@ REQUEST_HEADERS = (
     STREAM_FORK_SUB_OFFSET,
     STREAM_SUCCESSOR,
     STREAM_RETAIN_FROM,
+    STREAM_COMPACT,
     STREAM_REVOKE_FROM,
     STREAM_REVOKE_FORKS,
     PRODUCER_ID,
@@ -62,6 +65,7 @@ RESPONSE_HEADERS = (
     STREAM_SSE_DATA_ENCODING,
     STREAM_SUCCESSOR,
     STREAM_RETAINED_FROM,
+    STREAM_COMPACTED,
     LINK,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,

@@ -42,6 +42,8 @@ async def create(request: web.Request) -> web.Response:
     hdrs = request.headers
     if h.STREAM_RETAIN_FROM in hdrs:
         return await _retain(request, ctx, path, hdrs[h.STREAM_RETAIN_FROM])
+    if h.STREAM_COMPACT in hdrs:
+        return await _compact(request, ctx, path, hdrs[h.STREAM_COMPACT])
     ttl = hdrs.get(h.STREAM_TTL)
     expires = hdrs.get(h.STREAM_EXPIRES_AT)
     expiry = Expiry(
@@ -78,6 +80,24 @@ async def _retain(request: web.Request, ctx: Context, path: str, value: str) -> 
         meta = await ctx.store.retain(path, offset, ctx.clock())
     out = meta_headers(meta)
     out["Cache-Control"] = NO_STORE
+    return web.Response(status=200, headers=out)
+
+
+async def _compact(request: web.Request, ctx: Context, path: str, value: str) -> web.Response:
+    """``PUT`` with ``Stream-Compact: state`` (an admin action, as every PUT): fold a State
+    Protocol stream's history into a snapshot of its live rows and retain from there. Never
+    creates; takes no body. The answer says what was folded (``Stream-Compacted``)."""
+    if value.strip() != "state":
+        raise BadRequest("invalid_compact", "Stream-Compact takes the value state")
+    with ctx.limits.admit_write() as admission:
+        if await read_body(request, ctx.config.max_body_bytes, admission):
+            raise BadRequest("compact_with_body", "Stream-Compact takes no body")
+        result = await ctx.store.compact_state(path, ctx.clock())
+    out = meta_headers(result.meta)
+    out["Cache-Control"] = NO_STORE
+    out[h.STREAM_COMPACTED] = (
+        f"messages={result.messages}; rows={result.rows}; history-bytes={result.history_bytes}"
+    )
     return web.Response(status=200, headers=out)
 
 

@@ -67,6 +67,18 @@ class CreateResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CompactResult:
+    """A State Protocol stream folded into a snapshot: the stream after (its horizon at the
+    snapshot's start), the snapshot's append as the sink hears it, and what was folded."""
+
+    meta: StreamMeta
+    snapshot: AppendResult
+    messages: int  # history messages folded
+    rows: int  # live rows the snapshot holds
+    history_bytes: int  # bytes a reader from the old horizon had to download
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     meta: StreamMeta  # the stream after the append (or unchanged, for duplicates)
     plan: AppendPlan
@@ -206,6 +218,18 @@ class Store(Protocol):
 
         Raises NotFound, Gone, BadRequest (past the tail, not a JSON message boundary),
         Conflict (before the current horizon), Unavailable.
+        """
+        ...
+
+    async def compact_state(self, path: str, now: float) -> CompactResult:
+        """Fold the stream's messages, read from its horizon to its tail, by ``(type, key)``
+        into the live rows, append them as a snapshot (``snapshot-start``, one insert per
+        row, ``snapshot-end``) and move the horizon to the snapshot's start, all in one
+        transaction: a late reader downloads the live rows and what follows, never the
+        history.
+
+        Raises NotFound, Gone, Conflict (not JSON, not State Protocol messages, closed),
+        Unavailable.
         """
         ...
 

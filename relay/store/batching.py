@@ -47,6 +47,7 @@ from relay.store.base import (
     BATCH_OPS_BOUNDS,
     COMMIT_SECONDS_BOUNDS,
     AppendResult,
+    CompactResult,
     CreateResult,
     Distribution,
     Revocation,
@@ -96,7 +97,15 @@ class RetainOp:
     now: float
 
 
-WriteOp = CreateOp | AppendOp | DeleteOp | ReapOp | RetainOp
+@dataclass(frozen=True, slots=True)
+class CompactOp:
+    """Fold a State Protocol stream's history into a snapshot (``Store.compact_state``)."""
+
+    path: str
+    now: float
+
+
+WriteOp = CreateOp | AppendOp | DeleteOp | ReapOp | RetainOp | CompactOp
 """One queued write; stores dispatch on its type with ``match``."""
 
 
@@ -350,6 +359,8 @@ class Committer:
                     events.appended(pending.op.path, outcome)
                 elif kind is CreateResult and outcome.initial is not None:
                     events.appended(outcome.meta.path, outcome.initial)
+                elif kind is CompactResult:
+                    events.appended(outcome.meta.path, outcome.snapshot)
             if pending.future.done():
                 continue
             if isinstance(outcome, BaseException):

@@ -22,10 +22,11 @@ from protocol.headers import is_json
 from protocol.jsonmode import SEPARATOR
 from protocol.lifecycle import check_visible
 from protocol.model import StreamMeta
-from relay.store.base import AppendResult, CreateResult, Revocation, StoreEvents
+from relay.store.base import AppendResult, CompactResult, CreateResult, Revocation, StoreEvents
 from relay.store.batching import (
     AppendOp,
     Committer,
+    CompactOp,
     CreateOp,
     DeleteOp,
     ReapOp,
@@ -107,6 +108,10 @@ class Engine:
 
     async def retain(self, path: str, offset: int, now: float) -> StreamMeta:
         result: StreamMeta = await self._committer.submit(RetainOp(path, offset, now))
+        return result
+
+    async def compact_state(self, path: str, now: float) -> CompactResult:
+        result: CompactResult = await self._committer.submit(CompactOp(path, now))
         return result
 
     async def head(self, path: str, now: float, *, touch: bool) -> StreamMeta:

@@ -17,14 +17,27 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import orjson
+
 from protocol.append import AppendPlan, AppendRequest, decide_append
 from protocol.create import CreateRequest, plan_create
 from protocol.errors import Conflict, NotFound, StreamDiverged, Unavailable
+from protocol.headers import is_json
+from protocol.jsonmode import SEPARATOR, split_messages
 from protocol.lifecycle import check_visible, is_expired
 from protocol.model import ProducerState, StreamMeta
 from protocol.retention import plan_horizon
-from relay.store.base import AppendResult, CreateResult, Revocation
-from relay.store.batching import AppendOp, CreateOp, DeleteOp, ReapOp, RetainOp, WriteOp
+from protocol.state import NotStateProtocol, fold, snapshot
+from relay.store.base import AppendResult, CompactResult, CreateResult, Revocation
+from relay.store.batching import (
+    AppendOp,
+    CompactOp,
+    CreateOp,
+    DeleteOp,
+    ReapOp,
+    RetainOp,
+    WriteOp,
+)
 from relay.store.common import StagedRows, after_append
 from relay.store.engine.needs import (
     Erase,
@@ -93,6 +106,8 @@ def plan(batch: Batch, op: WriteOp) -> Plan[Any]:
             return reap(batch, now)
         case RetainOp(path, offset, now):
             return retain(batch, path, offset, now)
+        case CompactOp(path, now):
+            return compact_state(batch, path, now)
 
 
 def append(batch: Batch, path: str, request: AppendRequest, now: float) -> Plan[AppendResult]:
@@ -202,6 +217,32 @@ def retain(batch: Batch, path: str, offset: int, now: float) -> Plan[StreamMeta]
     batch.keep(after)
     batch.retained.append(meta.stream_id)
     return after
+
+
+def compact_state(batch: Batch, path: str, now: float) -> Plan[CompactResult]:
+    """Fold the history from the horizon into its live rows, append them as a snapshot and move
+    the horizon to the snapshot's start (``Store.compact_state``). Readers past the old tail
+    read the snapshot as new messages; an insert of a row they already hold, unchanged, is an
+    update to them, so they see no row twice."""
+    meta = yield from _visible(batch, path, now)
+    if not is_json(meta.content_type):
+        raise Conflict("not_state_protocol", "only a JSON stream of State Protocol messages folds")
+    history: bytes = yield ReadRange(meta, meta.retained_from, meta.tail)
+    messages = [orjson.loads(text) for text in split_messages(history)]
+    try:
+        rows = fold(messages)
+    except NotStateProtocol as exc:
+        raise Conflict("not_state_protocol", f"the stream is not State Protocol: {exc}") from None
+    body = b"".join(orjson.dumps(message) + SEPARATOR for message in snapshot(rows))
+    appended = yield from append(batch, path, AppendRequest(meta.content_type, body), now)
+    horizon = meta.tail  # where the snapshot starts: a message boundary, as every tail
+    floor: int | None = yield RetentionLimit(meta.stream_id)
+    yield Retain(meta.stream_id, horizon, horizon if floor is None else min(horizon, floor))
+    after = replace(appended.meta, retained_from=horizon)
+    batch.keep(after)
+    batch.retained.append(meta.stream_id)
+    snapshot_result = replace(appended, meta=after)
+    return CompactResult(after, snapshot_result, len(messages), len(rows), len(history))
 
 
 def reap(batch: Batch, now: float) -> Plan[int]:
