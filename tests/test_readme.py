@@ -81,6 +81,14 @@ def test_the_retention_recipe_runs_as_pasted(tmp_path: Path) -> None:
     assert "retain: 200\nnew\nbefore: 410\n" in out
 
 
+def test_the_compaction_recipe_runs_as_pasted(tmp_path: Path) -> None:
+    out = _run_section(
+        RelayProcess(tmp_path / "data"), CORRECTIONS, "Compacting a State Protocol stream"
+    )
+    assert "Stream-Compacted: messages=3; rows=1; history-bytes=" in out
+    assert '"text":"draft 3"' in out and "draft 1" not in out and "snapshot-start" in out
+
+
 def test_every_setting_has_a_row_in_the_configuration_table() -> None:
     """A newcomer finds every flag in the README's table, not only in ``relay serve --help``."""
     text = README.read_text()
