@@ -248,6 +248,8 @@ def make_tables(ctx: Context) -> TableFollower | None:
         max_retained_bytes=config.table_max_retained_bytes,
         max_path_length=config.max_path_length,
         connect_timeout=max(config.db_timeout, 1.0),
+        compact_ratio=config.table_compact_ratio,
+        compact_min_bytes=config.table_compact_min_bytes,
     )
     follower = TableFollower(settings, ctx.store, ctx.clock)
     ctx.metrics.registry.register(TablesCollector(follower.stats))

@@ -278,8 +278,7 @@ SETTINGS: tuple[Setting, ...] = (
         "first_request_timeout",
         _positive_float,
         10.0,
-        "seconds a new connection may take to send its first request's headers before it is "
-        "closed",
+        "seconds a new connection may take to send its first request's headers before it is closed",
     ),
     Setting(
         "header_timeout",
@@ -436,6 +435,19 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds between looks at the table streams' slot when it had nothing new",
     ),
     Setting(
+        "table_compact_ratio",
+        _non_negative_float,
+        4.0,
+        "fold a table stream into a snapshot once its history from the horizon is this many "
+        "times its last snapshot (and over --table-compact-min-bytes); 0: never",
+    ),
+    Setting(
+        "table_compact_min_bytes",
+        _positive_int,
+        64 * 1024,
+        "history below which a table stream is never compacted by policy",
+    ),
+    Setting(
         "public_url",
         str,
         "",
@@ -508,6 +520,8 @@ class Config:
     table_slot: str = "relay_tables"
     table_max_retained_bytes: int = 1024 * 1024 * 1024
     table_poll_interval: float = 0.2
+    table_compact_ratio: float = 4.0
+    table_compact_min_bytes: int = 64 * 1024
     public_url: str = ""
 
     @property

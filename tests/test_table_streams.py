@@ -739,3 +739,26 @@ async def test_a_relay_killed_mid_snapshot_retakes_it_after_a_reset(
                 found = await caught_up(http2, relay, db, chat)
                 controls = [m["headers"]["control"] for m in found if "control" in m["headers"]]
                 assert controls[-3:] == ["reset", "snapshot-start", "snapshot-end"]
+
+
+async def test_a_table_stream_compacts_itself_by_policy(db: str, tmp_path: Path) -> None:
+    """One row updated many times: the stream's history passes the policy's bound, Relay folds
+    it into a snapshot (the horizon moves), and the stream still folds to the table."""
+    await sql(db, CHATS, "INSERT INTO items VALUES (1, 'c0', 0)")
+    policy = ("--table-compact-min-bytes", "4096", "--table-compact-ratio", "4")
+    relay = relay_for(tmp_path, db, ITEMS_STREAM, extra=policy)
+    async with running(relay) as http:
+        url = f"{relay.url}/v1/stream/chat/c0/items"
+        await caught_up(http, relay, db, "c0")
+        conn = await asyncpg.connect(db)
+        try:
+            for v in range(1, 200):  # about 60 bytes a change: well past 4 KiB
+                await conn.execute("UPDATE items SET v = $1 WHERE id = 1", v)
+        finally:
+            await conn.close()
+        found = await caught_up(http, relay, db, "c0")
+        async with http.head(url) as head:
+            retained = head.headers.get("Stream-Retained-From")
+        assert retained is not None  # the horizon moved: a compaction happened
+        assert len(changes(found)) < 100  # a late reader gets a snapshot, not 200 changes
+        assert metric(relay, "relay_table_compactions_total") >= 1

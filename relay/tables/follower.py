@@ -73,6 +73,8 @@ class FollowerSettings:
     lock_retry: float = 1.0
     max_path_length: int = 1024
     connect_timeout: float = 5.0
+    compact_ratio: float = 4.0  # 0: never compact by policy
+    compact_min_bytes: int = 64 * 1024
 
 
 @dataclass
@@ -84,6 +86,7 @@ class TableStats:
     messages: Counter[str] = field(default_factory=Counter)  # by operation
     problems: Counter[str] = field(default_factory=Counter)  # by Problem.reason
     snapshot_rows: int = 0
+    compactions: int = 0  # table streams folded by policy
     lag_bytes: int | None = None  # WAL written since the slot's confirmed position
     retained_bytes: int | None = None  # WAL the slot keeps (since restart_lsn)
     errors: int = 0
@@ -106,6 +109,9 @@ class TableFollower:
         self._after_lsn = 0  # the last commit applied (or skipped) in this session
         self._reported: set[tuple[str, str]] = set()
         self._checked_at = 0.0
+        # path -> bytes of its last snapshot, for the compaction policy (bounded: cleared when
+        # full, which only makes the next compaction of a forgotten path come sooner)
+        self._snapshot_bytes: dict[str, int] = {}
 
     async def open(self) -> None:
         """Refuse to start (StoreStartupError, one line) when Postgres cannot decode or a
@@ -327,11 +333,12 @@ class TableFollower:
         request = AppendRequest(CONTENT_TYPE, encode(messages), stream_seq=seq)
         try:
             try:
-                await self.store.append(path, request, self.clock())
+                result = await self.store.append(path, request, self.clock())
             except NotFound:
                 empty = CreateRequest(path, CONTENT_TYPE, Expiry(), closed=False, body=b"")
                 await self.store.create(empty, self.clock())
-                await self.store.append(path, request, self.clock())
+                result = await self.store.append(path, request, self.clock())
+            await self._maybe_compact(path, result.meta.tail - result.meta.retained_from)
         except Conflict as exc:
             if exc.code == "stream_seq_regression":
                 return False  # appended before a crash, or by the relay that followed before
@@ -343,6 +350,30 @@ class TableFollower:
             self._problem(Problem("stream", path, exc.message))
             return False
         return True
+
+    async def _maybe_compact(self, path: str, history: int) -> None:
+        """The compaction policy: once what a reader from the horizon downloads (``history``)
+        is over ``compact_ratio`` times the stream's last snapshot, and over
+        ``compact_min_bytes``, fold it (``Store.compact_state``). A refusal (someone else wrote
+        there) is a problem to report, never a failed batch."""
+        settings = self.settings
+        if settings.compact_ratio <= 0:
+            return
+        last = self._snapshot_bytes.get(path, 0)
+        if history <= max(settings.compact_min_bytes, settings.compact_ratio * last):
+            return
+        try:
+            done = await self.store.compact_state(path, self.clock())
+        except Unavailable:
+            raise
+        except ProtocolError as exc:
+            self._problem(Problem("stream", path, f"not compacted: {exc.message}"))
+            self._snapshot_bytes[path] = history  # not again until it doubles... and more
+            return
+        if len(self._snapshot_bytes) >= 100_000:
+            self._snapshot_bytes.clear()
+        self._snapshot_bytes[path] = done.meta.tail - done.meta.retained_from
+        self.stats.compactions += 1
 
     async def _take_snapshot(
         self, conn: asyncpg.Connection, pending: list[TableStream], declared: Sequence[Declared]
@@ -476,6 +507,10 @@ class TablesCollector(Collector):
         yield CounterMetricFamily(
             "relay_table_follower_errors", "Follower sessions ended by an error", stats.errors
         )
+        yield CounterMetricFamily(
+            "relay_table_compactions", "Table streams folded into a snapshot by policy",
+            stats.compactions,
+        )  # fmt: skip
         if stats.following and stats.lag_bytes is not None:
             yield GaugeMetricFamily(
                 "relay_table_slot_lag_bytes",
