@@ -279,3 +279,36 @@ async def test_a_horizon_advanced_through_one_relay_holds_at_the_other_at_once(
             assert await read.read() == b"new"
         async with http.get(url_b, params={"offset": "0000000000000000_0000000000000000"}) as r:
             assert r.status == 410 and r.headers["Stream-Retained-From"] == horizon
+
+
+async def test_a_compaction_through_one_relay_holds_at_the_other_and_wakes_its_readers(
+    relays: tuple[RelayProcess, RelayProcess],
+) -> None:
+    """Relay A folds a State Protocol stream; relay B, which had it cached and a reader parked
+    at its tail, answers from the new horizon at once and wakes that reader with the snapshot."""
+    a, b = relays
+    url_a, url_b = f"{a.url}/v1/stream/state", f"{b.url}/v1/stream/state"
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        assert (await http.put(url_a, headers=json_type)).status == 201
+        for n in range(5):
+            op = "insert" if n == 0 else "update"
+            change = {"type": "row", "key": "1", "value": {"n": n}, "headers": {"operation": op}}
+            async with http.post(url_a, json=change) as r:
+                assert r.status == 204
+        async with http.get(url_b, params={"offset": "-1"}) as warm:  # B knows the stream
+            assert len(await warm.json()) == 5
+            tail = warm.headers["Stream-Next-Offset"]
+        waiting = asyncio.create_task(http.get(url_b, params={"offset": tail, "live": "long-poll"}))
+        await parked_at(b.url, 1)
+        async with http.put(url_a, headers={"Stream-Compact": "state"}) as r:
+            assert r.status == 200
+            horizon = r.headers["Stream-Retained-From"]
+        woken = await asyncio.wait_for(waiting, 15)
+        assert woken.status == 200
+        assert (await woken.json())[0]["headers"] == {"control": "snapshot-start"}
+        async with http.get(url_b, params={"offset": "-1"}) as late:
+            messages = await late.json()
+        assert [m.get("value") for m in messages] == [None, {"n": 4}, None]
+        async with http.get(url_b, params={"offset": "0000000000000000_0000000000000000"}) as r:
+            assert r.status == 410 and r.headers["Stream-Retained-From"] == horizon
