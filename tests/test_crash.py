@@ -10,17 +10,22 @@ appends it at most once.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from protocol.state import fold
 from tests.relay_process import RelayProcess, read_all
 from tests.waits import wait_for
 
 PRODUCERS = 8
 RECORD = 32
+
+
+SNAPSHOT_START = {"control": "snapshot-start"}
 
 
 def record(producer: int, seq: int) -> bytes:
@@ -177,3 +182,48 @@ async def test_after_kill_9_every_retry_is_acknowledged_with_its_own_offset(
         assert data[end - RECORD : end] == record(p, seq), f"ack of p{p} s{seq} is not its own"
         if (p, seq) in answered_before:
             assert answered_before[(p, seq)] == end  # the retry got the first answer's offset
+
+
+@pytest.mark.parametrize("relay_args", _backends(), indirect=True)
+async def test_kill_9_during_a_compaction_leaves_it_done_or_not_at_all(
+    tmp_path: Path, relay_args: tuple[str, ...]
+) -> None:
+    """A compaction is one transaction: after a kill -9 at any moment of it, a reader from -1
+    gets either the whole history or exactly one snapshot, and the same live rows either way."""
+    relay = RelayProcess(tmp_path / "data", *relay_args)
+    stream = f"{relay.url}/v1/stream/state"
+    json_type = {"Content-Type": "application/json"}
+    expected: dict[tuple[str, str], object] = {}
+
+    async def write_history(http: aiohttp.ClientSession, first: int) -> None:
+        for n in range(first, first + 300):
+            key = str(n % 30)
+            op = "insert" if (("row", key) not in expected) else "update"
+            change = {"type": "row", "key": key, "value": {"n": n}, "headers": {"operation": op}}
+            async with http.post(stream, json=change) as r:
+                assert r.status == 204
+            expected[("row", key)] = {"n": n}
+
+    relay.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.put(stream, headers=json_type) as r:
+                assert r.status == 201
+            for round_, delay in enumerate((0.0, 0.002, 0.01, 0.05)):
+                await write_history(http, round_ * 300)
+                compaction = asyncio.create_task(
+                    http.put(stream, headers={"Stream-Compact": "state"})
+                )
+                await asyncio.sleep(delay)  # kill at another moment of the compaction each round
+                await asyncio.to_thread(relay.kill)
+                await asyncio.gather(compaction, return_exceptions=True)
+                await asyncio.to_thread(relay.start)
+                messages = json.loads(await read_all(http, stream) or b"[]")
+                assert fold(messages) == expected
+                snapshots = [m for m in messages if m.get("headers") == SNAPSHOT_START]
+                print(f"round {round_}: {'compacted' if snapshots else 'not compacted'}")
+                if snapshots:  # it committed: the history is gone, one snapshot is left
+                    assert messages[0]["headers"] == SNAPSHOT_START
+                    assert len(snapshots) == 1 and len(messages) == len(expected) + 2
+    finally:
+        relay.stop()
