@@ -4,8 +4,14 @@ says nothing about it."""
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
+
 from relay.bench import report, run_results
 from relay.cli import build_parser
+from relay.store.postgres import migrate
+from tests.pg import ThrowawayCluster, _execute, _with_database
 
 TINY = [
     "bench",
@@ -185,3 +191,42 @@ def test_the_compression_scenario_reads_every_coding_back_whole() -> None:
         for row in packed:
             assert int(row.note.split(" B")[0].replace(",", "")) * 4 < sent
     assert "\ncompression: ratios compare" in report(results, args)
+
+
+def test_the_tables_scenario_at_toy_size_and_what_it_leaves_behind() -> None:
+    """On a wal_level=logical cluster: a row per measure, every change followed, and no table,
+    slot or publication left in the database afterwards."""
+    cluster = ThrowawayCluster({"wal_level": "logical"})
+    admin = cluster.start()
+    try:
+        asyncio.run(_execute(admin, "CREATE DATABASE bench"))
+        url = _with_database(admin, "bench")
+        asyncio.run(migrate(url))
+        args = build_parser().parse_args(
+            ["bench", "--no-pin", "--scenarios", "tables", "--database-url", url, "--count", "40"]
+        )
+        results = run_results(args)
+        assert [(r.variant, r.operations) for r in results] == [
+            ("burst over 1 chat(s)", 40),
+            ("burst over 50 chat(s)", 40),
+            ("commit to a long-poll reader", 40),
+            ("late reader of a 20-row chat", 1),
+        ]
+        assert results[3].note.startswith("late reader: ")
+        left = asyncio.run(_leftovers(url))
+        assert left == (0, 0, 0)
+    finally:
+        cluster.stop()
+
+
+async def _leftovers(url: str) -> tuple[int, int, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        tables = await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_%'"
+        )
+        slots = await conn.fetchval("SELECT count(*) FROM pg_replication_slots")
+        publications = await conn.fetchval("SELECT count(*) FROM pg_publication")
+    finally:
+        await conn.close()
+    return tables, slots, publications

@@ -218,6 +218,7 @@ HEADLINES = {
     "streams": Headline("p99", False),
     "long": Headline("p99", False),
     "compression": Headline("CPU/req", False),
+    "tables": Headline("p99", False),
 }
 
 

@@ -24,6 +24,7 @@ from relay.bench.compression import compression
 from relay.bench.ledger import ledger
 from relay.bench.report import Result, replicas_caught_up, snapshot, usage
 from relay.bench.requests import BenchError, _create, _post, _read_all, _stream_url
+from relay.bench.tables import tables
 from relay.bench.targets import Target
 
 TOKEN_BYTES = 24
@@ -474,8 +475,9 @@ SCENARIOS = {
     "streams": growth.streams,
     "long": growth.long,
     "compression": compression,
+    "tables": tables,
 }
-OPT_IN = ("capacity", "streams", "long", "compression")
+OPT_IN = ("capacity", "streams", "long", "compression", "tables")
 DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in OPT_IN)
 """What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres; the
 growth scenarios (streams, long) run for minutes at the sizes they are meant for; compression

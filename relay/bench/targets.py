@@ -55,6 +55,8 @@ class TargetSpec:
     """The relay runs at log level info, as deployed, so its access log costs what it costs."""
     read_database_urls: tuple[str, ...] = ()
     """Hot standbys of ``database_url`` the relay reads catch-up bytes from."""
+    extra_args: tuple[str, ...] = ()
+    """More ``relay serve`` flags (a scenario's own relay: table streams, say)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def _command(spec: TargetSpec, port: int, scratch: Path) -> tuple[list[str], Pat
             command += ["--database-url", spec.database_url]
         for url in spec.read_database_urls:
             command += ["--read-database-url", url]
+        command += list(spec.extra_args)
         label = "relay (sqlite)"
         if spec.database_url:
             label = "relay (postgres + replica)" if spec.read_database_urls else "relay (postgres)"
