@@ -198,7 +198,14 @@ async def test_a_compressed_append_is_stored_decompressed(serve: Serve, coding: 
     assert orjson.loads(await answer.read()) == TOKENS
 
 
-@pytest.mark.parametrize("coding", ["compress", "br-ish", "gzip, gzip"])
+# br is a coding aiohttp's parser knows; without Brotli installed it refuses it before Relay
+# sees the request, and Relay's connection handler answers that refusal the same way.
+UNDECODED = ["compress", "br-ish", "gzip, gzip"] + [
+    coding for coding in ("br",) if coding not in compression.BODY_ENCODINGS
+]
+
+
+@pytest.mark.parametrize("coding", UNDECODED)
 async def test_a_body_in_a_coding_relay_does_not_decode_is_415(serve: Serve, coding: str) -> None:
     client = await serve()
     await client.put(STREAM, headers=JSON)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
+from protocol.errors import UnsupportedEncoding
 from relay.config import Config
+from relay.http.compression import BODY_ENCODINGS
+from relay.http.errors import error_response
 from relay.resources import connection_cap
 
 LINGER_SECONDS = 2.0
@@ -145,6 +149,24 @@ class RelayProtocol(web.RequestHandler):
                         timer.cancel()
                     self._timer = asyncio.get_running_loop().call_at(due, self._check)
         super().data_received(data)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused, except a body in a coding it
+        knows but cannot decode here (``br`` without Brotli): that is the 415 every other
+        coding Relay does not take gets, with the same JSON body, not a plain-text 400."""
+        if isinstance(exc, ContentEncodingError):
+            response = error_response(
+                cast(web.Request, request), UnsupportedEncoding(BODY_ENCODINGS)
+            )
+            response.force_close()
+            return response
+        return super().handle_error(request, status, exc, message)
 
     def request_started(self) -> None:
         """A request's head is complete; its answer may take as long as it takes."""
