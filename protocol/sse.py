@@ -62,6 +62,6 @@ def text_chunk_end(data: bytes) -> int:
         need = 2 if data[lead] < 0xE0 else 3 if data[lead] < 0xF0 else 4
         if end - lead < need:
             end = lead
-    if end and data[end - 1] == 0x0D:
-        end -= 1
+    if end > 1 and data[end - 1] == 0x0D:
+        end -= 1  # a lone \r before a cut character goes alone: better than a broken character
     return end or len(data)

@@ -281,6 +281,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     reaper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reaper
+    if ctx.parking is not None:
+        await ctx.parking.drain()
     if ctx.tables is not None:
         await ctx.tables.close()
     if ctx.subscriptions is not None:

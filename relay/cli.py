@@ -318,10 +318,15 @@ async def _drain(runner: web.AppRunner, limit: float) -> None:
     Responses sent while stopping close their connection, so busy clients go away on their
     own; the idle ones left after ``limit`` are closed by ``runner.cleanup``.
     """
+    from relay.http.context import CONTEXT
+
     server = runner.server
+    parking = runner.app[CONTEXT].parking
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    while server is not None and server.connections and loop.time() < deadline:
+    while loop.time() < deadline and (
+        (server is not None and server.connections) or (parking is not None and parking.answering)
+    ):
         await asyncio.sleep(0.02)
 
 

@@ -23,6 +23,7 @@ import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from protocol import jsonmode
 
@@ -73,6 +74,13 @@ class _Held:
 _NOTHING_HELD = _Held()
 
 
+class Parked(Protocol):
+    """A reader parked without a coroutine of its own (``relay.http.parked``): the hub calls
+    ``wake`` once, at the next signal, and forgets it."""
+
+    def wake(self) -> None: ...
+
+
 @dataclass
 class _Watch:
     """Shared state of one watched stream; lives while any reader holds it."""
@@ -82,6 +90,7 @@ class _Watch:
     deleted: bool = False
     readers: int = 0
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
+    parked: set[Parked] = field(default_factory=set)
     shared: dict[object, object] = field(default_factory=dict)
     """What readers woken by one commit share (one rendered answer); emptied at the next."""
 
@@ -91,6 +100,10 @@ class _Watch:
             if not waiter.done():
                 waiter.set_result(None)
         self.waiters.clear()
+        if self.parked:
+            parked, self.parked = self.parked, set()
+            for reader in parked:
+                reader.wake()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -136,6 +149,20 @@ class Subscription:
             watch.tail = tail
         watch.closed = watch.closed or closed
 
+    def beyond(self, offset: int) -> bool:
+        """Whether a reader at ``offset`` has something to be woken for: data past it, the
+        stream closed or deleted."""
+        watch = self._watch
+        return watch.deleted or watch.closed or (watch.tail is not None and watch.tail > offset)
+
+    def park(self, reader: Parked) -> None:
+        """Call ``reader.wake()`` at the next signal (a commit, a close, a delete, the hub
+        stopping), once. The caller checks ``beyond`` and ``Hub.stopping`` first."""
+        self._watch.parked.add(reader)
+
+    def unpark(self, reader: Parked) -> None:
+        self._watch.parked.discard(reader)
+
     async def wait_beyond(self, offset: int, timeout: float) -> bool:
         """Wait until the stream's tail passes ``offset``, it closes, or it is deleted.
 
@@ -146,7 +173,7 @@ class Subscription:
         deadline = loop.time() + timeout
         watch = self._watch
         while True:
-            if watch.deleted or watch.closed or (watch.tail is not None and watch.tail > offset):
+            if self.beyond(offset):
                 return True
             remaining = deadline - loop.time()
             if remaining <= 0 or self._hub.stopping:

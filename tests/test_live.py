@@ -18,6 +18,7 @@ from relay.auth.errors import Unauthorized
 from relay.auth.grants import Principal
 from relay.config import Config
 from relay.http import live
+from relay.http.chunks import Chunk
 from relay.http.context import Context, Limits
 from relay.hub import Hub
 from relay.metrics import Metrics
@@ -201,7 +202,7 @@ async def test_a_long_poll_takes_the_commit_that_wakes_it() -> None:
     assert ctx.limits.readers == 1
     append(ctx, store, b"cd")
     chunk = await poll
-    assert chunk is not None and (chunk.data, chunk.start, chunk.end) == (b"cd", 2, 4)
+    assert isinstance(chunk, Chunk) and (chunk.data, chunk.start, chunk.end) == (b"cd", 2, 4)
     assert chunk.rendered == b"cd"
     assert ctx.limits.readers == 0
 

@@ -110,6 +110,7 @@ def test_any_bytes_round_trip_as_base64(payload: bytes) -> None:
         pytest.param(b"a\r\n", 3, id="crlf-whole"),
         pytest.param("é".encode()[:1], 1, id="nothing-left-sends-all"),
         pytest.param(b"\r", 1, id="lone-cr-sends-all"),
+        pytest.param("\r𐀀".encode()[:4], 1, id="cr-before-cut-character-goes-alone"),
     ],
 )
 def test_text_chunk_end(data: bytes, end: int) -> None:

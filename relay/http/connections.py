@@ -115,6 +115,8 @@ class RelayProtocol(web.RequestHandler):
         self._partial = False  # bytes of a request head have arrived, the head is not whole
         self._counted = False
         self._lingering = False
+        self._clean_end = True  # the last bytes received ended a request head
+        self._read_in_request = False  # bytes arrived while a request was being answered
         self.over_cap = False
         """Opened while ``cap`` connections were open: its request is answered 503."""
 
@@ -139,7 +141,10 @@ class RelayProtocol(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # the rest of a request cut off by its deadline
-        if data and not self._in_request:
+        self._clean_end = data.endswith(b"\r\n\r\n")
+        if self._in_request:
+            self._read_in_request = True
+        elif data:
             self._partial = True
             if self._due is None:  # the first byte of the next request
                 due = self._due = self._clock() + self._server.rules.header
@@ -172,7 +177,50 @@ class RelayProtocol(web.RequestHandler):
         """A request's head is complete; its answer may take as long as it takes."""
         self._due = None
         self._in_request = True
+        self._read_in_request = False
         self._partial = False
+
+    @property
+    def server(self) -> RelayServer:
+        return self._server
+
+    def detach(self, to: asyncio.Protocol) -> asyncio.Transport | None:
+        """Give the connection to ``to`` in the middle of a bodiless request (a parked
+        reader, ``relay.http.parked``) and forget it, as if it had closed: aiohttp's handler,
+        its parser and its task go, the transport stays open. None (nothing changes) when the
+        connection holds anything else: a request queued behind this one, bytes read since
+        it, or part of a request head (the last bytes read did not end a head), which only
+        the parser holds; or reading is paused.
+        """
+        transport = self.transport  # uvloop's: not an asyncio.Transport subclass, only alike
+        if (
+            transport is None
+            or transport.is_closing()
+            or self._messages
+            or self._read_in_request
+            or not self._clean_end
+            or self._buffer_paused
+            or self._upgraded
+        ):
+            return None
+        transport.set_protocol(to)
+        self.transport = None  # what aiohttp still does with this request writes nothing
+        self.connection_lost(None)
+        return transport
+
+    def resume(self, transport: asyncio.Transport, pending: bytes) -> None:
+        """Take a connection back from a parked reader that has just answered: it is idle
+        (the keep-alive timer runs, no request-head deadline yet), already counted against the
+        cap, and ``pending`` holds what the client sent meanwhile."""
+        self.connection_made(transport)
+        self.over_cap = False
+        self._due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport.resume_reading()
+        if pending:
+            self.data_received(pending)
 
     def request_ended(self) -> None:
         self._in_request = False

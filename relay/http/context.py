@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from relay.store.base import Store
 
 if TYPE_CHECKING:
     from relay.auth.authorizer import Authorizer
+    from relay.http.parked import Parking
     from relay.subscriptions.service import Subscriptions
     from relay.tables.follower import TableFollower
     from relay.workers import Worker
@@ -105,6 +106,13 @@ class Context:
     decorate: Callable[[web.Request, web.StreamResponse], None] = lambda _req, _resp: None
     """Adds the headers every answer carries; a handler that prepares its own answer (SSE)
     calls it first (``relay.http.front.ResponseHeaders``, set by ``Front``)."""
+    common_headers: Callable[[MutableMapping[str, str], str | None, str | None], bool] = (
+        lambda _out, _rid, _origin: False
+    )
+    """The same headers for an answer written without a request at hand (a parked reader's):
+    (headers, request id, Origin) -> whether the origin was allowed."""
+    parking: Parking | None = None
+    """Parked long-poll readers (``relay.http.parked``), made at the first."""
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)

@@ -34,6 +34,7 @@ from protocol.offsets import format_offset
 from protocol.retention import BeforeRetention
 from relay.auth.errors import Forbidden
 from relay.http.context import REQUEST_ID
+from relay.http.wire import Answer
 
 log = structlog.get_logger("relay.http")
 
@@ -120,14 +121,15 @@ def lookup(exc: BaseException) -> tuple[int, dict[str, str]] | None:
 
 
 def error_response(request: web.Request, exc: BaseException) -> web.Response:
+    return error_answer(exc, request.method, request.path, request.get(REQUEST_ID)).response()
+
+
+def error_answer(exc: BaseException, method: str, path: str, request_id: str | None) -> Answer:
+    """The table's answer to ``exc`` (a JSON error body but for HEAD); anything the table does
+    not know is logged and answered 500 without detail."""
     found = lookup(exc)
     if found is None:
-        log.exception(
-            "unhandled error",
-            method=request.method,
-            path=request.path,
-            request_id=request.get(REQUEST_ID),
-        )
+        log.exception("unhandled error", method=method, path=path, request_id=request_id)
         status, code, message = 500, "internal", "internal server error"
         extra: dict[str, str] = {}
         details: dict[str, object] = {}
@@ -142,10 +144,10 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     # RFC 9110 lets caches keep some errors (404, 410) with no header saying so; a CDN would
     # then answer 404 for a stream created a moment later.
     extra = {**extra, "Cache-Control": NO_STORE}
-    if request.method == "HEAD":
-        return web.Response(status=status, headers=extra)
+    if method == "HEAD":
+        return Answer(status, extra)
     body = orjson.dumps({"error": {"code": code, "message": message, **details}})
-    return web.Response(status=status, headers=extra, body=body, content_type="application/json")
+    return Answer(status, {**extra, "Content-Type": "application/json"}, body)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

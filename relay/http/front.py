@@ -17,7 +17,7 @@ import itertools
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, cast
 
 from aiohttp import hdrs, web
@@ -29,6 +29,7 @@ from relay.config import Config
 from relay.http.connections import ConnectionRules, RelayProtocol, RelayServer
 from relay.http.context import CONTINUE, CTX, DROP, REQUEST_ID, Context
 from relay.http.errors import Handler, error_response
+from relay.http.parked import DETACHED
 from relay.http.paths import PREFIX, valid_host
 
 CONTROL_PREFIX = f"{PREFIX}__ds/"
@@ -102,6 +103,7 @@ class Front:
         self._routes = routes
         self._decorate = ResponseHeaders(ctx.config)
         ctx.decorate = self._decorate
+        ctx.common_headers = self._decorate.apply
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = self._ctx
@@ -128,6 +130,8 @@ class Front:
             response = _plain(request, exc)
         except Exception as exc:
             response = error_response(request, exc)
+        if response is DETACHED:
+            return response  # a parked reader: it answers, counts and logs itself
         if ctx.stopping or over_cap or request.get(CONTINUE) or request.get(DROP):
             # Stopping: clients reconnect elsewhere rather than race our close. A body never
             # invited: the client may still send it, and it must not be read as a request.
@@ -259,12 +263,22 @@ class ResponseHeaders:
 
     def __call__(self, request: web.Request, response: web.StreamResponse) -> None:
         out = response.headers
-        rid = request.get(REQUEST_ID)
+        cors = self.apply(out, request.get(REQUEST_ID), request.headers.get("Origin"))
+        if cors and request.method == "OPTIONS":
+            requested = request.headers.get("Access-Control-Request-Headers")
+            out["Access-Control-Allow-Methods"] = ", ".join(ALLOWED_METHODS)
+            out["Access-Control-Allow-Headers"] = (
+                f"{self._allow_headers}, {requested}" if requested else self._allow_headers
+            )
+            out["Access-Control-Max-Age"] = "86400"
+
+    def apply(self, out: MutableMapping[str, str], rid: str | None, origin: str | None) -> bool:
+        """The common headers and, for an allowed ``origin``, the CORS ones but the
+        preflight's own (which need the request's); whether the origin was allowed."""
         if rid is not None:
             out[REQUEST_ID_HEADER] = rid
         out["X-Content-Type-Options"] = "nosniff"
         out["Cross-Origin-Resource-Policy"] = "cross-origin"
-        origin = request.headers.get("Origin")
         if self._any:
             out["Access-Control-Allow-Origin"] = "*"
         elif origin in self._allowed:
@@ -272,15 +286,9 @@ class ResponseHeaders:
             vary = out.get("Vary")
             out["Vary"] = f"{vary}, Origin" if vary else "Origin"  # keep what the handler set
         else:
-            return
+            return False
         out["Access-Control-Expose-Headers"] = self._expose
-        if request.method == "OPTIONS":
-            requested = request.headers.get("Access-Control-Request-Headers")
-            out["Access-Control-Allow-Methods"] = ", ".join(ALLOWED_METHODS)
-            out["Access-Control-Allow-Headers"] = (
-                f"{self._allow_headers}, {requested}" if requested else self._allow_headers
-            )
-            out["Access-Control-Max-Age"] = "86400"
+        return True
 
 
 FRONT: web.AppKey[Front] = web.AppKey("relay_front", Front)

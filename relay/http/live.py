@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Literal, Protocol
 
 from prometheus_client import Gauge
 
@@ -37,18 +37,6 @@ class Wake(enum.Enum):
     TIMEOUT = "timeout"  # its deadline passed, or the relay is stopping
 
 
-@contextmanager
-def reader_slot(ctx: Context, gauge: Gauge) -> Iterator[None]:
-    """One of ``--max-live-readers`` slots (429 when none is left), counted in ``gauge``."""
-    ctx.limits.enter_reader()
-    gauge.inc()
-    try:
-        yield
-    finally:
-        ctx.limits.exit_reader()
-        gauge.dec()
-
-
 class LiveRead:
     """One live reader's hold on a subscribed stream."""
 
@@ -59,6 +47,10 @@ class LiveRead:
         self.sub = sub
         self.meta = meta
         self._access = access
+
+    @property
+    def access(self) -> Access | None:
+        return self._access
 
     async def attach(self) -> bool:
         """Tell the subscription the stream's tail as the store has it now; False when the
@@ -101,6 +93,15 @@ class LiveRead:
                 return Wake.TIMEOUT
             remaining = deadline - loop.time()
 
+    async def woken(self, position: int) -> Chunk:
+        """What a woken long-poll answers: the data past ``position``; 404 once the stream is
+        deleted, as a fresh read gets (410 while forks keep it)."""
+        if self.sub.deleted:
+            current = await self.ctx.store.head(self.meta.path, self.ctx.clock(), touch=False)
+            if current.stream_id != self.meta.stream_id:
+                raise NotFound("stream was deleted")
+        return await self.take(position)
+
     async def take(self, position: int) -> Chunk:
         """The data past ``position`` that woke the reader: from the hub's memory, else the
         store.
@@ -128,25 +129,76 @@ class LiveRead:
         return chunk
 
 
+class Held(enum.Enum):
+    PARKED = "parked"
+
+
+PARKED = Held.PARKED
+"""``long_poll``'s answer when ``park`` took the reader: it answers later, on its own."""
+
+
+class Hold:
+    """A live reader's slot (``--max-live-readers``, 429 when none is left, counted in
+    ``gauge``) and its subscription: taken together, released together, once."""
+
+    __slots__ = ("_ctx", "_gauge", "sub")
+
+    def __init__(self, ctx: Context, gauge: Gauge, stream_id: int) -> None:
+        ctx.limits.enter_reader()
+        gauge.inc()
+        self._ctx = ctx
+        self._gauge: Gauge | None = gauge
+        self.sub = ctx.hub.subscribe(stream_id)
+
+    def release(self) -> None:
+        gauge = self._gauge
+        if gauge is not None:
+            self._gauge = None
+            self.sub.__exit__()
+            self._ctx.limits.exit_reader()
+            gauge.dec()
+
+
+class Parker(Protocol):
+    """Takes a reader that has to wait off the request's hands (``relay.http.parked``); False
+    when it cannot (the reader then waits here)."""
+
+    def __call__(self, live: LiveRead, hold: Hold, deadline: float) -> bool: ...
+
+
 async def long_poll(
-    ctx: Context, meta: StreamMeta, position: int, access: Access | None
-) -> Chunk | None:
+    ctx: Context,
+    meta: StreamMeta,
+    position: int,
+    access: Access | None,
+    park: Parker | None = None,
+) -> Chunk | Literal[Held.PARKED] | None:
     """Park until data past ``position`` commits; the chunk (empty when the stream closed with
     nothing new), or None on timeout. 404 once the stream is deleted (410 while forks keep
-    it), 401 once the credential is no longer valid."""
-    with reader_slot(ctx, ctx.metrics.long_poll_readers), ctx.hub.subscribe(meta.stream_id) as sub:
+    it), 401 once the credential is no longer valid. ``PARKED`` when ``park`` took over."""
+    taken = Hold(ctx, ctx.metrics.long_poll_readers, meta.stream_id)
+    hold: Hold | None = taken  # None once parked: the parked reader releases it
+    try:
+        sub = taken.sub
         live = LiveRead(ctx, sub, meta, access)
         # A watch already following the stream (a re-poll) knows its tail: no store read.
         if sub.known_tail() is None and not await live.attach():
             raise NotFound()
         deadline = asyncio.get_running_loop().time() + ctx.config.long_poll_timeout
+        if (
+            park is not None
+            and not sub.beyond(position)
+            and not ctx.hub.stopping
+            and park(live, taken, deadline)
+        ):
+            hold = None
+            return PARKED
         if await live.wake(position, deadline) is Wake.TIMEOUT:
             return None
-        if sub.deleted:  # answer what a fresh read gets: 404, or 410 while forks keep it
-            current = await ctx.store.head(meta.path, ctx.clock(), touch=False)
-            if current.stream_id != meta.stream_id:
-                raise NotFound("stream was deleted")
-        return await live.take(position)
+        return await live.woken(position)
+    finally:
+        if hold is not None:
+            hold.release()
 
 
 class SseState(enum.Enum):
@@ -177,6 +229,29 @@ class SseFeed:
         content_type = live.meta.content_type
         self._json = h.is_json(content_type)
         self._binary = not h.is_text_like(content_type)
+
+    @property
+    def live(self) -> LiveRead:
+        return self._live
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    def end(self) -> None:
+        """End the feed: its reader's credential is no longer valid."""
+        self.state = SseState.ENDED
+
+    def would_wait(self) -> bool:
+        """Whether ``next_event`` would wait for a wake: everything known is sent, nothing new
+        has come, time is left and the relay is not stopping."""
+        live = self._live
+        return (
+            self.state is SseState.PARKED
+            and not live.sub.beyond(self.position)
+            and not live.ctx.hub.stopping
+            and asyncio.get_running_loop().time() < self._deadline
+        )
 
     async def next_event(self) -> bytes | None:
         """The next bytes to send, or None once the feed has ended."""

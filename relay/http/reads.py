@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -15,10 +15,11 @@ from protocol.model import StreamMeta
 from protocol.offsets import format_offset, parse_read_offset
 from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
-from relay.http import chunks, compression, live
+from relay.http import chunks, compression, live, parked
 from relay.http.chunks import Chunk, check_boundary, read_chunk
 from relay.http.context import Context, context
 from relay.http.paths import stream_path, stream_url_path
+from relay.http.wire import Answer
 
 LIVE_MODES = ("long-poll", "sse")
 # nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
@@ -57,38 +58,66 @@ async def get(request: web.Request) -> web.StreamResponse:
     access = request.get(ACCESS) if ctx.auth is not None else None
     if live == "sse":
         return await _sse(request, ctx, meta, position, access)
+    asked = Asked.of(request)
     if live == "long-poll":
-        response = await _long_poll(request, ctx, meta, position, access, is_now=start.is_now)
-    elif start.is_now:
-        response = _tail_response(ctx, meta, status=200, cursor_value=None, now=True)
+        answer = await _long_poll(request, ctx, meta, position, access, asked, is_now=start.is_now)
+        return parked.DETACHED if answer is None else answer.response()
+    if start.is_now:
+        answer = _tail_answer(ctx, meta, status=200, cursor_value=None, now=True)
     else:
         chunk = await read_chunk(ctx, meta, position)
-        response = _chunk_response(request, ctx, meta, chunk, cursor_value=None)
-    if access is not None and not access.public:
-        response.headers["Cache-Control"] = caching.private(response.headers["Cache-Control"])
+        answer = _chunk_answer(ctx, meta, chunk, asked, cursor_value=None)
+    return finish(answer, meta, access).response()
+
+
+def finish(answer: Answer, meta: StreamMeta, access: Access | None) -> Answer:
+    """What every read answer adds last: a credential's answer is private to its reader, and
+    a superseded stream names its successor."""
+    out = answer.headers
+    if access is not None and not access.public and "Cache-Control" in out:
+        out["Cache-Control"] = caching.private(out["Cache-Control"])
     if meta.successor is not None:
-        response.headers.update(h.successor_headers(stream_url_path(meta.successor)))
-    return response
+        out.update(h.successor_headers(stream_url_path(meta.successor)))
+    return answer
 
 
-def _cursor(ctx: Context, request: web.Request) -> str:
-    return cursor.next_cursor(ctx.clock(), request.query.get("cursor"), ctx.rng.randint(1, 3600))
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What of a read's request its answer depends on, beyond the stream and the offset: kept
+    by a parked reader instead of the request."""
+
+    cursor: str | None
+    accept_encoding: str | None
+    if_none_match: str | None
+
+    @classmethod
+    def of(cls, request: web.Request) -> Asked:
+        headers = request.headers
+        return cls(
+            request.query.get("cursor"),
+            headers.get("Accept-Encoding"),
+            headers.get("If-None-Match"),
+        )
 
 
-def _chunk_response(
-    request: web.Request,
+def next_cursor(ctx: Context, asked: Asked) -> str:
+    return cursor.next_cursor(ctx.clock(), asked.cursor, ctx.rng.randint(1, 3600))
+
+
+def _chunk_answer(
     ctx: Context,
     meta: StreamMeta,
     chunk: Chunk,
+    asked: Asked,
     cursor_value: str | None,
     *,
     now: bool = False,
-) -> web.Response:
+) -> Answer:
     coding = None
     out = {"Content-Type": meta.content_type, h.STREAM_NEXT_OFFSET: format_offset(chunk.end)}
     if _compressible(ctx, meta, chunk):
         out["Vary"] = "Accept-Encoding"
-        coding = compression.negotiate(request.headers.get("Accept-Encoding"))
+        coding = compression.negotiate(asked.accept_encoding)
         if coding is not None:
             out["Content-Encoding"] = coding
     tag = out["ETag"] = caching.etag(meta.stream_id, chunk.start, chunk.end, chunk.closed, coding)
@@ -101,12 +130,12 @@ def _chunk_response(
     out["Cache-Control"] = _cache_control(
         ctx, meta, open_tail=chunk.start == chunk.end and not chunk.closed, now=now
     )
-    if caching.matches(request.headers.get("If-None-Match"), tag):
-        return web.Response(status=304, headers=out)
+    if caching.matches(asked.if_none_match, tag):
+        return Answer(304, out)
     body = chunk.rendered if chunk.rendered is not None else chunks.render(meta, chunk.data)
     if coding is not None:
         body = chunk.encoded(coding, body)
-    return web.Response(status=200, headers=out, body=body)
+    return Answer(200, out, body)
 
 
 def _compressible(ctx: Context, meta: StreamMeta, chunk: Chunk) -> bool:
@@ -132,9 +161,9 @@ def _cache_control(ctx: Context, meta: StreamMeta, *, open_tail: bool, now: bool
     return caching.read_cache_control(expires is not None, left)
 
 
-def _tail_response(
+def _tail_answer(
     ctx: Context, meta: StreamMeta, *, status: int, cursor_value: str | None, now: bool
-) -> web.Response:
+) -> Answer:
     """An answer carrying no data: ``offset=now``, or a long-poll that found nothing new."""
     out = {
         h.STREAM_NEXT_OFFSET: format_offset(meta.tail),
@@ -146,9 +175,9 @@ def _tail_response(
     elif cursor_value is not None:
         out[h.STREAM_CURSOR] = cursor_value
     if status == 204:
-        return web.Response(status=204, headers=out)
+        return Answer(204, out)
     out["Content-Type"] = meta.content_type
-    return web.Response(status=200, headers=out, body=chunks.render(meta, b""))
+    return Answer(200, out, chunks.render(meta, b""))
 
 
 async def _long_poll(
@@ -157,23 +186,44 @@ async def _long_poll(
     meta: StreamMeta,
     position: int,
     access: Access | None,
+    asked: Asked,
     *,
     is_now: bool,
-) -> web.Response:
+) -> Answer | None:
+    """The answer, or None once the reader is parked off aiohttp's hands (``parked``)."""
     if position < meta.tail and not is_now:
         chunk = await read_chunk(ctx, meta, position)
-        return _chunk_response(request, ctx, meta, chunk, _cursor(ctx, request))
+        answer = _chunk_answer(ctx, meta, chunk, asked, next_cursor(ctx, asked))
+        return finish(answer, meta, access)
     if meta.closed:
-        return _tail_response(ctx, meta, status=204, cursor_value=None, now=is_now)
-    found = await live.long_poll(ctx, meta, position, access)
+        answer = _tail_answer(ctx, meta, status=204, cursor_value=None, now=is_now)
+        return finish(answer, meta, access)
+    park = parked.Park(request, position, asked, is_now, long_poll_answer)
+    found = await live.long_poll(ctx, meta, position, access, park)
+    if found is live.PARKED:
+        return None
+    return long_poll_answer(ctx, meta, found, asked, is_now, access)
+
+
+def long_poll_answer(
+    ctx: Context,
+    meta: StreamMeta,
+    found: Chunk | None,
+    asked: Asked,
+    is_now: bool,
+    access: Access | None,
+) -> Answer:
+    """A long-poll's answer once it stopped waiting: the chunk that woke it, or a 204 at the
+    tail (its time ran out, or the stream closed with nothing new)."""
     if found is None or found.start == found.end:
         latest = replace(meta, tail=found.end if found else meta.tail)
         if found is not None and found.closed:
             latest = replace(latest, closed=True)
-        return _tail_response(
-            ctx, latest, status=204, cursor_value=_cursor(ctx, request), now=is_now
-        )
-    return _chunk_response(request, ctx, meta, found, _cursor(ctx, request), now=is_now)
+        cursor_value = next_cursor(ctx, asked)
+        answer = _tail_answer(ctx, latest, status=204, cursor_value=cursor_value, now=is_now)
+    else:
+        answer = _chunk_answer(ctx, meta, found, asked, next_cursor(ctx, asked), now=is_now)
+    return finish(answer, meta, access)
 
 
 async def _sse(
@@ -187,6 +237,7 @@ async def _sse(
     share as one render would be compressed once per reader, each with its own history.
     """
     binary = not h.is_text_like(meta.content_type)
+    asked = Asked.of(request)
     if h.is_json(meta.content_type) and meta.retained_from < position < meta.tail:
         check_boundary(await ctx.store.read(meta, position - 1, position))  # before the 200
     response = web.StreamResponse(
@@ -201,18 +252,26 @@ async def _sse(
             **h.successor_headers(meta.successor and stream_url_path(meta.successor)),
         },
     )
-    with live.reader_slot(ctx, ctx.metrics.sse_readers):
-        try:
-            ctx.decorate(request, response)
-            await response.prepare(request)
-            deadline = asyncio.get_running_loop().time() + ctx.config.sse_reconnect_interval
-            with ctx.hub.subscribe(meta.stream_id) as sub:
-                reader = live.LiveRead(ctx, sub, meta, access)
-                feed = live.SseFeed(reader, position, deadline, lambda: _cursor(ctx, request))
-                while (event := await feed.next_event()) is not None:
-                    await _send(request, response, event, ctx.config.write_timeout)
-        except ConnectionResetError:
-            pass  # the reader went away; it resumes from the last control event's offset
+    taken = live.Hold(ctx, ctx.metrics.sse_readers, meta.stream_id)
+    hold: live.Hold | None = taken  # None once parked: the parked reader releases it
+    try:
+        ctx.decorate(request, response)
+        await response.prepare(request)
+        deadline = asyncio.get_running_loop().time() + ctx.config.sse_reconnect_interval
+        reader = live.LiveRead(ctx, taken.sub, meta, access)
+        feed = live.SseFeed(reader, position, deadline, lambda: next_cursor(ctx, asked))
+        sent = 0
+        while (event := await feed.next_event()) is not None:
+            await _send(request, response, event, ctx.config.write_timeout)
+            sent += len(event)
+            if feed.would_wait() and parked.park_sse(request, feed, taken, sent):
+                hold = None  # the parked reader sends the rest, and releases it
+                return parked.DETACHED
+    except ConnectionResetError:
+        pass  # the reader went away; it resumes from the last control event's offset
+    finally:
+        if hold is not None:
+            hold.release()
     return response
 
 

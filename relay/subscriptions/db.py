@@ -128,8 +128,11 @@ class SqliteDatabase:
     @contextlib.asynccontextmanager
     async def transaction(self, *, write: bool = True) -> AsyncIterator[Tx]:
         async with self._lock:
-            await self.run(_fetch, "BEGIN IMMEDIATE" if write else "BEGIN", ())
             try:
+                # Inside the try: a cancel while BEGIN waits for the thread does not stop the
+                # BEGIN, which would leave the connection in a transaction for good; the
+                # ROLLBACK queues behind it on the same thread.
+                await self.run(_fetch, "BEGIN IMMEDIATE" if write else "BEGIN", ())
                 yield _SqliteTx(self)
             except BaseException:
                 with contextlib.suppress(Exception):
