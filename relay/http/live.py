@@ -109,24 +109,40 @@ class LiveRead:
         Readers woken by one commit at the same position share one chunk, rendered once (the
         fan-out case: a thousand long-polls of one chat take the same bytes).
         """
+        chunk = self.held(position)
+        if chunk is not None:
+            return chunk
+        key = self._key(position)
+        chunk = await chunks.read_chunk(self.ctx, self._latest(key), position)
+        chunk = replace(chunk, rendered=chunks.render(self.meta, chunk.data))
+        self.sub.shared[key] = chunk
+        return chunk
+
+    def held(self, position: int) -> Chunk | None:
+        """``take`` without the store: the shared chunk, or one from the hub's memory; None
+        when only the store has the bytes."""
         sub, meta = self.sub, self.meta
-        tail = sub.known_tail()
-        assert tail is not None
-        closed = sub.closed
-        key = (position, tail, closed)
+        key = self._key(position)
         shared = sub.shared.get(key)
         if isinstance(shared, Chunk):
             return shared
-        latest = replace(meta, tail=tail, closed=closed)
         json_mode = h.is_json(meta.content_type)
         data = sub.take(position, self.ctx.config.max_chunk_bytes, json_mode=json_mode)
         if data is None:
-            chunk = await chunks.read_chunk(self.ctx, latest, position)
-        else:
-            chunk = chunks.chunk_of(latest, position, data)
+            return None
+        chunk = chunks.chunk_of(self._latest(key), position, data)
         chunk = replace(chunk, rendered=chunks.render(meta, chunk.data))
         sub.shared[key] = chunk
         return chunk
+
+    def _key(self, position: int) -> tuple[int, int, bool]:
+        """What readers woken together share a chunk by: position, tail, closed."""
+        tail = self.sub.known_tail()
+        assert tail is not None
+        return (position, tail, self.sub.closed)
+
+    def _latest(self, key: tuple[int, int, bool]) -> StreamMeta:
+        return replace(self.meta, tail=key[1], closed=key[2])
 
 
 class Held(enum.Enum):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
@@ -47,6 +48,8 @@ Render = Callable[
     ["Context", "StreamMeta", "Chunk | None", "Asked", bool, "Access | None"], wire.Answer
 ]
 """(ctx, meta, chunk or None on timeout, asked, is_now, access) -> the long-poll's answer."""
+
+log = structlog.get_logger("relay.http")
 
 PENDING_BYTES = 64 * 1024
 """Bytes a parked connection takes before it stops reading: a pipelined request, kept for the
@@ -285,10 +288,11 @@ class _Parked(asyncio.Protocol):
     async def _sending(self, woke: bool) -> None:
         try:
             await self._send(woke)
-        except Exception:  # a send that failed (the client is gone or stalled): cut it off
+        except Exception:  # an SSE event that could not be had (the store failed): cut off,
+            # as a reader whose response fails mid-body is; it resumes from its last offset
+            log.warning("live reader cut off", kind=self.kind, request_id=self._rid, exc_info=True)
             if self._transport is not None:
                 self._transport.abort()
-            raise
 
     def _gone(self) -> bool:
         """Whether the client went away (``connection_lost``) while this was sending."""
@@ -430,31 +434,70 @@ class ParkedPoll(_Parked):
     def _revoked(self) -> None:
         pass  # ``_send`` checks the credential again and answers 401
 
+    def wake(self) -> None:
+        """Woken by data the hub holds, with no credential to re-check (the common case: a
+        token a reader is waiting for), it answers at once, without a task of its own."""
+        if self._state is not _State.PARKED:
+            return
+        live = self._live
+        sub = live.sub
+        if live.access is None and sub.beyond(self._position_at) and not sub.deleted:
+            found = live.held(self._position_at)
+            if found is not None:
+                self._parking.deadlines.discard(self._key, self)
+                self._state = _State.SENDING
+                try:
+                    answer = self._answer(found)
+                except Exception as exc:  # never into the hub's signal, which wakes others
+                    answer = error_answer(exc, "GET", stream_url_path(live.meta.path), self._rid)
+                finally:
+                    self._held.release()
+                if not self._deliver(answer):
+                    self._parking.spawn(self._flush())
+                return
+        super().wake()
+
     async def _send(self, woke: bool) -> None:
         live = self._live
-        ctx = live.ctx
-        meta = live.meta
         access = live.access
         try:
-            if access is not None and ctx.auth is not None:
-                ctx.auth.recheck(access.principal)
+            if access is not None and live.ctx.auth is not None:
+                live.ctx.auth.recheck(access.principal)
             found = await live.woken(self._position_at) if woke else None
-            answer = self._render(ctx, meta, found, self._asked, self._is_now, access)
+            answer = self._answer(found)
         except Exception as exc:  # what Front answers a waiting reader's exception
-            answer = error_answer(exc, "GET", stream_url_path(meta.path), self._rid)
+            answer = error_answer(exc, "GET", stream_url_path(live.meta.path), self._rid)
         finally:
             self._held.release()
+        if not self._deliver(answer):
+            await self._flush()
+
+    def _answer(self, found: Chunk | None) -> wire.Answer:
+        live = self._live
+        return self._render(live.ctx, live.meta, found, self._asked, self._is_now, live.access)
+
+    def _deliver(self, answer: wire.Answer) -> bool:
+        """Send ``answer``; False when it waits in the transport's buffer (``_flush`` then)."""
+        ctx = self._parking.ctx
         ctx.common_headers(answer.headers, self._rid, self._origin)
         close = ctx.stopping
         try:
             data = wire.encode(answer, close=close)
         except ValueError as exc:
-            answer = error_answer(exc, "GET", stream_url_path(meta.path), self._rid)
+            path = stream_url_path(self._live.meta.path)
+            answer = error_answer(exc, "GET", path, self._rid)
             data = wire.encode(answer, close=close)
         self._observe(answer.status, len(answer.body or b""))
-        if self._write(data):
-            await self._drained(ctx.config.write_timeout, empty=True)
-            self._hand_back(close)
+        transport = self._transport
+        if self._write(data) and transport is not None and transport.get_write_buffer_size():
+            return False
+        self._hand_back(close)
+        return True
+
+    async def _flush(self) -> None:
+        ctx = self._parking.ctx
+        await self._drained(ctx.config.write_timeout, empty=True)
+        self._hand_back(ctx.stopping)
 
 
 class ParkedSse(_Parked):
