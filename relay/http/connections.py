@@ -210,14 +210,26 @@ class RelayProtocol(web.RequestHandler):
 
     def resume(self, transport: asyncio.Transport, pending: bytes) -> None:
         """Take a connection back from a parked reader that has just answered: it is idle
-        (the keep-alive timer runs, no request-head deadline yet), already counted against the
-        cap, and ``pending`` holds what the client sent meanwhile."""
-        self.connection_made(transport)
-        self.over_cap = False
-        self._due = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        (the keep-alive timer runs, no request-head deadline yet), counted against the cap as
+        before, and ``pending`` holds what the client sent meanwhile.
+
+        This is aiohttp's ``connection_made`` without setting the socket's options again
+        (TCP_NODELAY, keep-alive): they hold from the connection's opening, and each asks the
+        transport for its socket, which uvloop builds anew every time (with the TLS lookup,
+        a fifth of a woken long-poll's CPU in ``relay bench --scenarios fanout``).
+        """
+        self.transport = transport
+        manager = self._manager
+        assert manager is not None
+        manager.connection_made(self, transport)
+        loop = self._loop
+        if self._keepalive_timeout > 0:
+            close_time = loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        self._task_handler = loop.create_task(self.start())
+        self._server.open += 1
+        self._counted = True
         transport.resume_reading()
         if pending:
             self.data_received(pending)
