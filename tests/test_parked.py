@@ -354,3 +354,18 @@ def test_deadlines_fire_in_order_never_early_and_can_be_discarded() -> None:
         assert len(deadlines) == 0 and keys["a"] < keys["b"] < keys["c"]
     finally:
         loop.close()
+
+
+async def test_a_poll_that_holds_back_a_body_for_100_continue_is_not_parked(
+    start: Start,
+) -> None:
+    """Its client may still send the body after the answer: that connection is closed after
+    it (as ``Front`` does), so it stays with aiohttp."""
+    server, port = await started(start)
+    conn = await connect(port)
+    conn[1].write(poll(extra="Expect: 100-continue\r\n"))
+    await wait_for(lambda: ctx_of(server).limits.readers == 1)
+    assert ctx_of(server).parking is None or len(parking(server).deadlines) == 0
+    await append(port, b"cd")
+    status, headers, body = await answer(conn)
+    assert (status, body, headers["connection"]) == (200, b"cd", "close")

@@ -33,7 +33,7 @@ from relay.auth.errors import Unauthorized
 from relay.deadlines import Deadlines
 from relay.http import wire
 from relay.http.connections import RelayProtocol, RelayServer
-from relay.http.context import REQUEST_ID, Context
+from relay.http.context import CONTINUE, DROP, REQUEST_ID, Context
 from relay.http.errors import error_answer
 from relay.http.paths import stream_url_path
 
@@ -146,13 +146,15 @@ def park_sse(request: web.Request, feed: SseFeed, hold: Hold, sent: int) -> bool
 
 def _parkable(request: web.Request) -> RelayProtocol | None:
     """The request's connection, if its reader may be parked: a plain HTTP/1.1 keep-alive
-    request without a body, on a ``RelayProtocol``."""
+    request without a body (nor one held back for ``100 Continue``), on a ``RelayProtocol``."""
     connection = request.protocol
     if (
         not isinstance(connection, RelayProtocol)
         or request.version != HttpVersion11
         or not request.keep_alive
         or request.body_exists
+        or request.get(CONTINUE)
+        or request.get(DROP)
     ):
         return None
     return connection
