@@ -1,19 +1,21 @@
-"""Parked long-poll readers, held off aiohttp's hands.
+"""Parked live readers (long-poll and SSE), held off aiohttp's hands.
 
-A long-poll reader that waits inside aiohttp keeps its connection's whole handler (the request
-parser, the handler's own task and coroutine, the parsed request, a keep-alive timer) and its
-own coroutine stack, task, future and timer: about 12.8 KB of the relay's memory a reader
-(``docs/OPERATIONS.md``). A reader parked here is one object, which is also its connection's
-protocol while it waits (``asyncio.Transport.set_protocol``); its deadline sits in the shared
-``Deadlines``, and it has no task until it is woken.
+A reader that waits inside aiohttp keeps its connection's whole handler (the request parser,
+the handler's own task and coroutine, the parsed request, a keep-alive timer) and its own
+coroutine stack, task, future and timer: 12.6 KB of the relay's memory a long-poll reader and
+16.5 KB an SSE reader (``docs/OPERATIONS.md``). A reader parked here is one object, which is
+also its connection's protocol while it waits (``asyncio.Transport.set_protocol``); its
+deadline sits in the shared ``Deadlines``, and it has no task until it is woken.
 
 Woken (data, a close, a delete, its deadline, a credential that stopped being valid, the relay
-stopping), it builds its answer as the waiting reader would (``reads.long_poll_answer``),
-writes the bytes itself (``wire.encode``: no ``web.Response``, no aiohttp serialisation) and
-hands the connection to a fresh ``RelayProtocol``, as if it had just answered there.
+stopping), a long-poll reader builds its answer as a waiting reader would
+(``reads.long_poll_answer``), writes the bytes itself (``wire.encode``: no ``web.Response``, no
+aiohttp serialisation) and hands the connection to a fresh ``RelayProtocol``, as if it had just
+answered there. An SSE reader writes its feed's events as HTTP/1.1 chunks and parks again,
+until the feed ends.
 
 Only a plain HTTP/1.1 keep-alive GET with nothing else on its connection is parked this way
-(``RelayProtocol.detach`` says when); any other reader waits inside aiohttp as before.
+(``_parkable`` and ``RelayProtocol.detach`` say when); any other reader waits inside aiohttp.
 """
 
 from __future__ import annotations
