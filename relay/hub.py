@@ -76,7 +76,7 @@ _NOTHING_HELD = _Held()
 
 class Parked(Protocol):
     """A reader parked without a coroutine of its own (``relay.http.parked``): the hub calls
-    ``wake`` once, at the next signal, and forgets it."""
+    ``wake`` once, soon after the next signal, and forgets it."""
 
     def wake(self) -> None: ...
 
@@ -101,9 +101,15 @@ class _Watch:
                 waiter.set_result(None)
         self.waiters.clear()
         if self.parked:
+            # After what is already due (the commit's writers, answered first): a wake may
+            # answer its reader at once, and thousands of them take a while.
             parked, self.parked = self.parked, set()
-            for reader in parked:
-                reader.wake()
+            asyncio.get_running_loop().call_soon(_wake_all, parked)
+
+
+def _wake_all(parked: set[Parked]) -> None:
+    for reader in parked:
+        reader.wake()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

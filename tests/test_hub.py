@@ -264,3 +264,25 @@ def test_held_and_take_give_exactly_the_held_bytes(
             assert taken is None
 
     asyncio.run(check())
+
+
+async def test_a_signal_wakes_parked_readers_after_what_is_already_due() -> None:
+    """A commit's writers are answered (their tasks scheduled) before the sink signals; parked
+    readers, which may answer at once inside their wake, come after them, not before."""
+    hub = Hub()
+    order: list[str] = []
+
+    class Reader:
+        def wake(self) -> None:
+            order.append("reader")
+
+    with hub.subscribe(1) as sub:
+        sub.park(Reader())
+        asyncio.get_running_loop().call_soon(order.append, "writer")
+        hub.publish(1, 0, b"ab", 2, False)
+        assert order == []  # not inside the signal
+        await asyncio.sleep(0)
+        assert order == ["writer", "reader"]
+        hub.publish(1, 2, b"cd", 4, False)
+        await asyncio.sleep(0)
+        assert order == ["writer", "reader"]  # woken once, then forgotten

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from protocol.errors import Unavailable
 from relay.app import begin_shutdown, make_app
 from relay.config import Config
 from relay.deadlines import Deadlines
@@ -369,3 +370,23 @@ async def test_a_poll_that_holds_back_a_body_for_100_continue_is_not_parked(
     await append(port, b"cd")
     status, headers, body = await answer(conn)
     assert (status, body, headers["connection"]) == (200, b"cd", "close")
+
+
+async def test_an_sse_feed_whose_store_read_fails_after_its_head_ends_cleanly(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the 200 and its first events, an error answer would land inside the event
+    stream (it did: a second ``HTTP/1.1 503`` in the body); the stream ends instead."""
+    server, port = await started(start)
+    ctx = ctx_of(server)
+    ctx.hub.forget_held()  # the read must go to the store
+
+    async def failing_read(*_args: object, **_kwargs: object) -> bytes:
+        raise Unavailable("database unavailable: TimeoutError")
+
+    monkeypatch.setattr(ctx.store, "read", failing_read)
+    conn = await connect(port)
+    conn[1].write(sse_request(offset="-1"))
+    rest = await read_until(conn, b"\r\n0\r\n\r\n")  # the body's last chunk
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"HTTP/1.1" not in body

@@ -84,6 +84,7 @@ class Parking:
     async def drain(self) -> None:
         """Wait for the answers being sent: a stop wakes every parked reader (``Hub.shutdown``),
         and their answers must go out before the store closes."""
+        await asyncio.sleep(0)  # the wakes the hub has scheduled start their answers
         while self.answering:
             await asyncio.gather(*self.answering, return_exceptions=True)
 
@@ -548,7 +549,11 @@ class ParkedSse(_Parked):
                 if feed.would_wait():
                     self._park()
                     return
-                event = await feed.next_event()
+                try:
+                    event = await feed.next_event()
+                except Exception:  # the store failed: end the stream, as reads._sse does
+                    log.warning("SSE feed ended by an error", request_id=self._rid, exc_info=True)
+                    event = None
                 if event is None:
                     break
                 if not self._write(b"%x\r\n%b\r\n" % (len(event), event)):

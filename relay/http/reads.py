@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
+import structlog
 from aiohttp import web
 
 from protocol import caching, cursor, sse
@@ -17,9 +18,11 @@ from protocol.retention import check_retained
 from relay.auth.authorizer import ACCESS, Access
 from relay.http import chunks, compression, live, parked
 from relay.http.chunks import Chunk, check_boundary, read_chunk
-from relay.http.context import Context, context
+from relay.http.context import REQUEST_ID, Context, context
 from relay.http.paths import stream_path, stream_url_path
 from relay.http.wire import Answer
+
+log = structlog.get_logger("relay.http")
 
 LIVE_MODES = ("long-poll", "sse")
 # nginx's per-response switch for proxy_buffering (it hides the header from clients). Off for
@@ -269,6 +272,12 @@ async def _sse(
                 return parked.DETACHED
     except ConnectionResetError:
         pass  # the reader went away; it resumes from the last control event's offset
+    except Exception:
+        if not response.prepared:
+            raise  # nothing sent yet: Front answers with the error
+        # The 200 and events went out: an error answer now would land inside the event
+        # stream. End it instead; the reader resumes from its last control event's offset.
+        log.warning("SSE feed ended by an error", request_id=request.get(REQUEST_ID), exc_info=True)
     finally:
         if hold is not None:
             hold.release()

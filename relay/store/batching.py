@@ -349,24 +349,32 @@ class Committer:
         return taken
 
     async def _land(self, batch: list[_Pending], touches: Touches) -> None:
-        """Commit one batch, tell the sink, then answer its requests."""
+        """Commit one batch, answer its requests, then tell the sink.
+
+        Both happen before any task runs (nothing here awaits after the commit), so a writer
+        that reads right after its answer finds what the sink updated. Answering first puts
+        the writers ahead of the readers the sink wakes: a commit to a stream with thousands
+        of parked readers is acknowledged before they are answered, not after.
+        """
         outcomes = await self._commit(batch, touches)  # raises only if the loop must die
-        events = self.events
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if events is not None:
-                kind = type(outcome)
-                if kind is AppendResult and outcome.plan.write and type(pending.op) is AppendOp:
-                    events.appended(pending.op.path, outcome)
-                elif kind is CreateResult and outcome.initial is not None:
-                    events.appended(outcome.meta.path, outcome.initial)
-                elif kind is CompactResult:
-                    events.appended(outcome.meta.path, outcome.snapshot)
             if pending.future.done():
                 continue
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
+        events = self.events
+        if events is None:
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            kind = type(outcome)
+            if kind is AppendResult and outcome.plan.write and type(pending.op) is AppendOp:
+                events.appended(pending.op.path, outcome)
+            elif kind is CreateResult and outcome.initial is not None:
+                events.appended(outcome.meta.path, outcome.initial)
+            elif kind is CompactResult:
+                events.appended(outcome.meta.path, outcome.snapshot)
 
     async def _commit(self, batch: list[_Pending], touches: Touches) -> list[Any]:
         """Outcomes for ``batch``; a failing batch is split so only the culprit fails."""
