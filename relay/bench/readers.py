@@ -53,9 +53,10 @@ PER_ADDRESS = 20_000
 """Connections per source address, below its ~28,000 ephemeral ports (32768-60999)."""
 CONNECT_BATCH = 100
 """Connections opened at once: below the relay's listen backlog, so no SYN is dropped."""
-FD_MARGIN = 1024
+FD_MARGIN = 512
 """Open files past the reader count, each side: the relay's store, log and listener, and its
-``--max-connections`` default (the limit less 256), which must stay above the count."""
+``--max-connections`` default (the limit less 256), which must stay above the count and the
+bench's own few connections."""
 ROOM_KIB = 64
 """Memory a reader may need on this machine (relay, client and both sockets), generously."""
 PATIENT = (
@@ -114,8 +115,11 @@ def _room_for(count: int) -> str:
         try:
             top = hard if hard == resource.RLIM_INFINITY else max(hard, need)
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, top))
-        except (ValueError, OSError) as exc:
-            return f"the bench cannot open {need:,} files (limit {soft:,}/{hard:,}: {exc})"
+        except (ValueError, OSError) as exc:  # no CAP_SYS_RESOURCE (a container, say)
+            return (
+                f"{need:,} open files needed, and the hard limit here is {hard:,} ({exc}), "
+                "for the bench and for the relay it starts"
+            )
     available = _meminfo_kib("MemAvailable")
     if available is not None and available < count * ROOM_KIB:
         return f"{count * ROOM_KIB // 1024:,} MiB needed, {available // 1024:,} MiB available"
