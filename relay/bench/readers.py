@@ -294,13 +294,22 @@ def _same(reader: _Reader) -> _Reader:
     return reader
 
 
-def _source(index: int) -> str:
-    return f"127.0.0.{2 + index // PER_ADDRESS}"
+_next_address = [2]
+"""The first source address of the next run: each run takes fresh ones, because the ports of
+the last run's connections (closed by the bench) sit in TIME_WAIT for a minute."""
 
 
 async def _connect(run: _Run, port: int, count: int) -> list[_Reader]:
     loop = asyncio.get_running_loop()
     streams = len(run.paths)
+    first = _next_address[0]
+    if first + count // PER_ADDRESS > 254:
+        first = 2
+    _next_address[0] = first + count // PER_ADDRESS + 1
+
+    def _source(index: int) -> str:
+        return f"127.0.0.{first + index // PER_ADDRESS}"
+
     opened: list[_Reader] = []
     for start in range(0, count, CONNECT_BATCH):
         batch = [_Reader(run, i % streams) for i in range(start, min(count, start + CONNECT_BATCH))]
