@@ -171,6 +171,9 @@ class _Run:
         self.expected: list[bytes] = []
         self.idle = 0
         self.delivered = 0
+        self.refused = 0
+        """Live GETs answered 503 (a store timeout in a herd of them), each tried again after
+        its ``Retry-After``, as clients do."""
         self.failure = ""
         self.closing = False
 
@@ -250,8 +253,13 @@ class _Reader(asyncio.Protocol):
                 self.run.failure = f"GET /healthz: {status}"
             self.run.idle += 1
             return
+        if status == 503:
+            self.run.refused += 1
+            delay = float(headers.get("retry-after", "1"))
+            asyncio.get_running_loop().call_later(delay, self.park)
+            return
         if status not in (200, 204):
-            self.run.failure = f"long-poll: {status} {body[:200]!r}"
+            self.run.failure = f"{self.run.live}: {status} {body[:200]!r}"
             return
         if status == 200 and body:
             self._deliver(body)
@@ -267,6 +275,10 @@ class _Reader(asyncio.Protocol):
             self.run.failure = f"SSE: {status}"
             return
         while (end := self.buffer.find(b"\r\n")) >= 0:
+            if self.buffer.startswith(b"HTTP/1."):
+                line = bytes(self.buffer[:end]).decode("latin-1")
+                self.run.failure = f"a second answer inside an SSE stream, after its 200: {line}"
+                return
             size = int(bytes(self.buffer[:end]).split(b";")[0], 16)
             if len(self.buffer) < end + 2 + size + 2:
                 break
@@ -342,8 +354,6 @@ async def settled_kib(target: Target) -> float:
 async def _measure(
     client: aiohttp.ClientSession, relay: Target, variant: str, count: int, live: str, streams: int
 ) -> Result:
-    from relay.bench.scenarios import _parked
-
     urls = [_stream_url(relay, "readers") for _ in range(streams)]
     tails = [await _create(client, url, "text/plain") for url in urls]
     run = _Run(live, [urlsplit(url).path for url in urls], tails)
@@ -358,7 +368,7 @@ async def _measure(
         memory.append((await settled_kib(relay), kernel_kib()))
         for reader in conns:
             reader.park()
-        await _parked(client, relay, count, patience)
+        await _all_parked(run, client, relay, count, patience)
         memory.append((await settled_kib(relay), kernel_kib()))
 
         run.expected = [f"wake {i:06d} ".encode() for i in range(streams)]
@@ -376,7 +386,7 @@ async def _measure(
         await asyncio.gather(*(append() for _ in range(min(WORKERS, streams))))
         await run.until(lambda: run.delivered == count, patience, "every reader woken")
         if live == "long-poll":  # their next poll is part of what an answer costs
-            await _parked(client, relay, count, patience)
+            await _all_parked(run, client, relay, count, patience)
         spent = usage(before, await snapshot(client, relay))
     finally:
         run.closing = True
@@ -397,9 +407,28 @@ async def _measure(
         spent,
         latencies,
         lost=lost,
-        note=f"{streams:,} stream(s); " + _note(figures, from_ack),
+        note=f"{streams:,} stream(s); " + _note(figures, from_ack) + _refused(run.refused),
         figures=figures,
     )
+
+
+async def _all_parked(
+    run: _Run, client: aiohttp.ClientSession, relay: Target, count: int, patience: float
+) -> None:
+    """Until the relay's gauge says ``count`` readers are parked; a reader's failure ends
+    the wait at once, with its reason."""
+    from relay.bench.scenarios import _parked
+
+    parked = asyncio.ensure_future(_parked(client, relay, count, patience))
+    try:
+        await run.until(parked.done, patience + 1, "readers parked")
+    finally:
+        parked.cancel()
+    await parked
+
+
+def _refused(count: int) -> str:
+    return f"; {count:,} live GETs answered 503 and tried again" if count else ""
 
 
 def _footprint(
