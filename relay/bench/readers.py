@@ -142,7 +142,7 @@ def _meminfo_kib(name: str) -> int | None:
     return None
 
 
-def kernel_kib() -> tuple[int, int] | None:
+def _kernel_kib() -> tuple[int, int] | None:
     """The kernel's memory in TCP socket buffers (``/proc/net/sockstat``, TCP ``mem``) and in
     its slab caches (``/proc/meminfo``, ``Slab``: socket, file and epoll structures among
     others), machine-wide."""
@@ -311,7 +311,9 @@ _next_address = [2]
 the last run's connections (closed by the bench) sit in TIME_WAIT for a minute."""
 
 
-async def _connect(run: _Run, port: int, count: int) -> list[_Reader]:
+async def _connect(run: _Run, port: int, count: int, opened: list[_Reader]) -> None:
+    """Open ``count`` readers' connections into ``opened`` (so a failure part-way leaves
+    every open one there to close)."""
     loop = asyncio.get_running_loop()
     streams = len(run.paths)
     first = _next_address[0]
@@ -322,22 +324,24 @@ async def _connect(run: _Run, port: int, count: int) -> list[_Reader]:
     def _source(index: int) -> str:
         return f"127.0.0.{first + index // PER_ADDRESS}"
 
-    opened: list[_Reader] = []
     for start in range(0, count, CONNECT_BATCH):
         batch = [_Reader(run, i % streams) for i in range(start, min(count, start + CONNECT_BATCH))]
-        await asyncio.gather(
+        opened += batch
+        outcomes = await asyncio.gather(
             *(
                 loop.create_connection(
                     partial(_same, reader), "127.0.0.1", port, local_addr=(_source(start + i), 0)
                 )
                 for i, reader in enumerate(batch)
-            )
+            ),
+            return_exceptions=True,  # every attempt ends before a failure is raised
         )
-        opened += batch
-    return opened
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
 
-async def settled_kib(target: Target) -> float:
+async def _settled_kib(target: Target) -> float:
     """The relay's resident set once it stops moving (it has taken every connection)."""
     last = -1.0
     for _ in range(60):
@@ -360,16 +364,16 @@ async def _measure(
     port = urlsplit(relay.url).port
     assert port is not None
     patience = 60 + count / 200  # bounds a failure only: 50,000 readers get five minutes
-    memory = [(await settled_kib(relay), kernel_kib())]
+    memory = [(await _settled_kib(relay), _kernel_kib())]
     conns: list[_Reader] = []
     try:
-        conns = await _connect(run, port, count)
+        await _connect(run, port, count, conns)
         await run.until(lambda: run.idle == count, patience, "idle connections answered")
-        memory.append((await settled_kib(relay), kernel_kib()))
+        memory.append((await _settled_kib(relay), _kernel_kib()))
         for reader in conns:
             reader.park()
         await _all_parked(run, client, relay, count, patience)
-        memory.append((await settled_kib(relay), kernel_kib()))
+        memory.append((await _settled_kib(relay), _kernel_kib()))
 
         run.expected = [f"wake {i:06d} ".encode() for i in range(streams)]
         sent = [0.0] * streams
