@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,19 @@ class RelayProcess:
     """A relay subprocess on a fixed port, restartable on the same data."""
 
     def __init__(
-        self, data_dir: Path, *extra: str, port: int | None = None, log: Path | None = None
+        self,
+        data_dir: Path,
+        *extra: str,
+        port: int | None = None,
+        log: Path | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.extra = extra  # after the defaults, so e.g. a --log-level here wins
         self.log = log  # where its stderr (the log) goes; inherited when None
+        self.open_files = open_files
+        """Its RLIMIT_NOFILE (soft, hard), set before exec; inherited when None."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,11 +53,16 @@ class RelayProcess:
     def start(self, timeout: float = 20.0) -> None:
         command = [sys.executable, "-m", "relay", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), "--log-level", "warning", *self.extra]
+        limit: Callable[[], None] | None = None
+        if self.open_files is not None:
+            limit = partial(resource.setrlimit, resource.RLIMIT_NOFILE, self.open_files)
         if self.log is None:
-            self.proc = subprocess.Popen(command, env=dict(os.environ))
+            self.proc = subprocess.Popen(command, env=dict(os.environ), preexec_fn=limit)
         else:
             with self.log.open("ab") as sink:
-                self.proc = subprocess.Popen(command, env=dict(os.environ), stderr=sink)
+                self.proc = subprocess.Popen(
+                    command, env=dict(os.environ), stderr=sink, preexec_fn=limit
+                )
         wait_for_process(self.proc, self.healthy, timeout=timeout, what="relay serve")
 
     def healthy(self) -> bool:

@@ -230,3 +230,37 @@ async def _leftovers(url: str) -> tuple[int, int, int]:
     finally:
         await conn.close()
     return tables, slots, publications
+
+
+def test_the_readers_scenario_at_toy_size() -> None:
+    """A row per count, mode and layout, each on its own relay: every reader woken once with
+    exactly its stream's bytes (long-poll ones parked again), and the memory figures read."""
+    argv = ["bench", "--no-pin", "--scenarios", "readers", "--reader-counts", "4,30"]
+    args = build_parser().parse_args([*argv, "--live", "long-poll,sse"])
+    results = run_results(args)
+    assert [(r.variant, r.operations) for r in results] == [
+        (f"{count} readers, {live}, {layout}", count)
+        for count in (4, 30)
+        for live in ("long-poll", "sse")
+        for layout in ("spread", "one")
+    ]
+    assert all(r.lost == 0 for r in results)
+    assert all(len(r.latencies) == r.operations for r in results)
+    for result in results:
+        assert result.note.startswith(("4 stream(s); parked ", "30 stream(s); parked ", "1 stream"))
+        assert {"idle_kib", "parked_kib", "above_idle_kib"} <= result.figures.keys()
+        assert result.usage.server_cpu is not None
+    assert [r.usage.appends for r in results] == [4, 1, 4, 1, 30, 1, 30, 1]
+    table = report(results, args)
+    assert "\nreaders: ratios compare" in table
+    assert "  relay (sqlite), sse, one: 4: " in table and "slope" in table
+
+
+def test_a_readers_size_the_machine_cannot_hold_says_why() -> None:
+    """More readers than the kernel lets one process open files: a row that says so."""
+    argv = ["bench", "--no-pin", "--scenarios", "readers", "--reader-counts", "2000000000"]
+    args = build_parser().parse_args([*argv, "--layouts", "one"])
+    [result] = run_results(args)
+    assert result.operations == 0
+    assert result.note.startswith("not run: ") and "nr_open" in result.note
+    assert "first that did not run: 2,000,000,000 readers" in report([result], args)

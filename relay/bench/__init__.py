@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.bench import capacity
+from relay.bench import capacity, readers
 from relay.bench.report import Result, render
 from relay.bench.scenarios import BARE_SCENARIOS, DEFAULT_SCENARIOS, SCENARIOS, Options
 from relay.bench.targets import TARGETS, TargetSpec, can_pin, pin_generator, start_target
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_names(tuple(SCENARIOS)),
         default=DEFAULT_SCENARIOS,
         help=f"comma-separated: {', '.join(SCENARIOS)} (default: all but capacity, streams, "
-        "long and compression)",
+        "long, compression, tables and readers)",
     )
     add("--url", default="", help="bench a relay already running here instead of starting one")
     add("--database-url", default="", help="start the relay on this Postgres (default: embedded)")
@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--live",
         type=_names(("long-poll", "sse")),
         default=defaults.live,
-        help="tokens: how readers tail, long-poll, sse or both",
+        help="tokens, readers: how readers tail, long-poll, sse or both",
     )
     add("--json", action="store_true", help="tokens: JSON-mode streams")
     add("--readers", type=int, default=defaults.readers, help="fanout: parked long-poll readers")
@@ -164,6 +164,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--message-rate", type=float, default=defaults.message_rate, help="fanout: messages/s")
     add("--catchup-mib", type=int, default=defaults.catchup_mib, help="catchup: MiB read back")
     add(
+        "--reader-counts",
+        type=_counts,
+        default=defaults.reader_counts,
+        help="readers: live readers at each run, comma-separated (each on a fresh relay)",
+    )
+    add(
+        "--layouts",
+        type=_names(readers.LAYOUTS),
+        default=defaults.layouts,
+        help="readers: spread (over 1,000 streams), one (stream) or both",
+    )
+    add(
         "--relays",
         type=_counts,
         default=defaults.relays,
@@ -192,6 +204,8 @@ def options(args: argparse.Namespace) -> Options:
         stream_counts=args.stream_counts,
         idle_seconds=args.idle_seconds,
         long_appends=args.long_appends,
+        reader_counts=args.reader_counts,
+        layouts=args.layouts,
     )
 
 
@@ -270,6 +284,7 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
             lines += ["", render(scenario, rows)]
     lines += _token_summary(results)
     lines += capacity.summary(results)
+    lines += readers.summary(results)
     if "capacity" in args.scenarios and not args.database_url:
         lines += ["", "capacity: not run, it needs --database-url (relays sharing a Postgres)"]
     return "\n".join(lines)

@@ -173,6 +173,8 @@ class Result:
     held: float | None = None
     """Share of the planned write rate the producers kept (they wait for each answer)."""
     note: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
+    """Measures a scenario's summary reads back (``readers``: KiB per connection)."""
 
     @property
     def rate(self) -> float:
@@ -219,6 +221,7 @@ HEADLINES = {
     "long": Headline("p99", False),
     "compression": Headline("CPU/req", False),
     "tables": Headline("p99", False),
+    "readers": Headline("p99", False),
 }
 
 

@@ -19,6 +19,7 @@ import orjson
 
 from protocol import headers as h
 from relay.bench import growth
+from relay.bench import readers as live_readers
 from relay.bench.capacity import capacity
 from relay.bench.compression import compression
 from relay.bench.ledger import ledger
@@ -64,6 +65,10 @@ class Options:
     """streams: how long the relay's idle CPU is measured at each step."""
     long_appends: int = 100_000
     """long: token appends to the one stream."""
+    reader_counts: tuple[int, ...] = (1000, 10_000, 50_000)
+    """readers: live readers at each run (each run on a fresh relay)."""
+    layouts: tuple[str, ...] = live_readers.LAYOUTS
+    """readers: ``spread`` over 1,000 streams, ``one`` stream, or both."""
 
 
 async def append(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
@@ -350,7 +355,9 @@ async def fanout(client: aiohttp.ClientSession, target: Target, opts: Options) -
     ]
 
 
-async def _parked(client: aiohttp.ClientSession, target: Target, readers: int) -> None:
+async def _parked(
+    client: aiohttp.ClientSession, target: Target, readers: int, timeout: float = 10.0
+) -> None:
     """Wait until the readers are parked, so the first message is not read by catch-up.
 
     The relay says how many readers it holds; for other servers a fixed pause has to do.
@@ -358,7 +365,7 @@ async def _parked(client: aiohttp.ClientSession, target: Target, readers: int) -
     if not target.has_metrics:
         await asyncio.sleep(1.0 + readers / 1000)
         return
-    for _ in range(200):
+    for _ in range(int(timeout / 0.05)):
         async with client.get(f"{target.url}/metrics") as response:
             text = await response.text()
         parked = sum(  # one gauge per mode (long-poll, sse)
@@ -476,11 +483,12 @@ SCENARIOS = {
     "long": growth.long,
     "compression": compression,
     "tables": tables,
+    "readers": live_readers.readers,
 }
-OPT_IN = ("capacity", "streams", "long", "compression", "tables")
+OPT_IN = ("capacity", "streams", "long", "compression", "tables", "readers")
 DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name not in OPT_IN)
 """What ``relay bench`` runs unless told: capacity starts more relays and needs Postgres; the
-growth scenarios (streams, long) run for minutes at the sizes they are meant for; compression
-measures a feature rather than the server's speed."""
+growth scenarios (streams, long, readers) run for minutes at the sizes they are meant for;
+compression measures a feature rather than the server's speed."""
 BARE_SCENARIOS = ("append", "ledger")
 """The bare server stores nothing, so it is only a ceiling for appends and the ledger's floor."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -57,6 +59,9 @@ class TargetSpec:
     """Hot standbys of ``database_url`` the relay reads catch-up bytes from."""
     extra_args: tuple[str, ...] = ()
     """More ``relay serve`` flags (a scenario's own relay: table streams, say)."""
+    open_files: int = 0
+    """The server's soft and hard RLIMIT_NOFILE, set before exec (raising the hard limit takes
+    root); 0 inherits the bench's."""
 
 
 @dataclass(frozen=True)
@@ -139,9 +144,13 @@ def pin_generator() -> Callable[[], None]:
     return lambda: os.sched_setaffinity(0, before)
 
 
-def _pin_server() -> None:
-    """Runs in the child before exec, so every thread the server starts inherits the core."""
-    os.sched_setaffinity(0, {SERVER_CPU})
+def _prepare_server(pin: bool, open_files: int) -> None:
+    """Runs in the child before exec, so every thread the server starts inherits the core and
+    the limit."""
+    if pin:
+        os.sched_setaffinity(0, {SERVER_CPU})
+    if open_files:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
 
 @contextlib.asynccontextmanager
@@ -161,7 +170,11 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
             stderr=subprocess.DEVNULL if spec.name == "relay" else None,  # its JSON log lines
             # spec.pin is decided before the generator pins itself: asked afterwards, this
             # process sees one core and would leave the server on the generator's.
-            preexec_fn=_pin_server if spec.pin else None,
+            preexec_fn=(
+                partial(_prepare_server, spec.pin, spec.open_files)
+                if spec.pin or spec.open_files
+                else None
+            ),
         )
         try:
             await _wait_ready(base, proc, label)
