@@ -64,6 +64,8 @@ class Options:
     """streams: how long the relay's idle CPU is measured at each step."""
     long_appends: int = 100_000
     """long: token appends to the one stream."""
+    long_append_bytes: int = 6
+    """long: bytes per append (6: one token; 65,536 with 16,384 appends is 1 GiB)."""
 
 
 async def append(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
