@@ -48,6 +48,7 @@ from relay.store.common import (
     stitch,
 )
 from relay.store.compaction import (
+    COMPACT_BYTES,
     COMPACT_CANDIDATES,
     COMPACT_IDLE_SECONDS,
     COMPACT_INTERVAL,
@@ -279,17 +280,16 @@ class SqliteStore(Engine):
 
     async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
         """One pass: merge the rows of streams idle since ``now - compact_idle_seconds``, the
-        longest idle first, reading at most ``budget`` bytes (at least one run). Each stream
-        is its own transaction on the writer thread, so batches commit between them."""
+        longest idle first, reading at most ``budget`` bytes (at least one run), in
+        transactions of up to COMPACT_BYTES read on the writer thread: batches commit between
+        them, and a hundred streams of two rows share one fsync."""
         loop = asyncio.get_running_loop()
         idle_since = now - self._compact_idle
         candidates = await loop.run_in_executor(self._writer, self._candidates, idle_since)
         done = CompactionPass()
-        for stream_id in candidates:
-            if done.bytes_read >= budget:
-                break
-            done = await loop.run_in_executor(
-                self._writer, compact_stream, self._write_conn, stream_id, budget, done
+        while candidates and done.bytes_read < budget:
+            done, candidates = await loop.run_in_executor(
+                self._writer, compact_streams, self._write_conn, candidates, budget, done
             )
         self._stats["rows"] += done.rows_removed
         self._stats["bytes"] += done.bytes_read
@@ -462,32 +462,45 @@ def _no_space(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-def compact_stream(
-    conn: sqlite3.Connection | None, stream_id: int, budget: int, done: CompactionPass
-) -> CompactionPass:
-    """Merge one stream's runs in one transaction; unmark it once none is left. Runs on the
-    writer thread, so no batch writes the stream meanwhile; readers (WAL) see the old rows
-    or the merged one."""
+def compact_streams(
+    conn: sqlite3.Connection | None, candidates: list[int], budget: int, done: CompactionPass
+) -> tuple[CompactionPass, list[int]]:
+    """Merge the runs of the first candidates in one transaction, until it has read
+    COMPACT_BYTES or the pass its ``budget``; the candidates left. Runs on the writer thread,
+    so no batch writes a stream meanwhile; readers (WAL) see the old rows or the merged one."""
     assert conn is not None
+    started = done.bytes_read
+    taken = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
-        bounds = conn.execute(Q["compact_bounds"], (stream_id,)).fetchall()
-        chosen, finished = merges(bounds, budget, done.bytes_read)
-        removed = read = 0
-        for start, end, rows in chosen:
-            parts = conn.execute(Q["compact_take"], (stream_id, start, end)).fetchall()
-            conn.execute(Q["compact_drop"], (stream_id, start, end))
-            data = b"".join(part[0] for part in parts)
-            conn.execute(Q["write_chunk"], (stream_id, start, end, data))
-            removed += rows - 1
-            read += end - start
-        if finished:
-            conn.execute(Q["compacted"], (stream_id,))
+        while taken < len(candidates) and done.bytes_read < budget:
+            if done.bytes_read - started >= COMPACT_BYTES:
+                break
+            done = _compact_stream(conn, candidates[taken], budget, done)
+            taken += 1
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return done, candidates[taken:]
+
+
+def _compact_stream(
+    conn: sqlite3.Connection, stream_id: int, budget: int, done: CompactionPass
+) -> CompactionPass:
+    """One stream's runs within the budget; unmarked once none is left."""
+    bounds = conn.execute(Q["compact_bounds"], (stream_id,)).fetchall()
+    chosen, finished = merges(bounds, budget, done.bytes_read)
+    removed = read = 0
+    for start, end, rows in chosen:
+        parts = conn.execute(Q["compact_take"], (stream_id, start, end)).fetchall()
+        conn.execute(Q["compact_drop"], (stream_id, start, end))
+        conn.execute(Q["write_chunk"], (stream_id, start, end, b"".join(p[0] for p in parts)))
+        removed += rows - 1
+        read += end - start
+    if finished:
+        conn.execute(Q["compacted"], (stream_id,))
     return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
 
 
