@@ -300,7 +300,7 @@ async def long(client: aiohttp.ClientSession, target: Target, opts: Options) -> 
     spent = usage(before, await snapshot(client, target))
     mib = size / (1024 * 1024)
     lost = 0 if size == total else 1
-    kept = await _compacted_rows(target, url, rows) if target.database_url else rows
+    kept = await _compacted_rows(target, url, rows)
     note = f"{kept:,} rows kept after compaction" if kept is not None else ""
     results.append(
         Result(
