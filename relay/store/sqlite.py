@@ -63,6 +63,7 @@ from relay.store.engine.plan import Batch
 Q = named_queries("sqlite")
 log = structlog.get_logger("relay.sqlite")
 CACHE_LIMIT = 100_000
+"""Stream metadata entries held (about 1 KiB each with their segments); full, it starts over."""
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -116,6 +117,7 @@ class SqliteStore(Engine):
         compact_idle_seconds: float = COMPACT_IDLE_SECONDS,
         compact_interval: float = COMPACT_INTERVAL,
         clock: Callable[[], float] = time.time,
+        cache_limit: int = CACHE_LIMIT,
     ) -> None:
         super().__init__(max_batch_ops, max_batch_bytes, commit_interval, max_fork_scan)
         self._compact_idle = compact_idle_seconds
@@ -129,6 +131,7 @@ class SqliteStore(Engine):
         self._local = threading.local()
         self._write_conn: sqlite3.Connection | None = None
         self._cache: dict[str, StreamMeta] = {}
+        self._cache_limit = cache_limit
         self._lock_file: IO[str] | None = None
         self._stats = {"appends": 0, "rows_written": 0, "rows": 0, "bytes": 0, "passes": 0}
 
@@ -241,7 +244,7 @@ class SqliteStore(Engine):
         assert self._write_conn is not None
         meta = load(self._write_conn, path)
         if meta is not None:
-            if len(self._cache) >= CACHE_LIMIT:
+            if len(self._cache) >= self._cache_limit:
                 self._cache.clear()
             self._cache[path] = meta
         return meta
@@ -351,6 +354,8 @@ class SqliteStore(Engine):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         for path in state.gone:
             self._cache.pop(path, None)
+        if len(self._cache) + len(state.metas) > self._cache_limit:
+            self._cache.clear()  # as a lookup does: creates alone filled it past any bound
         self._cache.update(state.metas)
         self._stats["rows_written"] += state.written
         self._stats["appends"] += state.appends
