@@ -14,8 +14,10 @@ compactor has merged them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
+import os
 import random
 import sqlite3
 import subprocess
@@ -319,8 +321,11 @@ async def long(client: aiohttp.ClientSession, target: Target, opts: Options) -> 
 
 
 def _body(size: int) -> bytes:
-    """One append: TOKEN repeated to ``size`` bytes."""
-    return (TOKEN * (size // len(TOKEN) + 1))[:size]
+    """One append: a token, or ``size`` bytes of random text (Postgres compresses a repeated
+    token in its TOAST storage: 1 GiB of them wrote 1,500 bytes of WAL an append)."""
+    if size == len(TOKEN):
+        return TOKEN
+    return base64.b64encode(os.urandom(size))[:size]
 
 
 async def _read_through(client: aiohttp.ClientSession, url: str) -> int:
