@@ -141,27 +141,37 @@ def test_capacity_needs_postgres() -> None:
 
 
 def test_growth_scenarios_at_toy_sizes() -> None:
-    """streams: a row per step and kind; long: every byte read back, rows counted."""
+    """streams: a row per step and kind, a second relay started on the data; long: every byte
+    read back, rows counted."""
     growth = ["--scenarios", "streams,long", "--stream-counts", "20,50", "--idle-seconds", "0.2"]
-    args = build_parser().parse_args(["bench", "--no-pin", *growth, "--long-appends", "300"])
+    long = ["--long-appends", "300", "--long-append-bytes", "1000"]
+    args = build_parser().parse_args(["bench", "--no-pin", *growth, *long])
     results = run_results(args)
+    steps = [
+        (f"{size} streams: {kind}", count)
+        for size, created in ((20, 20), (50, 30))
+        for kind, count in (
+            ("create", created),
+            ("cold HEAD", size),
+            ("cold catch-up", size),
+            ("reaper pass", 20),
+            ("start-up", 1),
+        )
+    ]
     assert [(r.scenario, r.variant, r.operations) for r in results] == [
-        ("streams", "20 streams: create", 20),
-        ("streams", "20 streams: cold HEAD", 20),
-        ("streams", "20 streams: cold catch-up", 20),
-        ("streams", "50 streams: create", 30),
-        ("streams", "50 streams: cold HEAD", 50),
-        ("streams", "50 streams: cold catch-up", 50),
-        ("long", "300 appends: write", 300),
-        ("long", "300 appends: read at start", 100),
-        ("long", "300 appends: read at middle", 100),
-        ("long", "300 appends: read at end", 100),
-        ("long", "300 appends: whole catch-up", 1),
+        *(("streams", variant, count) for variant, count in steps),
+        ("long", "300 appends of 1,000 B: write", 300),
+        ("long", "300 appends of 1,000 B: read at start", 100),
+        ("long", "300 appends of 1,000 B: read at middle", 100),
+        ("long", "300 appends of 1,000 B: read at end", 100),
+        ("long", "300 appends of 1,000 B: whole catch-up", 1),
     ]
     assert all(r.lost == 0 for r in results)
     created = results[0]
     assert "RSS " in created.note and "B/stream" in created.note and "idle CPU" in created.note
-    assert results[6].note.endswith("rows kept")
+    assert results[4].note.startswith("RSS ") and results[4].latencies[0] > 0
+    assert results[10].note.endswith("rows kept")
+    assert results[-1].mib * 1024 * 1024 == 300_000
 
 
 def test_the_compression_scenario_reads_every_coding_back_whole() -> None:

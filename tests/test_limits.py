@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp import AiohttpClient
 
+from protocol.append import AppendRequest
+from protocol.create import CreateRequest
+from protocol.lifecycle import Expiry
 from relay.app import make_app
 from relay.config import Config
 from relay.http.context import CONTEXT, Limits
@@ -180,3 +183,23 @@ async def test_a_fork_sub_offset_scans_at_most_the_configured_bytes(
 
     assert await fork("near", 1) == 201
     assert await fork("far", 4) == 400  # past 100,000 bytes of the source
+
+
+async def test_the_sqlite_metadata_cache_stays_within_its_bound_as_streams_are_created(
+    tmp_path: Path,
+) -> None:
+    """Every commit puts the streams it wrote into the cache; creates alone must not grow it
+    past its bound (at 1,000,000 streams it held them all: the relay's memory grew with
+    the streams stored)."""
+    store = SqliteStore(tmp_path / "data", cache_limit=50)
+    await store.open()
+    try:
+        for i in range(200):
+            path = f"s/{i}"
+            await store.create(CreateRequest(path, "text/plain", Expiry(), False, b""), 1.0)
+            await store.append(path, AppendRequest("text/plain", b"token "), 1.0)
+            assert len(store._cache) <= 50
+        meta = await store.head("s/3", 1.0, touch=False)  # evicted: loaded again
+        assert await store.read(meta, 0, meta.tail) == b"token "
+    finally:
+        await store.close()

@@ -36,6 +36,14 @@ def test_sqlite_reaper_statements_use_only_partial_indexes() -> None:
     assert any("streams_soft_deleted" in step for step in sqlite_plan("orphans"))
 
 
+def test_sqlite_compaction_candidates_come_from_the_pending_index_alone() -> None:
+    """A compaction pass looks only at streams written since their last merge."""
+    plan = sqlite_plan("compact_candidates", 1.0, 100)
+    assert plan == [
+        "SEARCH compact_pending USING COVERING INDEX compact_pending_idle (written_at<?)"
+    ]
+
+
 def _rows_touched(node: dict[str, Any]) -> int:
     """Rows every scan in a plan read (returned plus removed by a filter)."""
     touched = 0

@@ -375,3 +375,29 @@ async def test_an_append_batched_with_a_read_just_before_expiry_sees_the_slid_tt
     await store.head("slid", NOW + 9, touch=True)  # queued: commits with the append below
     appended = await store.append("slid", data(b"late"), NOW + 11)
     assert appended.meta.tail == 4
+
+
+async def test_an_idle_stream_of_small_appends_keeps_rows_that_follow_its_bytes(
+    store: Store,
+) -> None:
+    """Compaction: 300 appends committed one by one leave 300 rows; once the stream is idle a
+    pass merges them into one (well under 1 MiB), a second pass touches nothing, and every read
+    returns what it did before."""
+    await store.create(create("long"), NOW)
+    for _ in range(300):
+        await store.append("long", data(b"token "), NOW)
+    busy = await store.compact(NOW + 1)  # written a second ago: not idle yet
+    assert (busy.streams, busy.rows_removed) == (0, 0)
+
+    done = await store.compact(NOW + 60)
+    assert (done.streams, done.rows_removed, done.bytes_read) == (1, 299, 1800)
+    again = await store.compact(NOW + 61)
+    assert (again.streams, again.rows_removed, again.bytes_read) == (0, 0, 0)
+    meta = await store.head("long", NOW + 61, touch=False)
+    assert await store.read(meta, 0, meta.tail) == b"token " * 300
+    assert await store.read(meta, 903, 915) == b"token token "[3:] + b"tok"
+
+    await store.append("long", data(b"more"), NOW + 62)  # marked again by the write
+    assert (await store.compact(NOW + 63)).streams == 0
+    assert (await store.compact(NOW + 120)).rows_removed == 1
+    assert await read_all(store, "long", NOW + 120) == b"token " * 300 + b"more"

@@ -149,6 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="long: token appends to the one long stream",
     )
     add(
+        "--long-append-bytes",
+        type=int,
+        default=defaults.long_append_bytes,
+        help="long: bytes per append (16384 appends of 65536 B make a 1 GiB stream)",
+    )
+    add(
         "--parked",
         type=int,
         default=defaults.parked,
@@ -206,6 +212,7 @@ def options(args: argparse.Namespace) -> Options:
         long_appends=args.long_appends,
         reader_counts=args.reader_counts,
         layouts=args.layouts,
+        long_append_bytes=args.long_append_bytes,
     )
 
 

@@ -3,19 +3,27 @@
 ``streams`` creates streams in steps (``--stream-counts``, cumulative: 10,000 then 100,000 adds
 90,000), each with a few appends, and at every step reports the create rate, cold HEAD and
 catch-up latency over a sample of the oldest streams, the relay's resident set, the database's
-bytes per stream, and the relay's CPU while idle (its reaper and compaction passes must not
-grow with idle streams). ``long`` writes one stream of ``--long-appends`` token appends and
-compares reads at its start, middle and end (a read must not scan from the beginning), the
-whole catch-up rate, and the rows the store keeps for it.
+bytes per stream, the relay's CPU while idle, the time a relay takes from spawn to ``/readyz``
+with that many streams, and what one reaper pass and one compaction pass cost (neither may
+grow with idle streams). ``long`` writes one stream of ``--long-appends`` appends of
+``--long-append-bytes`` each and compares reads at its start, middle and end (a read must not
+scan from the beginning), the whole catch-up rate, and the rows the store keeps for it once its
+compactor has merged them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import itertools
+import os
 import random
 import sqlite3
+import subprocess
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +33,10 @@ import asyncpg
 from protocol import headers as h
 from protocol.offsets import format_offset
 from relay.bench.report import Result, snapshot, usage
-from relay.bench.requests import BenchError, _create, _post, _read_all, _stream_url
-from relay.bench.targets import Target
+from relay.bench.requests import BenchError, _create, _post, _stream_url
+from relay.bench.targets import Target, _command, _free_port, stop
+from relay.store.postgres import PostgresStore
+from relay.store.sqlite import Q as SQLITE
 
 if TYPE_CHECKING:
     from relay.bench.scenarios import Options
@@ -39,6 +49,11 @@ READS = 100
 """Reads at each position of the long stream."""
 APPENDS_PER_STREAM = 2
 TOKEN = b"token "
+PASSES = 20
+"""Reaper and compaction passes timed at each step."""
+START_TIMEOUT = 600.0
+COMPACTED_WAIT = 300.0
+"""long: how long to wait for the compactor to stop merging the stream's rows."""
 
 
 async def streams(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:
@@ -68,6 +83,10 @@ async def streams(client: aiohttp.ClientSession, target: Target, opts: Options) 
         sample = random.sample(oldest, min(SAMPLE, len(oldest)))
         results.append(await _timed(client, target, f"{label}: cold HEAD", sample, "HEAD"))
         results.append(await _timed(client, target, f"{label}: cold catch-up", sample, "GET"))
+        results += await _passes(client, target, label)
+        started = await _startup(client, target, label)
+        if started is not None:
+            results.append(started)
     return results
 
 
@@ -102,6 +121,110 @@ async def _timed(
         latencies.append(time.perf_counter() - started)
     spent = usage(before, await snapshot(client, target))
     return Result("streams", target, variant, len(urls), "req", spent, latencies)
+
+
+async def _passes(client: aiohttp.ClientSession, target: Target, label: str) -> list[Result]:
+    """PASSES reaper passes (none expires) and, on Postgres, compaction passes, one at a time.
+
+    On Postgres through a store of the bench's own (the relay's code, the relay's database);
+    SQLite's directory belongs to the running relay, so its reaper's two statements run on a
+    read-only connection: what a pass reads when nothing expires.
+    """
+    if target.database_url:
+        store = PostgresStore(target.database_url, compact_interval=3600)
+        await store.open()
+        try:
+            reaped = await _timed_passes(client, target, f"{label}: reaper pass", store.reap)
+            merged = 0
+
+            async def compact(now: float) -> None:
+                nonlocal merged
+                merged += (await store.compact(now)).streams
+
+            compacted = await _timed_passes(client, target, f"{label}: compaction pass", compact)
+            compacted.note = f"{merged / PASSES:,.0f} streams merged a pass"
+        finally:
+            await store.close()
+        return [reaped, compacted]
+    data = _data_dir(target)
+    if data is None:
+        return []
+    with sqlite3.connect(f"file:{data / 'relay.sqlite3'}?mode=ro", uri=True) as db:
+
+        async def reap(now: float) -> None:
+            db.execute(SQLITE["expired"], (now,)).fetchall()
+            db.execute(SQLITE["orphans"]).fetchall()
+
+        return [await _timed_passes(client, target, f"{label}: reaper pass", reap)]
+
+
+async def _timed_passes(
+    client: aiohttp.ClientSession,
+    target: Target,
+    variant: str,
+    one: Callable[[float], Awaitable[object]],
+) -> Result:
+    latencies: list[float] = []
+    before = await snapshot(client, target)
+    for _ in range(PASSES):
+        started = time.perf_counter()
+        await one(time.time())
+        latencies.append(time.perf_counter() - started)
+    spent = usage(before, await snapshot(client, target))
+    return Result("streams", target, variant, PASSES, "pass", spent, latencies)
+
+
+async def _startup(client: aiohttp.ClientSession, target: Target, label: str) -> Result | None:
+    """A second relay like the target, from spawn to ``/readyz`` answering 200, and its
+    resident set then: on the same Postgres database, or on a copy of the SQLite file (one
+    relay per directory)."""
+    spec = target.spec
+    if spec is None or target.name != "relay":
+        return None
+    with tempfile.TemporaryDirectory(prefix="relay-bench-start-") as scratch:
+        if not spec.database_url:
+            data = _data_dir(target)
+            if data is None:
+                return None
+            source = sqlite3.connect(f"file:{data / 'relay.sqlite3'}?mode=ro", uri=True)
+            with (
+                contextlib.closing(source),
+                sqlite3.connect(Path(scratch) / "relay.sqlite3") as copy,
+            ):
+                source.backup(copy)
+        port = _free_port()
+        command, cwd, _ = _command(spec, port, Path(scratch))
+        before = await snapshot(client, target)
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await _ready(client, f"http://127.0.0.1:{port}/readyz", proc)
+            elapsed = time.perf_counter() - started
+            spent = usage(before, await snapshot(client, target))
+            rss = Target("relay", "", "", proc.pid, False).resident_mib() or 0.0
+        finally:
+            stop(proc)
+    note = f"RSS {rss:,.0f} MiB when ready"
+    return Result("streams", target, f"{label}: start-up", 1, "start", spent, [elapsed], note=note)
+
+
+async def _ready(client: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"a second relay exited during start-up ({proc.returncode})")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with client.get(url) as response:
+                if response.status == 200:
+                    return
+        await asyncio.sleep(0.02)
+    raise BenchError(f"a second relay was not ready within {START_TIMEOUT:.0f} s")
 
 
 async def _idle_cpu(target: Target, seconds: float) -> float | None:
@@ -143,19 +266,22 @@ async def long(client: aiohttp.ClientSession, target: Target, opts: Options) -> 
     url = _stream_url(target, "long")
     await _create(client, url, "text/plain")
     headers = {"Content-Type": "text/plain"}
+    body = _body(opts.long_append_bytes)
     left = opts.long_appends
 
     async def worker() -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            await _post(client, url, TOKEN, headers)
+            await _post(client, url, body, headers)
 
     before = await snapshot(client, target)
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
     written = usage(before, await snapshot(client, target))
-    total = opts.long_appends * len(TOKEN)
+    total = opts.long_appends * len(body)
     label = f"{opts.long_appends:,} appends"
+    if len(body) != len(TOKEN):
+        label += f" of {len(body):,} B"
     rows = await _rows(target, url)
     results = [
         Result(
@@ -172,14 +298,62 @@ async def long(client: aiohttp.ClientSession, target: Target, opts: Options) -> 
         variant = f"{label}: read at {where}"
         results.append(await _reads_at(client, target, url, variant, position))
     before = await snapshot(client, target)
-    data = await _read_all(client, url)
+    size = await _read_through(client, url)
     spent = usage(before, await snapshot(client, target))
-    mib = len(data) / (1024 * 1024)
-    lost = 0 if len(data) == total else 1
+    mib = size / (1024 * 1024)
+    lost = 0 if size == total else 1
+    kept = await _compacted_rows(target, url, rows)
+    note = f"{kept:,} rows kept after compaction" if kept is not None else ""
     results.append(
-        Result("long", target, f"{label}: whole catch-up", 1, "read", spent, lost=lost, mib=mib)
+        Result(
+            "long",
+            target,
+            f"{label}: whole catch-up",
+            1,
+            "read",
+            spent,
+            lost=lost,
+            mib=mib,
+            note=note,
+        )
     )
     return results
+
+
+def _body(size: int) -> bytes:
+    """One append: a token, or ``size`` bytes of random text (Postgres compresses a repeated
+    token in its TOAST storage: 1 GiB of them wrote 1,500 bytes of WAL an append)."""
+    if size == len(TOKEN):
+        return TOKEN
+    return base64.b64encode(os.urandom(size))[:size]
+
+
+async def _read_through(client: aiohttp.ClientSession, url: str) -> int:
+    """Catch-up reads from the start until up to date; the bytes read, none kept (a 1 GiB
+    stream must not need 1 GiB of the bench's memory)."""
+    size = 0
+    offset = "-1"
+    while True:
+        async with client.get(url, params={"offset": offset}) as response:
+            if response.status != 200:
+                raise BenchError(f"GET {url}: {response.status}")
+            async for piece in response.content.iter_any():
+                size += len(piece)
+            offset = response.headers[h.STREAM_NEXT_OFFSET]
+            if response.headers.get(h.STREAM_UP_TO_DATE) == "true":
+                return size
+
+
+async def _compacted_rows(target: Target, url: str, rows: int | None) -> int | None:
+    """The stream's rows once the compactor has stopped merging them (the stream idles now)."""
+    deadline = time.monotonic() + COMPACTED_WAIT
+    steady = 0
+    while rows is not None and time.monotonic() < deadline and steady < 3:
+        await asyncio.sleep(5)
+        now = await _rows(target, url)
+        steady = steady + 1 if now == rows else 0
+        rows = now
+    return rows
 
 
 async def _reads_at(

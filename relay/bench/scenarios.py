@@ -69,6 +69,8 @@ class Options:
     """readers: live readers at each run (each run on a fresh relay)."""
     layouts: tuple[str, ...] = live_readers.LAYOUTS
     """readers: ``spread`` over 1,000 streams, ``one`` stream, or both."""
+    long_append_bytes: int = 6
+    """long: bytes per append (6: one token; 65,536 with 16,384 appends is 1 GiB)."""
 
 
 async def append(client: aiohttp.ClientSession, target: Target, opts: Options) -> list[Result]:

@@ -183,12 +183,17 @@ async def start_target(spec: TargetSpec) -> AsyncIterator[Target]:
             replicas = spec.read_database_urls if relay else ()
             yield Target(spec.name, label, base, proc.pid, relay, database, replicas, spec)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _command(spec: TargetSpec, port: int, scratch: Path) -> tuple[list[str], Path | None, str]:

@@ -21,6 +21,7 @@ from typing import Protocol
 from protocol.append import AppendPlan, AppendRequest
 from protocol.create import CreateRequest
 from protocol.model import StreamMeta
+from relay.store.compaction import COMPACT_PASS_BYTES, CompactionPass
 
 
 class StoreStartupError(Exception):
@@ -237,6 +238,15 @@ class Store(Protocol):
         """Remove expired streams and unreferenced soft-deleted ones; returns how many expired.
 
         Every removed stream is reported to the listener's ``deleted``.
+        """
+        ...
+
+    async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
+        """One compaction pass (the store also runs them on its own, every few seconds): merge
+        the rows of streams closed or idle for the store's idle time, reading at most
+        ``budget`` bytes, each stream in one transaction. Bytes and offsets do not change.
+
+        Raises Unavailable.
         """
         ...
 

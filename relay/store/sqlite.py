@@ -7,6 +7,10 @@ thread, answering each plan's needs with the named statements of ``sql/sqlite/qu
 then resolves each request. While one batch commits, the next fills. Readers use their own
 connections in a small thread pool; WAL lets them run beside the writer.
 
+Once a stream has been idle for ``compact_idle_seconds``, a compaction pass on the writer
+thread merges its rows (:mod:`relay.store.compaction`), one stream a transaction, between
+batches.
+
 Stream metadata is cached in memory. Only the writer thread changes the cache (after each
 commit, and when loading a missing entry between commits), so a cached entry always equals
 committed state and request paths that only need metadata never touch the database.
@@ -21,10 +25,14 @@ import fcntl
 import json
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
+
+import structlog
 
 from protocol.errors import StorageFull
 from protocol.model import ProducerState, StreamMeta, fork_segments
@@ -39,12 +47,23 @@ from relay.store.common import (
     segment_ranges,
     stitch,
 )
+from relay.store.compaction import (
+    COMPACT_BYTES,
+    COMPACT_CANDIDATES,
+    COMPACT_IDLE_SECONDS,
+    COMPACT_INTERVAL,
+    COMPACT_PASS_BYTES,
+    CompactionPass,
+    merges,
+)
 from relay.store.engine import needs
 from relay.store.engine.engine import Engine, run_batch, with_access
 from relay.store.engine.plan import Batch
 
 Q = named_queries("sqlite")
+log = structlog.get_logger("relay.sqlite")
 CACHE_LIMIT = 100_000
+"""Stream metadata entries held (about 1 KiB each with their segments); full, it starts over."""
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -95,8 +114,16 @@ class SqliteStore(Engine):
         max_batch_bytes: int = 16 * 1024 * 1024,
         commit_interval: float = 0.0,
         max_fork_scan: int = 16 * 1024 * 1024,
+        compact_idle_seconds: float = COMPACT_IDLE_SECONDS,
+        compact_interval: float = COMPACT_INTERVAL,
+        clock: Callable[[], float] = time.time,
+        cache_limit: int = CACHE_LIMIT,
     ) -> None:
         super().__init__(max_batch_ops, max_batch_bytes, commit_interval, max_fork_scan)
+        self._compact_idle = compact_idle_seconds
+        self._compact_interval = compact_interval
+        self._clock = clock
+        self._compacting: asyncio.Task[None] | None = None
         self._dir = Path(data_dir)
         self._db_path = self._dir / "relay.sqlite3"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="relay-sqlite-writer")
@@ -104,8 +131,9 @@ class SqliteStore(Engine):
         self._local = threading.local()
         self._write_conn: sqlite3.Connection | None = None
         self._cache: dict[str, StreamMeta] = {}
+        self._cache_limit = cache_limit
         self._lock_file: IO[str] | None = None
-        self._stats = {"appends": 0, "rows_written": 0}
+        self._stats = {"appends": 0, "rows_written": 0, "rows": 0, "bytes": 0, "passes": 0}
 
     @property
     def db_path(self) -> Path:
@@ -123,6 +151,7 @@ class SqliteStore(Engine):
         except sqlite3.Error as exc:  # not a database, a newer schema, a disk I/O error
             raise StoreStartupError(f"cannot open {self._db_path}: {exc}") from None
         self._committer.start()
+        self._compacting = asyncio.create_task(self._compact_forever(), name="sqlite-compact")
 
     def _lock_directory(self) -> None:
         """One process per data directory: the metadata cache assumes it is the only writer."""
@@ -152,6 +181,10 @@ class SqliteStore(Engine):
         return conn
 
     async def close(self) -> None:
+        if self._compacting is not None:
+            self._compacting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compacting
         await self._committer.stop()
         loop = asyncio.get_running_loop()
         if self._write_conn is not None:
@@ -171,6 +204,9 @@ class SqliteStore(Engine):
             self._committer.stats(),
             appends=self._stats["appends"],
             rows_written=self._stats["rows_written"],
+            rows_compacted=self._stats["rows"],
+            bytes_compacted=self._stats["bytes"],
+            compaction_passes=self._stats["passes"],
         )
 
     async def ready(self) -> str | None:
@@ -208,7 +244,7 @@ class SqliteStore(Engine):
         assert self._write_conn is not None
         meta = load(self._write_conn, path)
         if meta is not None:
-            if len(self._cache) >= CACHE_LIMIT:
+            if len(self._cache) >= self._cache_limit:
                 self._cache.clear()
             self._cache[path] = meta
         return meta
@@ -234,6 +270,40 @@ class SqliteStore(Engine):
             return [r[1] for r in conn.execute(Q["inheriting"], (row[0], offset)).fetchall()]
 
         return await asyncio.get_running_loop().run_in_executor(self._readers, query)
+
+    # -- compaction --------------------------------------------------------------------------
+
+    async def _compact_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._compact_interval)
+            try:
+                await self.compact(self._clock())
+            except (sqlite3.Error, OSError):
+                log.exception("compaction failed")
+
+    async def compact(self, now: float, *, budget: int = COMPACT_PASS_BYTES) -> CompactionPass:
+        """One pass: merge the rows of streams idle since ``now - compact_idle_seconds``, the
+        longest idle first, reading at most ``budget`` bytes (at least one run), in
+        transactions of up to COMPACT_BYTES read on the writer thread: batches commit between
+        them, and a hundred streams of two rows share one fsync."""
+        loop = asyncio.get_running_loop()
+        idle_since = now - self._compact_idle
+        candidates = await loop.run_in_executor(self._writer, self._candidates, idle_since)
+        done = CompactionPass()
+        while candidates and done.bytes_read < budget:
+            done, candidates = await loop.run_in_executor(
+                self._writer, compact_streams, self._write_conn, candidates, budget, done
+            )
+        self._stats["rows"] += done.rows_removed
+        self._stats["bytes"] += done.bytes_read
+        self._stats["passes"] += 1
+        return done
+
+    def _candidates(self, idle_since: float) -> list[int]:
+        conn = self._write_conn
+        assert conn is not None
+        rows = conn.execute(Q["compact_candidates"], (idle_since, COMPACT_CANDIDATES))
+        return [row[0] for row in rows]
 
     # -- group commit ------------------------------------------------------------------------
 
@@ -284,6 +354,8 @@ class SqliteStore(Engine):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         for path in state.gone:
             self._cache.pop(path, None)
+        if len(self._cache) + len(state.metas) > self._cache_limit:
+            self._cache.clear()  # as a lookup does: creates alone filled it past any bound
         self._cache.update(state.metas)
         self._stats["rows_written"] += state.written
         self._stats["appends"] += state.appends
@@ -326,7 +398,7 @@ class SqliteTransaction:
                 return with_segments(conn, row_meta(row))
             case needs.Erase(ids):
                 doomed = (json.dumps(ids),)
-                for table in ("chunks", "producers", "streams"):
+                for table in ("chunks", "producers", "streams", "compact_pending"):
                     conn.execute(Q[f"erase_{table}"], doomed)
             case needs.SoftDelete(stream_id, inherited):
                 conn.execute(Q["soft_delete"], (stream_id,))
@@ -341,9 +413,9 @@ class SqliteTransaction:
         """Write what the batch staged: stream updates, producer states, then its rows."""
         batch, conn = self.batch, self.conn
         if batch.stream_updates:
-            conn.executemany(
-                Q["write_stream"], [_stream_row(m) for m in batch.stream_updates.values()]
-            )
+            metas = batch.stream_updates.values()
+            conn.executemany(Q["write_stream"], [_stream_row(m) for m in metas])
+            conn.executemany(Q["mark_written"], [(m.stream_id, m.last_access) for m in metas])
             batch.stream_updates.clear()
         if batch.producer_writes:
             conn.executemany(
@@ -393,6 +465,48 @@ def _no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def compact_streams(
+    conn: sqlite3.Connection | None, candidates: list[int], budget: int, done: CompactionPass
+) -> tuple[CompactionPass, list[int]]:
+    """Merge the runs of the first candidates in one transaction, until it has read
+    COMPACT_BYTES or the pass its ``budget``; the candidates left. Runs on the writer thread,
+    so no batch writes a stream meanwhile; readers (WAL) see the old rows or the merged one."""
+    assert conn is not None
+    started = done.bytes_read
+    taken = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        while taken < len(candidates) and done.bytes_read < budget:
+            if done.bytes_read - started >= COMPACT_BYTES:
+                break
+            done = _compact_stream(conn, candidates[taken], budget, done)
+            taken += 1
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return done, candidates[taken:]
+
+
+def _compact_stream(
+    conn: sqlite3.Connection, stream_id: int, budget: int, done: CompactionPass
+) -> CompactionPass:
+    """One stream's runs within the budget; unmarked once none is left."""
+    bounds = conn.execute(Q["compact_bounds"], (stream_id,)).fetchall()
+    chosen, finished = merges(bounds, budget, done.bytes_read)
+    removed = read = 0
+    for start, end, rows in chosen:
+        parts = conn.execute(Q["compact_take"], (stream_id, start, end)).fetchall()
+        conn.execute(Q["compact_drop"], (stream_id, start, end))
+        conn.execute(Q["write_chunk"], (stream_id, start, end, b"".join(p[0] for p in parts)))
+        removed += rows - 1
+        read += end - start
+    if finished:
+        conn.execute(Q["compacted"], (stream_id,))
+    return CompactionPass(done.streams + 1, done.rows_removed + removed, done.bytes_read + read)
 
 
 def read_range(conn: sqlite3.Connection, meta: StreamMeta, start: int, end: int) -> bytes:

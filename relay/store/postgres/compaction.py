@@ -1,4 +1,5 @@
-"""Compaction: merge a finished or idle stream's small rows into rows of up to ``COMPACT_BYTES``.
+"""Compaction on Postgres: merge a finished or idle stream's small rows into rows of up to
+``COMPACT_BYTES`` (which rows: :mod:`relay.store.compaction`).
 
 Each stream is merged in one transaction (delete and insert), so a reader's single SELECT
 sees the old rows or the merged one, never a gap or an overlap.
@@ -7,47 +8,25 @@ sees the old rows or the merged one, never a gap or an overlap.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import structlog
 
+from relay.store.compaction import (
+    COMPACT_BYTES,
+    COMPACT_CANDIDATES,
+    COMPACT_PASS_BYTES,
+    CompactionPass,
+    merges,
+)
 from relay.store.postgres.connections import OFFLINE
 
 log = structlog.get_logger("relay.postgres")
 
-COMPACT_BYTES = 1024 * 1024
-COMPACT_PASS_BYTES = 16 * COMPACT_BYTES  # read per compaction pass, per relay
-COMPACT_CANDIDATES = 100
-
-
-@dataclass(frozen=True, slots=True)
-class CompactionPass:
-    """What one compaction pass did: streams locked, rows merged away, bytes read."""
-
-    streams: int = 0
-    rows_removed: int = 0
-    bytes_read: int = 0
-
-
-def _runs(rows: list[asyncpg.Record]) -> Iterator[list[asyncpg.Record]]:
-    """``(start_pos, end_pos)`` rows grouped greedily into contiguous runs of at most
-    COMPACT_BYTES: after merging, no two adjacent rows fit in COMPACT_BYTES together."""
-    run: list[asyncpg.Record] = []
-    size = 0
-    for row in rows:
-        length = row[1] - row[0]
-        contiguous = run and run[-1][1] == row[0]
-        if run and (not contiguous or size + length > COMPACT_BYTES):
-            yield run
-            run, size = [], 0
-        run.append(row)
-        size += length
-    if run:
-        yield run
+__all__ = ["COMPACT_BYTES", "COMPACT_PASS_BYTES", "CompactionPass", "Compactor", "compact_pass"]
 
 
 async def compact_pass(
@@ -57,7 +36,7 @@ async def compact_pass(
 
     Only streams marked ``compact_pending`` (set by every write) are candidates, so a pass
     costs what it compacts, never what is stored. A stream is unmarked, under its lock,
-    once its greedy runs are merged: ``_runs`` then leaves no two adjacent rows that fit in
+    once its greedy runs are merged: ``runs`` then leaves no two adjacent rows that fit in
     one, so a second pass locks and reads nothing.
     A pass reads at most ``budget`` bytes (at least one run, so it always progresses);
     what it leaves stays a candidate, at the front, for the next pass.
@@ -91,15 +70,8 @@ async def compact_stream(
             stream_id,
         )
         removed = read = 0
-        finished = True
-        for run in _runs(bounds):
-            if len(run) < 2:
-                continue
-            start, end = run[0][0], run[-1][1]
-            spent = done.bytes_read + read
-            if spent and spent + end - start > budget:
-                finished = False  # stays marked: the next pass goes on from here
-                break
+        chosen, finished = merges(bounds, budget, done.bytes_read)
+        for start, end, _ in chosen:
             rows = await conn.fetch(
                 "DELETE FROM relay_chunks WHERE stream_id = $1 AND start_pos >= $2 "
                 "AND start_pos < $3 RETURNING start_pos, data",

@@ -70,7 +70,17 @@ SELECT min(h) FROM d;
 SELECT max(fork_offset) FROM relay_streams WHERE source_id = $1;
 
 -- name: expired
-SELECT {meta_columns} FROM relay_streams WHERE NOT soft_deleted AND (
+-- Candidates from the two partial indexes first, then the rows by id. Asked in one piece, a
+-- planner with no statistics for relay_streams (never analyzed) took a third of the streams
+-- for expiring and walked the primary key in id order to fill the LIMIT: every pass read
+-- every stream (29 ms of database CPU at 100,000 streams).
+WITH due AS MATERIALIZED (
+    (SELECT id FROM relay_streams WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT 1000)
+    UNION
+    (SELECT id FROM relay_streams WHERE ttl IS NOT NULL AND last_access + ttl <= $1 LIMIT 1000)
+)
+SELECT {meta_columns} FROM relay_streams
+WHERE id = ANY(ARRAY(SELECT id FROM due)) AND NOT soft_deleted AND (
     (expires_at IS NOT NULL AND expires_at <= $1) OR (ttl IS NOT NULL AND last_access + ttl <= $1))
 ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED;
 

@@ -100,6 +100,9 @@ DELETE FROM producers WHERE stream_id IN (SELECT value FROM json_each(?));
 -- name: erase_streams
 DELETE FROM streams WHERE id IN (SELECT value FROM json_each(?));
 
+-- name: erase_compact_pending
+DELETE FROM compact_pending WHERE stream_id IN (SELECT value FROM json_each(?));
+
 -- name: soft_delete
 UPDATE streams SET soft_deleted = 1 WHERE id = ?;
 
@@ -115,3 +118,26 @@ UPDATE streams SET retained_from = ?2 WHERE id = ?1;
 
 -- name: trim_before
 DELETE FROM chunks WHERE stream_id = ?1 AND end_pos <= ?2;
+
+-- name: mark_written
+-- A stream whose rows a batch wrote: a compaction candidate once idle.
+INSERT INTO compact_pending (stream_id, written_at) VALUES (?1, ?2)
+ON CONFLICT (stream_id) DO UPDATE SET written_at = max(written_at, excluded.written_at);
+
+-- name: compact_candidates
+-- Streams unwritten since ?1, the longest idle first (the index alone answers).
+SELECT stream_id FROM compact_pending WHERE written_at < ?1 ORDER BY written_at, stream_id
+LIMIT ?2;
+
+-- name: compact_bounds
+SELECT start_pos, end_pos FROM chunks WHERE stream_id = ?1 ORDER BY start_pos;
+
+-- name: compact_take
+SELECT data FROM chunks WHERE stream_id = ?1 AND start_pos >= ?2 AND start_pos < ?3
+ORDER BY start_pos;
+
+-- name: compact_drop
+DELETE FROM chunks WHERE stream_id = ?1 AND start_pos >= ?2 AND start_pos < ?3;
+
+-- name: compacted
+DELETE FROM compact_pending WHERE stream_id = ?1;
