@@ -25,7 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
+
 from protocol import jsonmode
+
+log = structlog.get_logger("relay.hub")
 
 RECENT_BYTES = 1024 * 1024
 """Most recent bytes held per stream; a longer append is never held."""
@@ -109,7 +113,10 @@ class _Watch:
 
 def _wake_all(parked: set[Parked]) -> None:
     for reader in parked:
-        reader.wake()
+        try:
+            reader.wake()
+        except Exception:  # one reader's failure must not leave the others parked
+            log.exception("waking a parked reader failed")
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -286,3 +286,24 @@ async def test_a_signal_wakes_parked_readers_after_what_is_already_due() -> None
         hub.publish(1, 2, b"cd", 4, False)
         await asyncio.sleep(0)
         assert order == ["writer", "reader"]  # woken once, then forgotten
+
+
+async def test_a_parked_reader_whose_wake_fails_leaves_the_others_woken() -> None:
+    hub = Hub()
+    woken: list[int] = []
+
+    class Reader:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def wake(self) -> None:
+            woken.append(self.n)
+            if self.n == 0:
+                raise RuntimeError("broken")
+
+    with hub.subscribe(1) as sub:
+        for n in range(5):
+            sub.park(Reader(n))
+        hub.publish(1, 0, b"ab", 2, False)
+        await asyncio.sleep(0)
+        assert sorted(woken) == [0, 1, 2, 3, 4]

@@ -112,7 +112,7 @@ class Context:
     """The same headers for an answer written without a request at hand (a parked reader's):
     (headers, request id, Origin) -> whether the origin was allowed."""
     parking: Parking | None = None
-    """Parked long-poll readers (``relay.http.parked``), made at the first."""
+    """Parked live readers (``relay.http.parked``), made at the first."""
 
 
 CONTEXT: web.AppKey[Context] = web.AppKey("relay_context", Context)
